@@ -1,0 +1,429 @@
+"""BEiT fine-tuning model (arXiv 2106.08254) with unilm/timm parameter names.
+
+Parameter names follow the official checkpoints so that converted PyTorch weights load with
+``model.set_state_dict``; only Linear weights differ in layout (Paddle stores them [in, out]).
+"""
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from paddle.distributed.fleet.utils import recompute
+
+from pos_resample import NUM_CLS_RELATIONS, resample_abs_pos_embed, resample_rel_pos_table
+
+LAYER_NORM_EPS = 1e-6
+
+trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
+zeros_ = nn.initializer.Constant(0.0)
+
+
+def relative_position_table_size(grid: tuple[int, int]) -> int:
+    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + NUM_CLS_RELATIONS
+
+
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+    """(N+1)x(N+1) row indices into a bias table; token 0 is the cls token."""
+    height, width = grid
+    coords = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing='ij')).reshape(2, -1)
+    delta = coords[:, :, None] - coords[:, None, :]
+    num_rows = relative_position_table_size(grid)
+    index = np.empty((height * width + 1,) * 2, dtype='int64')
+    index[1:, 1:] = (delta[0] + height - 1) * (2 * width - 1) + (delta[1] + width - 1)
+    index[0, :] = num_rows - 3
+    index[:, 0] = num_rows - 2
+    index[0, 0] = num_rows - 1
+    return index
+
+
+def gather_relative_position_bias(table: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
+    """Look the table up for every token pair: [1, heads, N+1, N+1], ready to add to attention logits."""
+    num_tokens = math.isqrt(index.shape[0])
+    bias = paddle.gather(table, index).reshape([num_tokens, num_tokens, table.shape[1]])
+    return bias.transpose([2, 0, 1]).unsqueeze(0)
+
+
+def _add_relative_position_table(layer: nn.Layer, grid: tuple[int, int], num_heads: int) -> None:
+    """Give ``layer`` the official ``relative_position_bias_table`` parameter and its index."""
+    layer.relative_position_bias_table = layer.create_parameter(
+        [relative_position_table_size(grid), num_heads], default_initializer=zeros_)
+    # A constant lookup, never trained, saved or averaged: kept out of the state dict.
+    layer.register_buffer('relative_position_index',
+                          paddle.to_tensor(relative_position_index(grid).reshape(-1)), persistable=False)
+
+
+class SharedRelativePositionBias(nn.Layer):
+    """One bias table for all blocks (pre-training checkpoints use it)."""
+
+    def __init__(self, grid: tuple[int, int], num_heads: int):
+        super().__init__()
+        _add_relative_position_table(self, grid, num_heads)
+
+    def forward(self) -> paddle.Tensor:
+        return gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
+
+
+class DropPath(nn.Layer):
+    """Stochastic depth: drops the whole residual branch per sample."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        shape = [x.shape[0]] + [1] * (x.ndim - 1)
+        mask = paddle.bernoulli(paddle.full(shape, keep_prob, dtype=x.dtype))
+        return x * mask / keep_prob
+
+
+class PatchEmbed(nn.Layer):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f'image size {img_size} is not a multiple of patch size {patch_size}')
+        self.img_size = img_size
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.proj = nn.Conv2D(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if tuple(x.shape[2:]) != (self.img_size, self.img_size):
+            raise ValueError(f'input is {tuple(x.shape[2:])} pixels, the model was built for '
+                             f'{self.img_size}x{self.img_size} (DATA.IMAGE_SIZE)')
+        return self.proj(x).flatten(2).transpose([0, 2, 1])
+
+
+class Attention(nn.Layer):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float,
+                 grid: tuple[int, int] | None, fused: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'embedding dim {dim} is not divisible by {num_heads} heads')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.fused = fused
+        self.qkv = nn.Linear(dim, dim * 3, bias_attr=False)
+        if qkv_bias:  # BEiT biases q and v only; k stays bias-free
+            self.q_bias = self.create_parameter([dim], default_initializer=zeros_)
+            self.v_bias = self.create_parameter([dim], default_initializer=zeros_)
+        else:
+            self.q_bias = self.v_bias = None
+        self.relative_position_bias_table = None
+        if grid:
+            _add_relative_position_table(self, grid, num_heads)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _qkv_bias(self) -> paddle.Tensor | None:
+        if self.q_bias is None:
+            return None
+        return paddle.concat([self.q_bias, paddle.zeros_like(self.v_bias), self.v_bias])
+
+    def _attention_bias(self, shared_bias: paddle.Tensor | None) -> paddle.Tensor | None:
+        bias = None
+        if self.relative_position_bias_table is not None:
+            bias = gather_relative_position_bias(self.relative_position_bias_table, self.relative_position_index)
+        if shared_bias is not None:
+            bias = shared_bias if bias is None else bias + shared_bias
+        return bias
+
+    def forward(self, x: paddle.Tensor, shared_bias: paddle.Tensor | None = None) -> paddle.Tensor:
+        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
+        q, k, v = paddle.unbind(qkv.reshape([0, 0, 3, self.num_heads, self.head_dim]), axis=2)
+        bias = self._attention_bias(shared_bias)
+        if bias is not None:
+            bias = bias.astype(q.dtype)
+        drop = self.attn_drop if self.training else 0.0
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop,
+                                                 training=self.training)
+        else:
+            out = self._plain_attention(q, k, v, bias, drop)
+        return self.proj_drop(self.proj(out.reshape([0, 0, -1])))
+
+    def _plain_attention(self, q, k, v, bias, drop):
+        """Reference path in [B, heads, N, head_dim] layout; the fused path must match it."""
+        q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
+        logits = paddle.matmul(q * self.scale, k, transpose_y=True)
+        if bias is not None:
+            logits = logits + bias
+        weights = F.dropout(F.softmax(logits, axis=-1), drop, training=self.training)
+        return paddle.matmul(weights, v).transpose([0, 2, 1, 3])
+
+
+class Mlp(nn.Layer):
+    def __init__(self, dim: int, hidden_dim: int, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Layer):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float,
+                 attn_drop: float, drop_path: float, init_values: float | None,
+                 grid: tuple[int, int] | None, fused_attn: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, epsilon=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, grid, fused_attn)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, epsilon=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        if init_values is None:  # layer scale off
+            self.gamma_1 = self.gamma_2 = None
+        else:
+            layer_scale = nn.initializer.Constant(init_values)
+            self.gamma_1 = self.create_parameter([dim], default_initializer=layer_scale)
+            self.gamma_2 = self.create_parameter([dim], default_initializer=layer_scale)
+
+    def forward(self, x: paddle.Tensor, shared_bias: paddle.Tensor | None = None) -> paddle.Tensor:
+        attn = self.attn(self.norm1(x), shared_bias)
+        if self.gamma_1 is not None:
+            attn = self.gamma_1 * attn
+        x = x + self.drop_path(attn)
+        mlp = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            mlp = self.gamma_2 * mlp
+        return x + self.drop_path(mlp)
+
+
+class Beit(nn.Layer):
+    """BEiT encoder with a classification head.
+
+    ``use_mean_pooling`` averages the patch tokens and applies ``fc_norm`` (the zoo default; ``norm``
+    is then the identity); otherwise the cls token after ``norm`` is classified.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 init_values: float | None = 0.1, use_abs_pos_emb: bool = False,
+                 use_rel_pos_bias: bool = True, use_shared_rel_pos_bias: bool = False,
+                 use_mean_pooling: bool = True, init_scale: float = 0.001,
+                 fused_attn: bool = True, recompute: bool = False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.recompute = recompute
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        grid = self.patch_embed.grid
+        num_tokens = grid[0] * grid[1] + 1
+        self.cls_token = self.create_parameter([1, 1, embed_dim], default_initializer=trunc_normal_)
+        self.pos_embed = (self.create_parameter([1, num_tokens, embed_dim], default_initializer=trunc_normal_)
+                          if use_abs_pos_emb else None)
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.rel_pos_bias = SharedRelativePositionBias(grid, num_heads) if use_shared_rel_pos_bias else None
+        drop_path_rates = np.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.LayerList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rate, init_values,
+                  grid if use_rel_pos_bias else None, fused_attn)
+            for rate in drop_path_rates])
+        self.norm = nn.Identity() if use_mean_pooling else nn.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
+        self.fc_norm = nn.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS) if use_mean_pooling else None
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights(init_scale)
+
+    def _init_weights(self, init_scale: float) -> None:
+        """unilm's initialisation: trunc-normal Linears, depth-scaled residual outputs, a tiny head."""
+        for layer in self.sublayers():
+            if isinstance(layer, nn.Linear):
+                trunc_normal_(layer.weight)
+                if layer.bias is not None:
+                    zeros_(layer.bias)
+            elif isinstance(layer, nn.Conv2D):  # PyTorch's default Conv2d init
+                bound = 1.0 / math.sqrt(np.prod(layer.weight.shape[1:]))
+                nn.initializer.Uniform(-bound, bound)(layer.weight)
+                nn.initializer.Uniform(-bound, bound)(layer.bias)
+        for layer_id, block in enumerate(self.blocks, start=1):
+            for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+                weight.set_value(weight / math.sqrt(2.0 * layer_id))
+        if isinstance(self.head, nn.Linear):
+            self.head.weight.set_value(self.head.weight * init_scale)
+            self.head.bias.set_value(self.head.bias * init_scale)
+
+    def get_num_layers(self) -> int:
+        return len(self.blocks)
+
+    def no_weight_decay(self) -> set:
+        return {'pos_embed', 'cls_token'}
+
+    def forward_tokens(self, x: paddle.Tensor) -> paddle.Tensor:
+        """All tokens after the last block (and ``norm``), shape [B, N+1, D]."""
+        x = self.patch_embed(x)
+        x = paddle.concat([self.cls_token.expand([x.shape[0], -1, -1]).astype(x.dtype), x], axis=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.pos_drop(x)
+        shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for block in self.blocks:
+            if self.recompute and self.training:
+                x = recompute(block, x, shared_bias)
+            else:
+                x = block(x, shared_bias)
+        return self.norm(x)
+
+    def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Pre-logits features [B, D]: normalised mean of the patch tokens, or the cls token."""
+        x = self.forward_tokens(x)
+        if self.fc_norm is not None:
+            return self.fc_norm(x[:, 1:].mean(axis=1))
+        return x[:, 0]
+
+    def forward_head(self, features: paddle.Tensor) -> paddle.Tensor:
+        return self.head(features)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_beit(config) -> Beit:
+    """The model described by ``config.MODEL`` (plus the input size and channels from ``config.DATA``)."""
+    model_cfg = config.MODEL
+    return Beit(
+        img_size=config.DATA.IMAGE_SIZE,
+        patch_size=model_cfg.PATCH_SIZE,
+        in_chans=config.DATA.IMAGE_CHANNELS,
+        num_classes=model_cfg.NUM_CLASSES,
+        embed_dim=model_cfg.EMBED_DIM,
+        depth=model_cfg.DEPTH,
+        num_heads=model_cfg.NUM_HEADS,
+        mlp_ratio=model_cfg.MLP_RATIO,
+        qkv_bias=model_cfg.QKV_BIAS,
+        drop_rate=model_cfg.DROPOUT,
+        attn_drop_rate=model_cfg.ATTENTION_DROPOUT,
+        drop_path_rate=model_cfg.DROPPATH,
+        init_values=model_cfg.INIT_VALUES,
+        use_abs_pos_emb=model_cfg.USE_ABS_POS_EMB,
+        use_rel_pos_bias=model_cfg.USE_REL_POS_BIAS,
+        use_shared_rel_pos_bias=model_cfg.USE_SHARED_REL_POS_BIAS,
+        use_mean_pooling=model_cfg.USE_MEAN_POOLING,
+        init_scale=model_cfg.INIT_SCALE,
+        fused_attn=model_cfg.FUSED_ATTN,
+        recompute=model_cfg.RECOMPUTE,
+    )
+
+
+def layer_id_for_lr_decay(param_name: str, depth: int) -> int:
+    """unilm's layer id: embeddings 0, block i -> i+1, everything after the blocks depth+1."""
+    if param_name in ('cls_token', 'mask_token', 'pos_embed') or param_name.startswith('patch_embed.'):
+        return 0
+    if param_name.startswith('blocks.'):
+        return int(param_name.split('.')[1]) + 1
+    return depth + 1
+
+
+def lr_scale_for_param(param_name: str, depth: int, layer_decay: float) -> float:
+    return layer_decay ** (depth + 1 - layer_id_for_lr_decay(param_name, depth))
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that cannot be made to fit the model."""
+
+
+# Tensors that only the pre-training model or an old buffer layout carries.
+_DROPPABLE_SUFFIXES = ('relative_position_index',)
+_DROPPABLE_PREFIXES = ('mask_token', 'lm_head.')
+
+
+def adapt_state_dict(state_dict: dict, model: Beit, rel_pos_interp: str = 'cubic') -> tuple[dict, list]:
+    """Fit a Paddle-layout state dict (name -> numpy array) to ``model``.
+
+    Copies a shared relative position bias into every block that needs one, resamples bias tables and
+    the absolute position embedding to the model's grid, drops MIM-only tensors and a head of another
+    class count. Returns the fitted dict and human-readable notes; raises CheckpointMismatchError when
+    the checkpoint describes another architecture.
+    """
+    target = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    source = {name: np.asarray(value) for name, value in state_dict.items()}
+    notes = []
+    _spread_shared_rel_pos_bias(source, target, notes)
+    fitted, unexpected = {}, []
+    for name, value in source.items():
+        if name.endswith(_DROPPABLE_SUFFIXES) or name.startswith(_DROPPABLE_PREFIXES):
+            continue
+        if name not in target:
+            unexpected.append(name)
+            continue
+        fitted[name] = _fit_tensor(name, value, target[name], rel_pos_interp, notes)
+    _drop_mismatched_head(fitted, target, notes)
+    _check_complete(fitted, target, unexpected, model, notes)
+    return fitted, notes
+
+
+def _spread_shared_rel_pos_bias(source: dict, target: dict, notes: list) -> None:
+    shared_name = 'rel_pos_bias.relative_position_bias_table'
+    if shared_name not in source or shared_name in target:
+        return
+    table = source.pop(shared_name)
+    receivers = [name for name in target if name.endswith('attn.relative_position_bias_table')]
+    if not receivers:
+        raise CheckpointMismatchError(
+            'the checkpoint has a shared relative position bias but the model has none '
+            '(set MODEL.USE_REL_POS_BIAS or MODEL.USE_SHARED_REL_POS_BIAS)')
+    for name in receivers:
+        source.setdefault(name, table.copy())
+    notes.append(f'copied the shared relative position bias into {len(receivers)} blocks')
+
+
+def _fit_tensor(name: str, value: np.ndarray, shape: tuple, rel_pos_interp: str, notes: list) -> np.ndarray:
+    if value.shape == shape or name.startswith('head.'):
+        return value
+    if name.endswith('relative_position_bias_table') and value.ndim == 2 and value.shape[1] == shape[1]:
+        notes.append(f'resampled {name} from {value.shape[0]} to {shape[0]} rows ({rel_pos_interp})')
+        return resample_rel_pos_table(value, _grid_of_table(shape[0]), rel_pos_interp)
+    if name == 'pos_embed' and value.ndim == 3 and value.shape[2] == shape[2]:
+        notes.append(f'resampled pos_embed from {value.shape[1] - 1} to {shape[1] - 1} patches (bicubic)')
+        return resample_abs_pos_embed(value, _grid_of_tokens(shape[1] - 1))
+    raise CheckpointMismatchError(
+        f'{name}: checkpoint shape {list(value.shape)} does not fit the model shape {list(shape)}; '
+        'the checkpoint was made for another architecture (check MODEL.EMBED_DIM, DEPTH, NUM_HEADS, '
+        'PATCH_SIZE and the config file)')
+
+
+def _grid_of_table(num_rows: int) -> tuple[int, int]:
+    side = (math.isqrt(num_rows - NUM_CLS_RELATIONS) + 1) // 2
+    return side, side
+
+
+def _grid_of_tokens(num_patches: int) -> tuple[int, int]:
+    side = math.isqrt(num_patches)
+    return side, side
+
+
+def _drop_mismatched_head(fitted: dict, target: dict, notes: list) -> None:
+    for name in ('head.weight', 'head.bias'):
+        if name in fitted and fitted[name].shape != target.get(name):
+            notes.append(f'dropped {name} {list(fitted.pop(name).shape)}: the model has '
+                         f'{list(target[name]) if name in target else "no head"}; it keeps its fresh init')
+
+
+def _check_complete(fitted: dict, target: dict, unexpected: Sequence[str], model: Beit, notes: list) -> None:
+    """Missing heads and fc_norm (a pre-training checkpoint) are fine; anything else is not."""
+    uses_final_norm = not isinstance(model.norm, nn.Identity)
+    harmless = [name for name in unexpected if name.startswith('norm.') and not uses_final_norm]
+    unexpected = [name for name in unexpected if name not in harmless]
+    if harmless:
+        notes.append(f'ignored {", ".join(harmless)} (the model pools with fc_norm)')
+    if unexpected:
+        raise CheckpointMismatchError(
+            f'{len(unexpected)} checkpoint tensors have no place in the model, e.g. {", ".join(unexpected[:5])}; '
+            'the checkpoint was made for another architecture (depth, pooling or position bias options)')
+    missing = [name for name in target if name not in fitted]
+    fresh = [name for name in missing if name.startswith(('head.', 'fc_norm.'))]
+    absent = [name for name in missing if name not in fresh]
+    if absent:
+        raise CheckpointMismatchError(
+            f'{len(absent)} model tensors are missing from the checkpoint, e.g. {", ".join(absent[:5])}')
+    if fresh:
+        notes.append(f'not in the checkpoint, freshly initialised: {", ".join(fresh)}')

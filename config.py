@@ -1,0 +1,320 @@
+"""YACS configuration: defaults, YAML files with BASE inheritance, and the single-dash command line.
+
+Defaults describe beit_base_patch16_224 fine-tuned with the official recipe; YAML files in configs/ set
+any subset. Unknown keys and values of the wrong type are errors that name the key and the file.
+"""
+import argparse
+import ast
+import os
+from collections.abc import Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# data settings
+_C.DATA = CN()
+_C.DATA.BATCH_SIZE = 64  # per process
+_C.DATA.BATCH_SIZE_EVAL = 64  # per process
+_C.DATA.DATA_PATH = ''  # folder holding train_list.txt / val_list.txt
+_C.DATA.DATASET = 'imagenet2012'
+_C.DATA.IMAGE_SIZE = 224
+_C.DATA.IMAGE_CHANNELS = 3
+_C.DATA.CROP_PCT = 0.9  # eval: resize the short side to IMAGE_SIZE / CROP_PCT, then center crop
+_C.DATA.INTERPOLATION = 'bicubic'
+_C.DATA.IMAGENET_MEAN = [0.5, 0.5, 0.5]
+_C.DATA.IMAGENET_STD = [0.5, 0.5, 0.5]
+_C.DATA.NUM_WORKERS = 2
+
+# model settings
+_C.MODEL = CN()
+_C.MODEL.TYPE = 'BEiT'
+_C.MODEL.NAME = 'beit_base_patch16_224'
+_C.MODEL.RESUME = ''  # training checkpoint to continue from
+_C.MODEL.PRETRAINED = ''  # converted .pdparams to start from
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.PATCH_SIZE = 16
+_C.MODEL.EMBED_DIM = 768
+_C.MODEL.DEPTH = 12
+_C.MODEL.NUM_HEADS = 12
+_C.MODEL.MLP_RATIO = 4.0
+_C.MODEL.QKV_BIAS = True  # q and v biases (k has none)
+_C.MODEL.DROPOUT = 0.0  # after the position embedding, attention projection and MLP layers
+_C.MODEL.ATTENTION_DROPOUT = 0.0
+_C.MODEL.DROPPATH = 0.1  # stochastic depth rate of the last block
+_C.MODEL.INIT_VALUES = 0.1  # layer scale init; null disables layer scale
+_C.MODEL.USE_ABS_POS_EMB = False
+_C.MODEL.USE_REL_POS_BIAS = True  # one table per block
+_C.MODEL.USE_SHARED_REL_POS_BIAS = False  # one table for all blocks
+_C.MODEL.USE_MEAN_POOLING = True  # mean of patch tokens + fc_norm; False: cls token after norm
+_C.MODEL.INIT_SCALE = 0.001  # head weights and bias scaled after init
+_C.MODEL.FUSED_ATTN = True  # paddle's scaled_dot_product_attention
+_C.MODEL.RECOMPUTE = False  # recompute block activations in backward to save memory
+_C.MODEL.REL_POS_INTERP = 'cubic'  # resampling of bias tables for a new resolution: cubic (unilm) or linear (timm)
+
+# training settings
+_C.TRAIN = CN()
+_C.TRAIN.LAST_EPOCH = 0
+_C.TRAIN.NUM_EPOCHS = 30
+_C.TRAIN.WARMUP_EPOCHS = 5
+_C.TRAIN.WEIGHT_DECAY = 1e-8
+_C.TRAIN.BASE_LR = 2e-5
+_C.TRAIN.WARMUP_START_LR = 1e-6
+_C.TRAIN.END_LR = 1e-6
+_C.TRAIN.LINEAR_SCALED_LR = 512  # LR = BASE_LR * total batch / this; 0 uses BASE_LR as it is
+_C.TRAIN.LAYER_DECAY = 0.85
+_C.TRAIN.GRAD_CLIP = 0.0  # global norm; 0 disables clipping
+_C.TRAIN.ACCUM_ITER = 1
+_C.TRAIN.MODEL_EMA = False
+_C.TRAIN.MODEL_EMA_DECAY = 0.9999
+_C.TRAIN.SMOOTHING = 0.1
+_C.TRAIN.COLOR_JITTER = 0.4  # used when neither RandAugment nor AutoAugment is on
+_C.TRAIN.RAND_AUGMENT = True
+_C.TRAIN.RAND_AUGMENT_CONFIG = 'rand-m9-mstd0.5-inc1'
+_C.TRAIN.AUTO_AUGMENT = False
+_C.TRAIN.AUTO_AUGMENT_POLICY = 'original'
+_C.TRAIN.MIXUP_ALPHA = 0.8
+_C.TRAIN.CUTMIX_ALPHA = 1.0
+_C.TRAIN.CUTMIX_MINMAX = []  # [min, max] box ratio; empty uses CUTMIX_ALPHA
+_C.TRAIN.MIXUP_PROB = 1.0
+_C.TRAIN.MIXUP_SWITCH_PROB = 0.5
+_C.TRAIN.MIXUP_MODE = 'batch'
+_C.TRAIN.RANDOM_ERASE_PROB = 0.25
+_C.TRAIN.RANDOM_ERASE_MODE = 'pixel'
+_C.TRAIN.RANDOM_ERASE_COUNT = 1
+_C.TRAIN.RANDOM_ERASE_SPLIT = False
+
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.NAME = 'AdamW'
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.999]
+
+# mixed precision
+_C.AMP = False
+_C.AMP_LEVEL = 'O1'
+_C.AMP_DTYPE = 'float16'
+_C.AMP_INIT_SCALE = 65536.0
+_C.AMP_INCR_EVERY_N_STEPS = 2000
+_C.AMP_DECR_EVERY_N_NAN_OR_INF = 1
+
+# run settings
+_C.SAVE = './output'
+_C.SAVE_FREQ = 1  # epochs between checkpoints
+_C.REPORT_FREQ = 20  # steps between log lines
+_C.VALIDATE_FREQ = 1  # epochs between evaluations
+_C.SEED = 0
+_C.EVAL = False
+_C.NGPUS = -1  # processes for main_multi_gpu.py; -1 uses every visible GPU
+
+_CHOICES = {
+    'DATA.INTERPOLATION': ('bilinear', 'bicubic'),
+    'MODEL.REL_POS_INTERP': ('cubic', 'linear'),
+    'TRAIN.OPTIMIZER.NAME': ('AdamW',),
+    'TRAIN.MIXUP_MODE': ('batch', 'pair', 'elem'),
+    'TRAIN.RANDOM_ERASE_MODE': ('const', 'rand', 'pixel'),
+    'AMP_LEVEL': ('O1', 'O2'),
+    'AMP_DTYPE': ('float16', 'bfloat16'),
+}
+_POSITIVE = ('DATA.BATCH_SIZE', 'DATA.BATCH_SIZE_EVAL', 'DATA.IMAGE_SIZE', 'DATA.IMAGE_CHANNELS',
+             'MODEL.PATCH_SIZE', 'MODEL.EMBED_DIM', 'MODEL.DEPTH', 'MODEL.NUM_HEADS', 'MODEL.MLP_RATIO',
+             'TRAIN.ACCUM_ITER', 'SAVE_FREQ', 'REPORT_FREQ', 'VALIDATE_FREQ')
+_NON_NEGATIVE = ('DATA.NUM_WORKERS', 'MODEL.NUM_CLASSES', 'TRAIN.NUM_EPOCHS', 'TRAIN.WARMUP_EPOCHS',
+                 'TRAIN.WEIGHT_DECAY', 'TRAIN.BASE_LR', 'TRAIN.LINEAR_SCALED_LR', 'TRAIN.GRAD_CLIP',
+                 'TRAIN.LAST_EPOCH')
+_PROBABILITIES = ('DATA.CROP_PCT', 'MODEL.DROPOUT', 'MODEL.ATTENTION_DROPOUT', 'MODEL.DROPPATH',
+                  'TRAIN.LAYER_DECAY', 'TRAIN.MODEL_EMA_DECAY', 'TRAIN.SMOOTHING', 'TRAIN.MIXUP_PROB',
+                  'TRAIN.MIXUP_SWITCH_PROB', 'TRAIN.RANDOM_ERASE_PROB')
+
+
+class ConfigError(ValueError):
+    """A config file, flag or value that cannot be used; the message names the key."""
+
+
+def get_default_config() -> CN:
+    return _C.clone()
+
+
+def _lookup(config: CN, key: str):
+    node = config
+    for part in key.split('.'):
+        node = node[part]
+    return node
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file not found: {path}')
+    try:
+        with open(path, encoding='utf-8') as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f'{path}: not valid YAML: {err}') from err
+    if not isinstance(values, dict):
+        raise ConfigError(f'{path}: expected a mapping of config keys, got {type(values).__name__}')
+    return values
+
+
+def _base_files(values: dict, path: str) -> list:
+    """BASE names files (relative to this one) to merge first, a string or a list."""
+    bases = values.pop('BASE', [])
+    bases = [bases] if isinstance(bases, str) else list(bases or [])
+    folder = os.path.dirname(os.path.abspath(path))
+    return [os.path.join(folder, base) for base in bases if base]
+
+
+_NULLABLE = ('MODEL.INIT_VALUES',)
+_WORDS = {'true': True, 'false': False, 'null': None, 'none': None}
+
+
+def _parse_text(text: str):
+    """A command-line word as a Python value: 3, 1e-3, True, [0.9, 0.999], null."""
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _checked_value(key: str, value, default, source: str):
+    if isinstance(value, str) and not isinstance(default, str):
+        value = _parse_text(value)
+    if value is None and key in _NULLABLE:
+        return None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, list) and isinstance(value, (list, tuple)):
+        return list(value)
+    if type(value) is not type(default):
+        raise ConfigError(f'{source}: {key} expects a {type(default).__name__} like {default!r}, got {value!r}')
+    return value
+
+
+def set_value(config: CN, key: str, value, source: str) -> None:
+    """Set one dotted key after checking that it exists and that the value has the default's type."""
+    *parents, leaf = key.split('.')
+    node = config
+    for depth, part in enumerate(parents):
+        node = node.get(part)
+        if not isinstance(node, CN):
+            raise ConfigError(f'{source}: unknown config key {key} ({".".join(parents[:depth + 1])} is not a group)')
+    if leaf not in node:
+        raise ConfigError(f'{source}: unknown config key {key}')
+    if isinstance(node[leaf], CN):
+        raise ConfigError(f'{source}: {key} is a group of keys, not a value')
+    node[leaf] = _checked_value(key, value, node[leaf], source)
+
+
+def _flatten(values: dict, prefix: str = '') -> list:
+    pairs = []
+    for key, value in values.items():
+        name = f'{prefix}{key}'
+        pairs += _flatten(value, name + '.') if isinstance(value, dict) else [(name, value)]
+    return pairs
+
+
+def merge_yaml(config: CN, path: str, _chain: Sequence[str] = ()) -> None:
+    """Merge ``path`` (after its BASE files) into ``config``."""
+    path = os.path.abspath(path)
+    if path in _chain:
+        raise ConfigError(f'{path}: BASE inheritance loops through {" -> ".join(_chain)}')
+    values = _read_yaml(path)
+    for base in _base_files(values, path):
+        merge_yaml(config, base, (*_chain, path))
+    for key, value in _flatten(values):
+        set_value(config, key, value, path)
+
+
+def merge_opts(config: CN, opts: Sequence[str]) -> None:
+    """Apply ``KEY VALUE`` pairs from the command line."""
+    if len(opts) % 2:
+        raise ConfigError(f'-opts needs KEY VALUE pairs, got an odd number of items: {list(opts)}')
+    for key, value in zip(opts[0::2], opts[1::2]):
+        set_value(config, key, value, '-opts')
+
+
+def validate_config(config: CN) -> None:
+    """Reject values that YACS types allow but the model or trainer cannot use."""
+    for key, choices in _CHOICES.items():
+        if _lookup(config, key) not in choices:
+            raise ConfigError(f'{key} must be one of {list(choices)}, got {_lookup(config, key)!r}')
+    for key in _POSITIVE:
+        if not _lookup(config, key) > 0:
+            raise ConfigError(f'{key} must be positive, got {_lookup(config, key)!r}')
+    for key in _NON_NEGATIVE:
+        if _lookup(config, key) < 0:
+            raise ConfigError(f'{key} must not be negative, got {_lookup(config, key)!r}')
+    for key in _PROBABILITIES:
+        if not 0.0 <= _lookup(config, key) <= 1.0:
+            raise ConfigError(f'{key} must lie in [0, 1], got {_lookup(config, key)!r}')
+    if config.DATA.IMAGE_SIZE % config.MODEL.PATCH_SIZE:
+        raise ConfigError(f'DATA.IMAGE_SIZE {config.DATA.IMAGE_SIZE} is not a multiple of '
+                          f'MODEL.PATCH_SIZE {config.MODEL.PATCH_SIZE}')
+    if config.MODEL.EMBED_DIM % config.MODEL.NUM_HEADS:
+        raise ConfigError(f'MODEL.EMBED_DIM {config.MODEL.EMBED_DIM} is not divisible by '
+                          f'MODEL.NUM_HEADS {config.MODEL.NUM_HEADS}')
+    for key, length in (('DATA.IMAGENET_MEAN', 3), ('DATA.IMAGENET_STD', 3), ('TRAIN.OPTIMIZER.BETAS', 2)):
+        if len(_lookup(config, key)) != length:
+            raise ConfigError(f'{key} needs {length} values, got {list(_lookup(config, key))}')
+    if config.TRAIN.CUTMIX_MINMAX and len(config.TRAIN.CUTMIX_MINMAX) != 2:
+        raise ConfigError(f'TRAIN.CUTMIX_MINMAX needs [min, max] or [], got {list(config.TRAIN.CUTMIX_MINMAX)}')
+
+
+def get_config(cfg_file: str | None = None) -> CN:
+    """Defaults merged with ``cfg_file`` (and the files it inherits from); not frozen."""
+    config = get_default_config()
+    if cfg_file:
+        merge_yaml(config, cfg_file)
+    validate_config(config)
+    return config
+
+
+_FLAG_TO_KEY = {
+    'dataset': 'DATA.DATASET',
+    'data_path': 'DATA.DATA_PATH',
+    'batch_size': 'DATA.BATCH_SIZE',
+    'batch_size_eval': 'DATA.BATCH_SIZE_EVAL',
+    'image_size': 'DATA.IMAGE_SIZE',
+    'num_classes': 'MODEL.NUM_CLASSES',
+    'pretrained': 'MODEL.PRETRAINED',
+    'resume': 'MODEL.RESUME',
+    'last_epoch': 'TRAIN.LAST_EPOCH',
+    'accum_iter': 'TRAIN.ACCUM_ITER',
+    'output': 'SAVE',
+    'ngpus': 'NGPUS',
+}
+
+
+def build_arg_parser(description: str = 'BEiT') -> argparse.ArgumentParser:
+    """The single-dash flags shared by every script."""
+    parser = argparse.ArgumentParser(description)
+    parser.add_argument('-cfg', type=str, default=None, help='YAML config file')
+    for flag in ('dataset', 'data_path', 'pretrained', 'resume', 'output'):
+        parser.add_argument(f'-{flag}', type=str, default=None)
+    for flag in ('batch_size', 'batch_size_eval', 'image_size', 'num_classes', 'last_epoch', 'accum_iter', 'ngpus'):
+        parser.add_argument(f'-{flag}', type=int, default=None)
+    parser.add_argument('-eval', action='store_true', help='evaluate only')
+    parser.add_argument('-amp', action='store_true', help='mixed precision (AMP_LEVEL, AMP_DTYPE)')
+    parser.add_argument('-opts', nargs='+', default=[], metavar='KEY VALUE',
+                        help='override config keys, e.g. -opts TRAIN.BASE_LR 1e-3 MODEL.DROPPATH 0.2')
+    return parser
+
+
+def update_config(config: CN, args: argparse.Namespace) -> CN:
+    """Apply the command-line flags (then -opts) to ``config``, validate and freeze it."""
+    config.defrost()
+    if getattr(args, 'cfg', None):
+        merge_yaml(config, args.cfg)
+    for flag, key in _FLAG_TO_KEY.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            set_value(config, key, value, f'-{flag}')
+    if getattr(args, 'eval', False):
+        config.EVAL = True
+    if getattr(args, 'amp', False):
+        config.AMP = True
+    merge_opts(config, getattr(args, 'opts', None) or [])
+    validate_config(config)
+    config.freeze()
+    return config

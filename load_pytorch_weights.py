@@ -1,0 +1,211 @@
+"""Convert official BEiT PyTorch checkpoints to a Paddle state dict (.pdparams).
+
+    python load_pytorch_weights.py -cfg configs/beit_base_patch16_224.yaml \
+        -src beit_base_patch16_224_pt22k_ft22kto1k.pth -dst beit_base_patch16_224.pdparams [-check]
+
+Reads unilm ``.pth`` files (a dict holding ``model``, ``module`` or a bare state dict), timm ``.pth`` /
+``.bin`` files (both need PyTorch) and ``.safetensors`` files (read here, no PyTorch needed). The output is
+written only when the whole checkpoint fits the config.
+"""
+import argparse
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+from beit import CheckpointMismatchError, adapt_state_dict, build_beit
+from config import ConfigError, get_config, merge_opts, validate_config
+
+CHECK_TOLERANCE = 1e-4
+_SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': np.uint16,
+                       'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+                       'BOOL': np.bool_}
+_WRAPPER_KEYS = ('model', 'module', 'state_dict', 'model_ema')
+
+
+class ConversionError(ValueError):
+    """The source file is missing, unreadable or not a checkpoint."""
+
+
+def read_safetensors(path: str) -> dict:
+    """name -> numpy array; bfloat16 is widened to float32 (numpy has no bfloat16)."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ConversionError(f'{path}: too short for a safetensors file ({len(data)} bytes)')
+    (header_size,) = struct.unpack('<Q', data[:8])
+    if header_size > len(data) - 8:
+        raise ConversionError(f'{path}: not a safetensors file, or truncated (header of {header_size} bytes)')
+    try:
+        header = json.loads(data[8:8 + header_size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConversionError(f'{path}: not a safetensors file (unreadable header: {err})') from err
+    body = memoryview(data)[8 + header_size:]
+    tensors = {}
+    for name, info in header.items():
+        if name == '__metadata__':
+            continue
+        start, end = info['data_offsets']
+        if info['dtype'] not in _SAFETENSORS_DTYPES:
+            raise ConversionError(f'{path}: {name} has the unsupported dtype {info["dtype"]}')
+        if end > len(body):
+            raise ConversionError(f'{path}: truncated, {name} ends at byte {end} of {len(body)}')
+        array = np.frombuffer(body[start:end], dtype=_SAFETENSORS_DTYPES[info['dtype']]).reshape(info['shape'])
+        if info['dtype'] == 'BF16':
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = array
+    return tensors
+
+
+def read_torch_checkpoint(path: str, trust_pickle: bool = False) -> dict:
+    """The (possibly wrapped) object saved by ``torch.save``, with tensors as numpy arrays."""
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f'{path}: reading .pth/.bin files needs PyTorch (pip install torch); '
+                              '.safetensors files convert without it') from None
+    try:
+        # unilm checkpoints also hold their argparse Namespace: allow it, but no other code objects.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+    except Exception as err:  # torch raises many types for corrupt or foreign files
+        hint = ' (if you trust the file, add -trust_pickle)' if 'weights_only' in str(err) else ''
+        raise ConversionError(f'{path}: not a readable PyTorch checkpoint: {str(err).splitlines()[0]}{hint}') from err
+    return _tensors_to_numpy(obj, torch)
+
+
+def _tensors_to_numpy(obj, torch):
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach()
+        return tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+    if isinstance(obj, dict):
+        return {key: _tensors_to_numpy(value, torch) for key, value in obj.items()}
+    return obj
+
+
+def unwrap_state_dict(obj, path: str) -> dict:
+    """The tensors of a training checkpoint or bare state dict, without a DataParallel ``module.`` prefix."""
+    while isinstance(obj, dict):
+        wrapper = next((key for key in _WRAPPER_KEYS if isinstance(obj.get(key), dict)), None)
+        if wrapper is None:
+            break
+        obj = obj[wrapper]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, np.ndarray) for v in obj.values()):
+        found = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ConversionError(f'{path}: no state dict of tensors found (top level holds {found})')
+    return {key[len('module.'):] if key.startswith('module.') else key: value for key, value in obj.items()}
+
+
+def read_checkpoint(path: str, trust_pickle: bool = False) -> dict:
+    """name -> numpy array in PyTorch layout, from any supported file."""
+    if not os.path.isfile(path):
+        raise ConversionError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        return unwrap_state_dict(read_safetensors(path), path)
+    return unwrap_state_dict(read_torch_checkpoint(path, trust_pickle), path)
+
+
+def linear_weight_names(model: nn.Layer) -> set:
+    return {f'{name}.weight' for name, layer in model.named_sublayers() if isinstance(layer, nn.Linear)}
+
+
+def to_paddle_layout(torch_state_dict: dict, model: nn.Layer) -> dict:
+    """Transpose Linear weights ([out, in] in PyTorch, [in, out] in Paddle); nothing else changes."""
+    linears = linear_weight_names(model) | {'lm_head.weight'}
+    converted = {}
+    for name, value in torch_state_dict.items():
+        if np.issubdtype(value.dtype, np.floating):
+            value = value.astype(np.float32, copy=False)
+        converted[name] = value.T.copy() if name in linears and value.ndim == 2 else value
+    return converted
+
+
+def convert_state_dict(torch_state_dict: dict, model: nn.Layer, rel_pos_interp: str = 'cubic'):
+    """PyTorch-layout tensors -> (state dict that fits ``model``, notes)."""
+    return adapt_state_dict(to_paddle_layout(torch_state_dict, model), model, rel_pos_interp)
+
+
+def save_atomically(state_dict: dict, path: str) -> None:
+    """Write next to ``path`` and rename, so a crash never leaves a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp_path = f'{path}.tmp{os.getpid()}'
+    try:
+        paddle.save({name: paddle.to_tensor(value) for name, value in state_dict.items()}, tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def timm_kwargs_from_config(config) -> dict:
+    """Arguments of timm's ``Beit`` for the architecture in ``config`` (for -check)."""
+    m = config.MODEL
+    return dict(img_size=config.DATA.IMAGE_SIZE, patch_size=m.PATCH_SIZE, in_chans=config.DATA.IMAGE_CHANNELS,
+                num_classes=m.NUM_CLASSES, embed_dim=m.EMBED_DIM, depth=m.DEPTH, num_heads=m.NUM_HEADS,
+                mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS, init_values=m.INIT_VALUES,
+                use_abs_pos_emb=m.USE_ABS_POS_EMB, use_rel_pos_bias=m.USE_REL_POS_BIAS,
+                use_shared_rel_pos_bias=m.USE_SHARED_REL_POS_BIAS,
+                global_pool='avg' if m.USE_MEAN_POOLING else 'token', head_init_scale=m.INIT_SCALE)
+
+
+def compare_with_timm(config, torch_state_dict: dict, model: nn.Layer, batch_size: int = 2) -> float:
+    """Max abs logit difference between ``model`` and timm's Beit loading the same checkpoint."""
+    import torch
+    from timm.models.beit import Beit, checkpoint_filter_fn
+    reference = Beit(**timm_kwargs_from_config(config)).eval()
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in torch_state_dict.items()}
+    reference.load_state_dict(checkpoint_filter_fn(tensors, reference), strict=False)
+    size = config.DATA.IMAGE_SIZE
+    images = np.random.default_rng(0).standard_normal((batch_size, config.DATA.IMAGE_CHANNELS, size, size))
+    images = images.astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images)).numpy()
+    model.eval()
+    with paddle.no_grad():
+        actual = model(paddle.to_tensor(images)).numpy()
+    return float(np.abs(actual - expected).max())
+
+
+def convert_file(cfg_file: str, src: str, dst: str, opts=(), check: bool = False, trust_pickle: bool = False):
+    config = get_config(cfg_file)
+    merge_opts(config, list(opts))
+    validate_config(config)
+    model = build_beit(config)
+    torch_state_dict = read_checkpoint(src, trust_pickle)
+    state_dict, notes = convert_state_dict(torch_state_dict, model, config.MODEL.REL_POS_INTERP)
+    model.set_state_dict({name: paddle.to_tensor(value) for name, value in state_dict.items()})
+    for note in notes:
+        print(f'note: {note}')
+    if check:
+        diff = compare_with_timm(config, torch_state_dict, model)
+        print(f'max abs logit difference to timm: {diff:.3g} (tolerance {CHECK_TOLERANCE:g})')
+        if diff > CHECK_TOLERANCE:
+            raise ConversionError(f'outputs differ from timm by {diff:.3g}; {dst} not written')
+    save_atomically(state_dict, dst)
+    print(f'wrote {len(state_dict)} tensors to {dst}')
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser('Convert a BEiT PyTorch checkpoint to Paddle')
+    parser.add_argument('-cfg', required=True, help='YAML config of the target model')
+    parser.add_argument('-src', required=True, help='.pth, .bin or .safetensors checkpoint')
+    parser.add_argument('-dst', required=True, help='output .pdparams')
+    parser.add_argument('-check', action='store_true', help='compare outputs with timm (needs torch, timm)')
+    parser.add_argument('-trust_pickle', action='store_true', help='allow arbitrary objects in a .pth file')
+    parser.add_argument('-opts', nargs='+', default=[], metavar='KEY VALUE', help='config overrides')
+    args = parser.parse_args(argv)
+    try:
+        convert_file(args.cfg, args.src, args.dst, args.opts, args.check, args.trust_pickle)
+    except (ConversionError, CheckpointMismatchError, ConfigError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
