@@ -26,6 +26,7 @@ _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.IMAGENET_MEAN = [0.5, 0.5, 0.5]
 _C.DATA.IMAGENET_STD = [0.5, 0.5, 0.5]
 _C.DATA.NUM_WORKERS = 2
+_C.DATA.BAD_IMAGE_POLICY = 'error'  # an undecodable image: 'error' stops with its path, 'skip' counts it
 
 # model settings
 _C.MODEL = CN()
@@ -69,6 +70,9 @@ _C.TRAIN.ACCUM_ITER = 1
 _C.TRAIN.MODEL_EMA = False
 _C.TRAIN.MODEL_EMA_DECAY = 0.9999
 _C.TRAIN.SMOOTHING = 0.1
+_C.TRAIN.RRC_SCALE = [0.08, 1.0]  # RandomResizedCrop area range
+_C.TRAIN.RRC_RATIO = [0.75, 1.3333333333333333]  # RandomResizedCrop aspect-ratio range
+_C.TRAIN.HFLIP_PROB = 0.5
 _C.TRAIN.COLOR_JITTER = 0.4  # used when neither RandAugment nor AutoAugment is on
 _C.TRAIN.RAND_AUGMENT = True
 _C.TRAIN.RAND_AUGMENT_CONFIG = 'rand-m9-mstd0.5-inc1'
@@ -109,6 +113,7 @@ _C.NGPUS = -1  # processes for main_multi_gpu.py; -1 uses every visible GPU
 
 _CHOICES = {
     'DATA.INTERPOLATION': ('bilinear', 'bicubic'),
+    'DATA.BAD_IMAGE_POLICY': ('error', 'skip'),
     'MODEL.REL_POS_INTERP': ('cubic', 'linear'),
     'TRAIN.OPTIMIZER.NAME': ('AdamW',),
     'TRAIN.MIXUP_MODE': ('batch', 'pair', 'elem'),
@@ -124,7 +129,7 @@ _NON_NEGATIVE = ('DATA.NUM_WORKERS', 'MODEL.NUM_CLASSES', 'TRAIN.NUM_EPOCHS', 'T
                  'TRAIN.LAST_EPOCH')
 _PROBABILITIES = ('DATA.CROP_PCT', 'MODEL.DROPOUT', 'MODEL.ATTENTION_DROPOUT', 'MODEL.DROPPATH',
                   'TRAIN.LAYER_DECAY', 'TRAIN.MODEL_EMA_DECAY', 'TRAIN.SMOOTHING', 'TRAIN.MIXUP_PROB',
-                  'TRAIN.MIXUP_SWITCH_PROB', 'TRAIN.RANDOM_ERASE_PROB')
+                  'TRAIN.MIXUP_SWITCH_PROB', 'TRAIN.RANDOM_ERASE_PROB', 'TRAIN.HFLIP_PROB')
 
 
 class ConfigError(ValueError):
@@ -254,7 +259,8 @@ def validate_config(config: CN) -> None:
     if config.MODEL.EMBED_DIM % config.MODEL.NUM_HEADS:
         raise ConfigError(f'MODEL.EMBED_DIM {config.MODEL.EMBED_DIM} is not divisible by '
                           f'MODEL.NUM_HEADS {config.MODEL.NUM_HEADS}')
-    for key, length in (('DATA.IMAGENET_MEAN', 3), ('DATA.IMAGENET_STD', 3), ('TRAIN.OPTIMIZER.BETAS', 2)):
+    for key, length in (('DATA.IMAGENET_MEAN', 3), ('DATA.IMAGENET_STD', 3), ('TRAIN.OPTIMIZER.BETAS', 2),
+                        ('TRAIN.RRC_SCALE', 2), ('TRAIN.RRC_RATIO', 2)):
         if len(_lookup(config, key)) != length:
             raise ConfigError(f'{key} needs {length} values, got {list(_lookup(config, key))}')
     if config.TRAIN.CUTMIX_MINMAX and len(config.TRAIN.CUTMIX_MINMAX) != 2:

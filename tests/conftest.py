@@ -1,0 +1,22 @@
+"""Shared test set-up: import path, all cores for Paddle, offline timm, real photos."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault('OMP_NUM_THREADS', str(os.cpu_count() or 1))  # Paddle uses one core unless told
+os.environ.setdefault('HF_HUB_OFFLINE', '1')  # timm must never reach for a hub
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PHOTO_DIR = Path(os.environ.get('BEIT_TEST_PHOTOS', ROOT / 'tests' / 'photos'))
+
+
+@pytest.fixture(scope='session')
+def photo_paths():
+    """The real photos fetched by tests/fetch_photos.sh (run_tests.sh does it)."""
+    paths = sorted(PHOTO_DIR.glob('*.jpg'))
+    if len(paths) < 7:
+        pytest.fail(f'real test photos missing in {PHOTO_DIR}: run bash tests/fetch_photos.sh')
+    return paths
