@@ -1,0 +1,172 @@
+"""The Paddle model itself: structure, initialisation, fast paths and the layer-decay rule."""
+import math
+
+import numpy as np
+import paddle
+import pytest
+from conftest import ROOT
+from timm.layers.pos_embed_rel import gen_relative_position_index
+from timm_reference import TINY, config_for, logits_difference, random_batch, timm_model
+
+from beit import build_beit, layer_id_for_lr_decay, lr_scale_for_param, relative_position_index
+from config import get_config
+from load_pytorch_weights import convert_state_dict
+
+
+@pytest.mark.parametrize('cfg_name, expected', [
+    ('beit_base_patch16_224', 86_530_984),
+    ('beit_base_patch16_384', 86_744_104),
+    ('beit_large_patch16_224', 304_430_568),
+])
+def test_parameter_counts_are_official(cfg_name, expected):
+    model = build_beit(get_config(str(ROOT / 'configs' / f'{cfg_name}.yaml')))
+    assert sum(p.numel().item() for p in model.parameters()) == expected
+
+
+def test_state_dict_names_are_timms():
+    spec = {**TINY, 'USE_ABS_POS_EMB': True, 'USE_SHARED_REL_POS_BIAS': True}
+    ours = build_beit(config_for(spec)).state_dict()
+    theirs = {name for name in timm_model(spec).state_dict() if not name.endswith('relative_position_index')}
+    assert set(ours) == theirs
+
+
+def test_relative_position_index_is_a_constant_buffer():
+    model = build_beit(config_for(TINY))
+    names = {name for name, _ in model.named_parameters()} | set(model.state_dict())
+    assert not any('relative_position_index' in name for name in names)
+    buffer = model.blocks[0].attn.relative_position_index
+    assert buffer.stop_gradient and buffer.dtype == paddle.int64
+    grid = (TINY['IMAGE_SIZE'] // TINY['PATCH_SIZE'],) * 2
+    np.testing.assert_array_equal(relative_position_index(grid), gen_relative_position_index(grid, class_token=True))
+    np.testing.assert_array_equal(relative_position_index((14, 14)),
+                                  gen_relative_position_index((14, 14), class_token=True))
+
+
+def test_initialisation_follows_unilm():
+    model = build_beit(config_for({**TINY, 'EMBED_DIM': 96, 'NUM_HEADS': 3, 'DEPTH': 3, 'NUM_CLASSES': 200},
+                                  INIT_SCALE=0.001))
+    state = {name: value.numpy() for name, value in model.state_dict().items()}
+    assert np.all(state['blocks.0.attn.relative_position_bias_table'] == 0)
+    assert np.all(state['blocks.0.attn.q_bias'] == 0) and np.all(state['blocks.0.attn.v_bias'] == 0)
+    np.testing.assert_allclose(state['blocks.2.gamma_1'], 0.1)
+    assert np.all(state['head.bias'] == 0)
+    assert state['head.weight'].std() == pytest.approx(0.02 * 0.001, rel=0.1)
+    assert state['blocks.0.attn.qkv.weight'].std() == pytest.approx(0.02, rel=0.1)
+    for layer_id in (1, 3):  # residual outputs shrink with depth
+        expected = 0.02 / math.sqrt(2 * layer_id)
+        assert state[f'blocks.{layer_id - 1}.mlp.fc2.weight'].std() == pytest.approx(expected, rel=0.1)
+
+
+MODEL_KEYS_NOT_ARCHITECTURE = {'TYPE', 'NAME', 'RESUME', 'PRETRAINED', 'REL_POS_INTERP'}
+# key -> (a non-default value, what that value must change in the built model)
+MODEL_KEY_EFFECTS = {
+    'NUM_CLASSES': (5, lambda m: m.head.weight.shape == [32, 5]),
+    'PATCH_SIZE': (4, lambda m: m.patch_embed.proj.weight.shape[-1] == 4),
+    'EMBED_DIM': (64, lambda m: m.cls_token.shape[-1] == 64),
+    'DEPTH': (3, lambda m: len(m.blocks) == 3),
+    'NUM_HEADS': (4, lambda m: m.blocks[0].attn.num_heads == 4),
+    'MLP_RATIO': (2.0, lambda m: m.blocks[0].mlp.fc1.weight.shape == [32, 64]),
+    'QKV_BIAS': (False, lambda m: m.blocks[0].attn.q_bias is None),
+    'DROPOUT': (0.3, lambda m: m.blocks[0].mlp.drop.p == 0.3 and m.pos_drop.p == 0.3),
+    'ATTENTION_DROPOUT': (0.2, lambda m: m.blocks[0].attn.attn_drop == 0.2),
+    'DROPPATH': (0.3, lambda m: m.blocks[-1].drop_path.drop_prob == pytest.approx(0.3)),
+    'INIT_VALUES': (None, lambda m: m.blocks[0].gamma_1 is None),
+    'USE_ABS_POS_EMB': (True, lambda m: m.pos_embed is not None),
+    'USE_REL_POS_BIAS': (False, lambda m: m.blocks[0].attn.relative_position_bias_table is None),
+    'USE_SHARED_REL_POS_BIAS': (True, lambda m: m.rel_pos_bias is not None),
+    'USE_MEAN_POOLING': (False, lambda m: m.fc_norm is None),
+    'INIT_SCALE': (1.0, lambda m: m.head.weight.numpy().std() > 0.01),
+    'FUSED_ATTN': (False, lambda m: not m.blocks[0].attn.fused),
+    'RECOMPUTE': (True, lambda m: m.recompute),
+}
+
+
+def test_every_model_key_reaches_the_model():
+    assert set(config_for(TINY).MODEL) == set(MODEL_KEY_EFFECTS) | MODEL_KEYS_NOT_ARCHITECTURE
+    baseline = build_beit(config_for(TINY))
+    for key, (value, effect) in MODEL_KEY_EFFECTS.items():
+        assert not effect(baseline), f'{key}: the test value must differ from the default'
+        assert effect(build_beit(config_for({**TINY, key: value}))), f'MODEL.{key} was ignored by build_beit'
+
+
+def test_dropout_and_drop_path_act_in_training_only():
+    model = build_beit(config_for({**TINY, 'DROPOUT': 0.5, 'ATTENTION_DROPOUT': 0.5, 'DROPPATH': 0.5}))
+    x = paddle.to_tensor(random_batch(4, 32))
+    model.train()
+    assert not np.allclose(model(x).numpy(), model(x).numpy())
+    model.eval()
+    np.testing.assert_array_equal(model(x).numpy(), model(x).numpy())
+
+
+def _trained_copy_pair(spec, **extra):
+    """Two models with identical random weights, the second built with ``extra`` options."""
+    first = build_beit(config_for(spec))
+    second = build_beit(config_for(spec, **extra))
+    state = {name: paddle.randn(value.shape) * 0.1 for name, value in first.state_dict().items()}
+    first.set_state_dict(state)
+    second.set_state_dict(state)
+    return first, second
+
+
+def _loss_and_grads(model, images):
+    model.clear_gradients()
+    loss = model(paddle.to_tensor(images)).square().mean()
+    loss.backward()
+    return loss.item(), {name: p.grad.numpy() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('extra', [{'FUSED_ATTN': False}, {'RECOMPUTE': True}])
+def test_fast_paths_compute_the_same_function(extra):
+    spec = {**TINY, 'USE_SHARED_REL_POS_BIAS': True, 'USE_ABS_POS_EMB': True, 'DROPPATH': 0.0}
+    plain, fast = _trained_copy_pair(spec, **extra)
+    images = random_batch(3, 32)
+    plain.train()
+    fast.train()
+    loss_plain, grads_plain = _loss_and_grads(plain, images)
+    loss_fast, grads_fast = _loss_and_grads(fast, images)
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-5)
+    for name, grad in grads_plain.items():
+        np.testing.assert_allclose(grads_fast[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_plain_attention_path_matches_timm():
+    reference = timm_model(TINY)
+    model = build_beit(config_for(TINY, FUSED_ATTN=False))
+    tensors = {name: value.numpy() for name, value in reference.state_dict().items()}
+    fitted, _ = convert_state_dict(tensors, model)
+    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    assert logits_difference(reference, model, random_batch(2, 32)) <= 1e-4
+
+
+def test_export_with_dynamic_batch(tmp_path):
+    model = build_beit(config_for(TINY)).eval()
+    static = paddle.jit.to_static(model, input_spec=[paddle.static.InputSpec([None, 3, 32, 32], 'float32')],
+                                  full_graph=True)
+    for batch_size in (1, 3):
+        images = paddle.to_tensor(random_batch(batch_size, 32))
+        np.testing.assert_allclose(static(images).numpy(), model(images).numpy(), atol=1e-5)
+    paddle.jit.save(static, str(tmp_path / 'beit'))
+    loaded = paddle.jit.load(str(tmp_path / 'beit'))
+    images = paddle.to_tensor(random_batch(5, 32))
+    np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-5)
+
+
+def test_wrong_input_size_is_a_clear_error():
+    model = build_beit(config_for(TINY))
+    with pytest.raises(ValueError, match='built for 32x32'):
+        model(paddle.zeros([1, 3, 48, 48]))
+
+
+def test_layer_ids_follow_unilm_rule():
+    depth = 12
+    assert layer_id_for_lr_decay('cls_token', depth) == 0
+    assert layer_id_for_lr_decay('pos_embed', depth) == 0
+    assert layer_id_for_lr_decay('mask_token', depth) == 0
+    assert layer_id_for_lr_decay('patch_embed.proj.weight', depth) == 0
+    assert layer_id_for_lr_decay('blocks.0.norm1.weight', depth) == 1
+    assert layer_id_for_lr_decay('blocks.11.attn.relative_position_bias_table', depth) == 12
+    for name in ('rel_pos_bias.relative_position_bias_table', 'fc_norm.weight', 'norm.bias', 'head.weight'):
+        assert layer_id_for_lr_decay(name, depth) == 13
+    assert lr_scale_for_param('head.weight', depth, 0.65) == 1.0
+    assert lr_scale_for_param('patch_embed.proj.weight', depth, 0.65) == pytest.approx(0.65 ** 13)
+    assert lr_scale_for_param('blocks.3.mlp.fc1.bias', depth, 0.65) == pytest.approx(0.65 ** 9)

@@ -1,0 +1,142 @@
+"""Config: YAML files with BASE inheritance, command-line flags, and clear errors."""
+import glob
+import re
+
+import pytest
+from conftest import ROOT
+
+from beit import build_beit
+from config import ConfigError, build_arg_parser, get_config, update_config
+
+CONFIGS = sorted(glob.glob(str(ROOT / 'configs' / '*.yaml')))
+
+
+def parse(*argv):
+    return build_arg_parser().parse_args(list(argv))
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize('cfg_file', CONFIGS, ids=lambda p: p.rsplit('/', 1)[-1])
+def test_every_shipped_config_loads(cfg_file):
+    config = get_config(cfg_file)
+    assert cfg_file.rsplit('/', 1)[-1][:-len('.yaml')].replace('_from_pt22k', '') == config.MODEL.NAME
+    assert config.DATA.BATCH_SIZE_EVAL > 0 and config.DATA.BATCH_SIZE > 0
+
+
+@pytest.mark.parametrize('name, size, crop, dim, depth, decay, drop_path', [
+    ('beit_base_patch16_224', 224, 0.9, 768, 12, 0.85, 0.1),
+    ('beit_base_patch16_384', 384, 1.0, 768, 12, 0.85, 0.1),
+    ('beit_large_patch16_224', 224, 0.9, 1024, 24, 0.9, 0.4),
+    ('beit_large_patch16_384', 384, 1.0, 1024, 24, 0.9, 0.4),
+    ('beit_large_patch16_512', 512, 1.0, 1024, 24, 0.9, 0.4),
+])
+def test_zoo_configs_hold_the_official_settings(name, size, crop, dim, depth, decay, drop_path):
+    config = get_config(str(ROOT / 'configs' / f'{name}.yaml'))
+    assert (size, crop) == (config.DATA.IMAGE_SIZE, config.DATA.CROP_PCT)
+    assert (dim, depth, 16) == (config.MODEL.EMBED_DIM, config.MODEL.DEPTH, config.MODEL.PATCH_SIZE)
+    assert config.MODEL.USE_MEAN_POOLING and config.MODEL.USE_REL_POS_BIAS and not config.MODEL.USE_ABS_POS_EMB
+    assert config.DATA.INTERPOLATION == 'bicubic' and config.DATA.IMAGENET_MEAN == [0.5, 0.5, 0.5]
+    assert (decay, drop_path) == (config.TRAIN.LAYER_DECAY, config.MODEL.DROPPATH)
+    assert (config.TRAIN.BASE_LR, config.TRAIN.WEIGHT_DECAY, config.TRAIN.NUM_EPOCHS) == (2e-5, 1e-8, 30)
+    assert (0.1 if dim == 768 else 1e-5) == config.MODEL.INIT_VALUES
+
+
+def test_base_inheritance_chain(tmp_path):
+    write(tmp_path / 'grand.yaml', 'MODEL:\n  DEPTH: 6\n  EMBED_DIM: 384\nTRAIN:\n  BASE_LR: 0.1\n')
+    write(tmp_path / 'parent.yaml', 'BASE: grand.yaml\nMODEL:\n  DEPTH: 8\n')
+    child = write(tmp_path / 'child.yaml', "BASE: ['parent.yaml']\nTRAIN:\n  BASE_LR: 1e-3\n")
+    config = get_config(child)
+    assert (config.MODEL.DEPTH, config.MODEL.EMBED_DIM, config.TRAIN.BASE_LR) == (8, 384, 1e-3)
+
+
+def test_base_loop_is_an_error(tmp_path):
+    write(tmp_path / 'a.yaml', 'BASE: b.yaml\n')
+    write(tmp_path / 'b.yaml', 'BASE: a.yaml\n')
+    with pytest.raises(ConfigError, match='loops'):
+        get_config(str(tmp_path / 'a.yaml'))
+
+
+def test_flags_and_opts_override_the_file():
+    args = parse('-cfg', str(ROOT / 'configs/beit_base_patch16_224.yaml'), '-dataset', 'imagenet2012',
+                 '-data_path', '/data/in1k', '-batch_size', '16', '-batch_size_eval', '32', '-image_size', '384',
+                 '-pretrained', 'w.pdparams', '-resume', 'ckpt.pdparams', '-last_epoch', '3', '-eval', '-amp',
+                 '-output', '/tmp/run', '-accum_iter', '4',
+                 '-opts', 'TRAIN.BASE_LR', '1e-3', 'MODEL.DROPPATH', '0', 'MODEL.INIT_VALUES', 'null',
+                 'TRAIN.OPTIMIZER.BETAS', '[0.9, 0.98]', 'DATA.DATA_PATH', '12345')
+    config = update_config(get_config(), args)
+    assert config.DATA.DATA_PATH == '12345'  # -opts come last; a path stays a string
+    assert (config.DATA.BATCH_SIZE, config.DATA.BATCH_SIZE_EVAL, config.DATA.IMAGE_SIZE) == (16, 32, 384)
+    assert (config.MODEL.PRETRAINED, config.MODEL.RESUME, config.TRAIN.LAST_EPOCH) == ('w.pdparams', 'ckpt.pdparams', 3)
+    assert config.EVAL and config.AMP and config.SAVE == '/tmp/run' and config.TRAIN.ACCUM_ITER == 4
+    assert config.TRAIN.BASE_LR == 1e-3 and config.MODEL.DROPPATH == 0.0 and config.MODEL.INIT_VALUES is None
+    assert config.TRAIN.OPTIMIZER.BETAS == [0.9, 0.98]
+    assert config.is_frozen()
+    assert build_beit(config).blocks[0].gamma_1 is None
+
+
+def test_defaults_are_usable_without_a_file():
+    config = update_config(get_config(), parse())
+    assert config.DATA.BATCH_SIZE_EVAL == 64 and config.MODEL.NAME == 'beit_base_patch16_224'
+
+
+@pytest.mark.parametrize('yaml_text, message', [
+    ('MODEL:\n  DEPHT: 12\n', 'unknown config key MODEL.DEPHT'),
+    ('MODELS:\n  DEPTH: 12\n', 'unknown config key MODELS.DEPTH'),
+    ('MODEL:\n  DEPTH: twelve\n', "MODEL.DEPTH expects a int like 12, got 'twelve'"),
+    ('MODEL:\n  DEPTH: 12.5\n', 'MODEL.DEPTH expects a int'),
+    ('MODEL:\n  USE_MEAN_POOLING: 1\n', 'MODEL.USE_MEAN_POOLING expects a bool'),
+    ('DATA:\n  IMAGE_SIZE: null\n', 'DATA.IMAGE_SIZE expects a int'),
+    ('MODEL: 3\n', 'MODEL is a group of keys'),
+    ('DATA:\n  MODEL:\n    X: 1\n', 'unknown config key DATA.MODEL.X'),
+    ('- a\n- b\n', 'expected a mapping'),
+    ('MODEL: [unclosed\n', 'not valid YAML'),
+])
+def test_bad_yaml_names_file_and_key(tmp_path, yaml_text, message):
+    path = write(tmp_path / 'bad.yaml', yaml_text)
+    with pytest.raises(ConfigError) as err:
+        get_config(path)
+    assert message in str(err.value) and 'bad.yaml' in str(err.value)
+
+
+@pytest.mark.parametrize('yaml_text, message', [
+    ('TRAIN:\n  MIXUP_MODE: pairs\n', "TRAIN.MIXUP_MODE must be one of ['batch', 'pair', 'elem']"),
+    ('DATA:\n  IMAGE_SIZE: 100\n', 'not a multiple of MODEL.PATCH_SIZE'),
+    ('MODEL:\n  NUM_HEADS: 5\n', 'not divisible by MODEL.NUM_HEADS'),
+    ('MODEL:\n  DROPPATH: 1.5\n', 'MODEL.DROPPATH must lie in [0, 1]'),
+    ('DATA:\n  BATCH_SIZE_EVAL: 0\n', 'DATA.BATCH_SIZE_EVAL must be positive'),
+    ('TRAIN:\n  OPTIMIZER:\n    BETAS: [0.9]\n', 'TRAIN.OPTIMIZER.BETAS needs 2 values'),
+])
+def test_unusable_values_name_the_key(tmp_path, yaml_text, message):
+    with pytest.raises(ConfigError) as err:
+        get_config(write(tmp_path / 'bad.yaml', yaml_text))
+    assert message in str(err.value)
+
+
+def test_integers_are_accepted_for_floats(tmp_path):
+    config = get_config(write(tmp_path / 'ints.yaml', 'TRAIN:\n  WEIGHT_DECAY: 0\n  BASE_LR: 1\n'))
+    assert config.TRAIN.WEIGHT_DECAY == 0.0 and isinstance(config.TRAIN.WEIGHT_DECAY, float)
+
+
+@pytest.mark.parametrize('opts, message', [
+    (['TRAIN.BASE_LR'], 'KEY VALUE pairs'),
+    (['TRAIN.BASE_RL', '1'], '-opts: unknown config key TRAIN.BASE_RL'),
+    (['TRAIN.BASE_LR', 'fast'], "-opts: TRAIN.BASE_LR expects a float like 2e-05, got 'fast'"),
+    (['TRAIN', '1'], 'TRAIN is a group of keys'),
+])
+def test_bad_opts_name_the_key(opts, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        update_config(get_config(), parse('-opts', *opts))
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match='config file not found: .*nope.yaml'):
+        update_config(get_config(), parse('-cfg', 'nope.yaml'))
+
+
+def test_bad_flag_value_names_the_key():
+    with pytest.raises(ConfigError, match='DATA.BATCH_SIZE_EVAL must be positive, got 0'):
+        update_config(get_config(), parse('-batch_size_eval', '0'))
