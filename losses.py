@@ -7,7 +7,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-_INTEGER_DTYPES = (paddle.int8, paddle.int16, paddle.int32, paddle.int64, paddle.uint8)
+_INDEX_DTYPES = (paddle.int32, paddle.int64)
 
 
 def check_class_labels(labels: paddle.Tensor, count: int, num_classes: int) -> None:
@@ -16,8 +16,8 @@ def check_class_labels(labels: paddle.Tensor, count: int, num_classes: int) -> N
         raise TypeError(f'labels must be a paddle.Tensor of class indices, got {type(labels).__name__}')
     if list(labels.shape) != [count]:
         raise ValueError(f'labels must have shape [{count}] (one class index per sample), got {list(labels.shape)}')
-    if labels.dtype not in _INTEGER_DTYPES:
-        raise TypeError(f'labels must be integer class indices, got {labels.dtype}')
+    if labels.dtype not in _INDEX_DTYPES:
+        raise TypeError(f'labels must be int32 or int64 class indices, got {labels.dtype}')
     if count:
         low, high = paddle.stack([labels.min(), labels.max()]).tolist()
         if low < 0 or high >= num_classes:

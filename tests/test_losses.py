@@ -114,7 +114,7 @@ def test_smoothing_out_of_range_is_refused(smoothing):
     (paddle.to_tensor([0, -1, 2]), ValueError, r'labels must lie in \[0, 4\) .*got values from -1 to 2'),
     (paddle.to_tensor([[0], [1], [2]]), ValueError, r'labels must have shape \[3\] .*got \[3, 1\]'),
     (paddle.to_tensor([0, 1]), ValueError, r'labels must have shape \[3\] .*got \[2\]'),
-    (paddle.to_tensor([0.0, 1.0, 2.0]), TypeError, 'labels must be integer class indices, got paddle.float32'),
+    (paddle.to_tensor([0.0, 1.0, 2.0]), TypeError, 'labels must be int32 or int64 class indices, got paddle.float32'),
     ([0, 1, 2], TypeError, 'labels must be a paddle.Tensor of class indices, got list'),
 ])
 def test_bad_labels_are_refused(labels, error, message):
