@@ -63,6 +63,7 @@ def _compare_with_timm(monkeypatch, settings, mode, batch_size, image_shape, cal
         assert _max_diff(mixed, ref_mixed) <= TOLERANCE
         assert _max_diff(targets, ref_targets) <= TOLERANCE
         assert ours.rng.bit_generator.state == timm_rng.bit_generator.state
+        assert params.label_weight.dtype == (np.float64 if mode == 'batch' else np.float32)  # timm's precisions
         draws.append(params)
     return draws
 
