@@ -177,8 +177,8 @@ class Mixup:
             lam, use_cutmix = self._draw_for_batch()
         else:
             lam, use_cutmix = self._draw_per_group(batch_size if self.mode == 'elem' else batch_size // 2)
-        boxes = self._draw_boxes(lam, use_cutmix, height, width)
         pixel_weight = np.where(use_cutmix, 1, lam)
+        boxes, lam = self._draw_boxes(lam, use_cutmix, height, width)
         group = _group_of_sample(self.mode, batch_size, untouched=len(lam))
         return MixParams(label_weight=_with_untouched(lam, 1)[group],
                          pixel_weight=_with_untouched(pixel_weight, 1)[group],
@@ -209,9 +209,11 @@ class Mixup:
         applied = self.rng.random(count) < self.prob
         return np.where(applied, lam.astype(np.float32), np.float32(1)), use_cutmix
 
-    def _draw_boxes(self, lam: np.ndarray, use_cutmix: np.ndarray, height: int, width: int) -> np.ndarray:
-        """A box for every group that CutMixes, in group order; corrects ``lam`` in place to the unpasted share."""
+    def _draw_boxes(self, lam: np.ndarray, use_cutmix: np.ndarray, height: int,
+                    width: int) -> tuple[np.ndarray, np.ndarray]:
+        """A box for every group that CutMixes, in group order, and lambdas corrected to the unpasted share."""
         boxes = np.zeros((len(lam), 4), dtype=np.int64)
+        lam = lam.copy()
         for group in np.flatnonzero(use_cutmix & (lam != 1)):
             if self.cutmix_minmax:
                 boxes[group] = self._draw_minmax_box(height, width)
@@ -220,7 +222,7 @@ class Mixup:
             if self.correct_lam or self.cutmix_minmax:
                 top, bottom, left, right = boxes[group]
                 lam[group] = 1.0 - (bottom - top) * (right - left) / float(height * width)
-        return boxes
+        return boxes, lam
 
     def _draw_centred_box(self, lam, height: int, width: int) -> tuple[int, int, int, int]:
         """Sides sqrt(1 - lam) of the image's around a uniform centre, clipped to the image."""
@@ -246,7 +248,10 @@ class Mixup:
 
 
 def build_mixup(config, rng: np.random.Generator | None = None) -> Mixup | None:
-    """The recipe's Mixup/CutMix from TRAIN.* and MODEL.NUM_CLASSES; None when both are off (all zero)."""
+    """The recipe's Mixup/CutMix from TRAIN.* and MODEL.NUM_CLASSES; None when both are off (all zero).
+
+    Pass ``rng`` seeded from SEED and the process rank for reproducible runs that differ across processes.
+    """
     train = config.TRAIN
     if train.MIXUP_ALPHA == 0 and train.CUTMIX_ALPHA == 0 and not train.CUTMIX_MINMAX:
         return None
