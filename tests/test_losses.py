@@ -1,0 +1,151 @@
+"""losses.py against timm's LabelSmoothingCrossEntropy / SoftTargetCrossEntropy: values and logit gradients."""
+import numpy as np
+import paddle
+import pytest
+import torch
+from timm.loss import LabelSmoothingCrossEntropy as TimmLabelSmoothingCE
+from timm.loss import SoftTargetCrossEntropy as TimmSoftTargetCE
+
+from config import get_config
+from losses import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, build_criterion
+
+RELATIVE_TOLERANCE = 1e-6
+FLOAT32_GRAD_TOLERANCE = 5e-6
+SHAPES = [(8, 10), (5, 1000), (1, 3)]  # (batch, classes)
+
+
+def _random_logits(rng, batch_size, num_classes):
+    return (rng.standard_normal((batch_size, num_classes)) * 4).astype(np.float32)
+
+
+def _random_soft_targets(rng, batch_size, num_classes):
+    weights = rng.random((batch_size, num_classes)).astype(np.float32) ** 4
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _as(array, dtype):
+    """Soft targets follow the logits' precision; class indices stay integers."""
+    return array.astype(dtype) if array.dtype.kind == 'f' else array
+
+
+def _paddle_loss_and_grad(criterion, logits, target):
+    logits_tensor = paddle.to_tensor(logits, stop_gradient=False)
+    loss = criterion(logits_tensor, paddle.to_tensor(_as(target, logits.dtype)))
+    loss.backward()
+    return loss.item(), logits_tensor.grad.numpy()
+
+
+def _timm_loss_and_grad(criterion, logits, target):
+    logits_tensor = torch.tensor(logits, requires_grad=True)
+    loss = criterion(logits_tensor, torch.tensor(_as(target, logits.dtype)))
+    loss.backward()
+    return loss.item(), logits_tensor.grad.numpy()
+
+
+def _assert_matches_timm(ours, theirs, logits, target):
+    """Values and gradients against timm in float64; float32 values against timm's float32 ones.
+
+    float32 gradients are held to timm's exact (float64) gradient with a float32-sized bound: paddle's
+    log_softmax kernel is good to ~2.5e-6 of the largest entry at 1000 classes, and timm's own float32
+    gradients stray up to ~2e-6 from its float64 ones, so 1e-6 would test the kernels, not the formulas.
+    """
+    loss32, grad32 = _paddle_loss_and_grad(ours, logits, target)
+    loss64, grad64 = _paddle_loss_and_grad(ours, logits.astype(np.float64), target)
+    ref_loss32, _ = _timm_loss_and_grad(theirs, logits, target)
+    ref_loss64, ref_grad64 = _timm_loss_and_grad(theirs, logits.astype(np.float64), target)
+    assert abs(loss32 - ref_loss32) <= RELATIVE_TOLERANCE * abs(ref_loss32)
+    assert abs(loss64 - ref_loss64) <= RELATIVE_TOLERANCE * abs(ref_loss64)
+    # Element-wise relative error is meaningless where a gradient entry is ~0: scale by the largest entry.
+    scale = np.abs(ref_grad64).max()
+    assert np.abs(grad64 - ref_grad64).max() <= RELATIVE_TOLERANCE * scale
+    assert np.abs(grad32 - ref_grad64).max() <= FLOAT32_GRAD_TOLERANCE * scale
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1, 0.3, 0.9])
+@pytest.mark.parametrize(('batch_size', 'num_classes'), SHAPES)
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_label_smoothing_matches_timm(smoothing, batch_size, num_classes, seed):
+    rng = np.random.default_rng([seed, batch_size, num_classes])
+    logits = _random_logits(rng, batch_size, num_classes)
+    labels = rng.integers(0, num_classes, batch_size)
+    _assert_matches_timm(LabelSmoothingCrossEntropy(smoothing), TimmLabelSmoothingCE(smoothing), logits, labels)
+
+
+@pytest.mark.parametrize(('batch_size', 'num_classes'), SHAPES)
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_soft_target_matches_timm(batch_size, num_classes, seed):
+    rng = np.random.default_rng([seed, batch_size, num_classes])
+    logits = _random_logits(rng, batch_size, num_classes)
+    targets = _random_soft_targets(rng, batch_size, num_classes)
+    _assert_matches_timm(SoftTargetCrossEntropy(), TimmSoftTargetCE(), logits, targets)
+
+
+def test_soft_target_gradient_holds_for_rows_not_summing_to_one():
+    """Targets (1, 1) on equal logits: the loss is 2 log 2 whatever the logits' shift, so the gradient is 0."""
+    targets = np.ones((2, 2), np.float32)
+    logits = np.zeros((2, 2), np.float32)
+    loss, grad = _paddle_loss_and_grad(SoftTargetCrossEntropy(), logits, targets)
+    ref_loss, ref_grad = _timm_loss_and_grad(TimmSoftTargetCE(), logits, targets)
+    assert loss == pytest.approx(2 * np.log(2.0), rel=1e-7) and ref_loss == pytest.approx(loss, rel=1e-7)
+    np.testing.assert_array_equal(grad, np.zeros((2, 2), np.float32))
+    np.testing.assert_array_equal(ref_grad, grad)
+
+
+def test_label_smoothing_value_by_hand():
+    """Two classes, equal logits: every class has log-probability log(1/2) whatever the smoothing."""
+    loss = LabelSmoothingCrossEntropy(0.2)(paddle.zeros([3, 2]), paddle.to_tensor([0, 1, 1]))
+    assert loss.item() == pytest.approx(np.log(2.0), rel=1e-7)
+
+
+def test_soft_target_value_by_hand():
+    """Logits (0, log 3) give probabilities (1/4, 3/4); target (1/2, 1/2) costs (log 4 + log 4/3) / 2."""
+    logits = paddle.to_tensor([[0.0, np.log(3.0)]], dtype='float32')
+    loss = SoftTargetCrossEntropy()(logits, paddle.to_tensor([[0.5, 0.5]]))
+    assert loss.item() == pytest.approx((np.log(4.0) + np.log(4.0 / 3.0)) / 2, rel=1e-6)
+
+
+def test_build_criterion_follows_the_unilm_rule():
+    config = get_config()
+    assert config.TRAIN.SMOOTHING == 0.1
+    assert type(build_criterion(config, mixup_active=True)) is SoftTargetCrossEntropy
+    smoothing = build_criterion(config, mixup_active=False)
+    assert type(smoothing) is LabelSmoothingCrossEntropy
+    assert smoothing.smoothing == 0.1
+    config.TRAIN.SMOOTHING = 0.0
+    assert type(build_criterion(config, mixup_active=False)) is paddle.nn.CrossEntropyLoss
+    assert type(build_criterion(config, mixup_active=True)) is SoftTargetCrossEntropy
+
+
+@pytest.mark.parametrize('smoothing', [-0.1, 1.0, 1.5])
+def test_smoothing_out_of_range_is_refused(smoothing):
+    with pytest.raises(ValueError, match=r'smoothing \(TRAIN.SMOOTHING\) must lie in \[0, 1\)'):
+        LabelSmoothingCrossEntropy(smoothing)
+
+
+@pytest.mark.parametrize(('labels', 'error', 'message'), [
+    (paddle.to_tensor([0, 3, 4]), ValueError, r'labels must lie in \[0, 4\) .*got values from 0 to 4'),
+    (paddle.to_tensor([0, -1, 2]), ValueError, r'labels must lie in \[0, 4\) .*got values from -1 to 2'),
+    (paddle.to_tensor([[0], [1], [2]]), ValueError, r'labels must have shape \[3\] .*got \[3, 1\]'),
+    (paddle.to_tensor([0, 1]), ValueError, r'labels must have shape \[3\] .*got \[2\]'),
+    (paddle.to_tensor([0.0, 1.0, 2.0]), TypeError, 'labels must be int32 or int64 class indices, got paddle.float32'),
+    ([0, 1, 2], TypeError, 'labels must be a paddle.Tensor of class indices, got list'),
+])
+def test_bad_labels_are_refused(labels, error, message):
+    with pytest.raises(error, match=message):
+        LabelSmoothingCrossEntropy(0.1)(paddle.zeros([3, 4]), labels)
+
+
+@pytest.mark.parametrize(('targets', 'error', 'message'), [
+    (paddle.full([3, 5], 0.2), ValueError, r'soft targets must have the logits shape \[3, 4\], got \[3, 5\]'),
+    (paddle.to_tensor([0, 1, 2]), ValueError, r'soft targets must have the logits shape \[3, 4\], got \[3\]'),
+    (paddle.zeros([3, 4], 'int64'), TypeError, 'soft targets must be float class weights, got paddle.int64'),
+])
+def test_bad_soft_targets_are_refused(targets, error, message):
+    with pytest.raises(error, match=message):
+        SoftTargetCrossEntropy()(paddle.zeros([3, 4]), targets)
+
+
+@pytest.mark.parametrize('criterion', [LabelSmoothingCrossEntropy(0.1), SoftTargetCrossEntropy()])
+def test_logits_must_be_a_float_matrix(criterion):
+    with pytest.raises(ValueError, match=r'logits must be a float tensor \[batch, num_classes\], got \[4\]'):
+        criterion(paddle.zeros([4]), paddle.to_tensor([0, 1, 2, 3]))
