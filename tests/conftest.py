@@ -7,6 +7,7 @@ os.environ.setdefault('OMP_NUM_THREADS', str(os.cpu_count() or 1))  # Paddle use
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # timm must never reach for a hub
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -20,3 +21,19 @@ def photo_paths():
     if len(paths) < 7:
         pytest.fail(f'real test photos missing in {PHOTO_DIR}: run bash tests/fetch_photos.sh')
     return paths
+
+
+@pytest.fixture(scope='session')
+def photos(photo_paths):
+    return [Image.open(path).convert('RGB') for path in photo_paths]
+
+
+@pytest.fixture(scope='session')
+def small_photos(photos):
+    """The real photos at most 96 px wide, so that thousands of op calls stay fast."""
+    small = []
+    for photo in photos:
+        copy = photo.copy()
+        copy.thumbnail((96, 96), Image.Resampling.BICUBIC)
+        small.append(copy)
+    return small
