@@ -34,6 +34,7 @@ _C.MODEL.TYPE = 'BEiT'
 _C.MODEL.NAME = 'beit_base_patch16_224'
 _C.MODEL.RESUME = ''  # training checkpoint to continue from
 _C.MODEL.PRETRAINED = ''  # converted .pdparams to start from
+_C.MODEL.PRETRAINED_EMA = False  # -pretrained given a training checkpoint: load its EMA weights instead of the model
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.PATCH_SIZE = 16
 _C.MODEL.EMBED_DIM = 768

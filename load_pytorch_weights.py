@@ -19,6 +19,7 @@ import paddle.nn as nn
 
 from beit import CheckpointMismatchError, adapt_state_dict, build_beit
 from config import ConfigError, get_config, merge_opts, validate_config
+from utils import save_atomically
 
 CHECK_TOLERANCE = 1e-4
 _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': np.uint16,
@@ -129,19 +130,6 @@ def convert_state_dict(torch_state_dict: dict, model: nn.Layer, rel_pos_interp: 
     return adapt_state_dict(to_paddle_layout(torch_state_dict, model), model, rel_pos_interp)
 
 
-def save_atomically(state_dict: dict, path: str) -> None:
-    """Write next to ``path`` and rename, so a crash never leaves a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp_path = f'{path}.tmp{os.getpid()}'
-    try:
-        paddle.save({name: paddle.to_tensor(value) for name, value in state_dict.items()}, tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-
-
 def timm_kwargs_from_config(config) -> dict:
     """Arguments of timm's ``Beit`` for the architecture in ``config`` (for -check)."""
     m = config.MODEL
@@ -186,7 +174,7 @@ def convert_file(cfg_file: str, src: str, dst: str, opts=(), check: bool = False
         print(f'max abs logit difference to timm: {diff:.3g} (tolerance {CHECK_TOLERANCE:g})')
         if diff > CHECK_TOLERANCE:
             raise ConversionError(f'outputs differ from timm by {diff:.3g}; {dst} not written')
-    save_atomically(state_dict, dst)
+    save_atomically({name: paddle.to_tensor(value) for name, value in state_dict.items()}, dst)
     print(f'wrote {len(state_dict)} tensors to {dst}')
 
 

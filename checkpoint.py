@@ -1,0 +1,137 @@
+"""Training checkpoints (save, find, load, check) and starting weights for -pretrained.
+
+A checkpoint is one file, written atomically, holding everything a resumed run needs to continue as if it had
+never stopped: model, optimizer, LR scheduler, grad scaler, EMA, finished epochs, global step, the RNG states
+and the config. Files are read and checked completely before a run touches its output folder.
+"""
+import os
+import random
+import re
+
+import numpy as np
+import paddle
+
+from beit import CheckpointMismatchError, adapt_state_dict
+from load_pytorch_weights import ConversionError, unwrap_state_dict
+from utils import save_atomically
+
+CHECKPOINT_PATTERN = re.compile(r'^checkpoint-epoch-(\d+)\.pdparams$')
+REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'global_step')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, or not what the run needs."""
+
+
+def checkpoint_path(output_dir: str, epoch: int) -> str:
+    return os.path.join(output_dir, f'checkpoint-epoch-{epoch}.pdparams')
+
+
+def checkpoints_in(folder: str) -> dict:
+    """{epoch: path} of the checkpoints in ``folder`` (none if it does not exist)."""
+    if not os.path.isdir(folder):
+        return {}
+    found = {}
+    for name in os.listdir(folder):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match:
+            found[int(match.group(1))] = os.path.join(folder, name)
+    return found
+
+
+def resolve_resume_path(path: str) -> str:
+    """-resume takes a checkpoint file, or a run folder meaning its latest checkpoint."""
+    if os.path.isdir(path):
+        found = checkpoints_in(path)
+        if not found:
+            raise CheckpointError(f'-resume: no checkpoint-epoch-N.pdparams in the folder {path}')
+        return found[max(found)]
+    if not os.path.isfile(path):
+        raise CheckpointError(f'-resume: checkpoint not found: {path}')
+    return path
+
+
+def rng_states() -> dict:
+    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'paddle': paddle.get_rng_state()}
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states['python'])
+    np.random.set_state(states['numpy'])
+    paddle.set_rng_state(states['paddle'])
+
+
+def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch: int,
+                    global_step: int, config) -> None:
+    save_atomically({
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'lr_scheduler': lr_scheduler.state_dict(),
+        'grad_scaler': grad_scaler.state_dict(),
+        'model_ema': model_ema.state_dict() if model_ema is not None else None,
+        'epoch': epoch,
+        'global_step': global_step,
+        'rng_states': rng_states(),
+        'config': config.dump(),
+    }, path)
+
+
+def _read(path: str, what: str, return_numpy: bool = False):
+    try:
+        return paddle.load(path, return_numpy=return_numpy)
+    except Exception as err:  # paddle raises many types for truncated or foreign files
+        raise CheckpointError(f'{what}: cannot read {path}: {str(err).splitlines()[0] if str(err) else err!r}') from err
+
+
+def load_training_checkpoint(path: str) -> dict:
+    """The checkpoint dict of a -resume file, refusing anything that is not a complete training checkpoint."""
+    checkpoint = _read(path, '-resume')
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
+        raise CheckpointError(f'-resume: {path} is not a training checkpoint (it needs {", ".join(REQUIRED_KEYS)}); '
+                              'to start from weights only, use -pretrained')
+    return checkpoint
+
+
+def check_exact_fit(state_dict: dict, model, path: str) -> None:
+    """A resumed model must be the same architecture: the same tensor names with the same shapes."""
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    found = {name: list(tensor.shape) for name, tensor in state_dict.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    reshaped = [f'{name} {found[name]} (model {expected[name]})' for name in expected
+                if name in found and found[name] != expected[name]]
+    if missing or unexpected or reshaped:
+        details = [f'{label}: {", ".join(items[:4])}' for label, items in
+                   (('missing', missing), ('unexpected', unexpected), ('other shape', reshaped)) if items]
+        raise CheckpointMismatchError(f'-resume: {path} was saved for another architecture than the config '
+                                      f'describes ({"; ".join(details)})')
+
+
+def pretrained_state_dict(path: str, use_ema: bool) -> tuple[dict, int | None]:
+    """(name -> numpy array, epoch) from a converted .pdparams, a bare state dict (epoch None), or a training
+    checkpoint's model (or its EMA with ``use_ema``)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'-pretrained: file not found: {path}')
+    obj = _read(path, '-pretrained', return_numpy=True)
+    is_training_checkpoint = isinstance(obj, dict) and isinstance(obj.get('model'), dict)
+    epoch = obj.get('epoch') if is_training_checkpoint else None
+    if use_ema:
+        if not is_training_checkpoint or not isinstance(obj.get('model_ema'), dict):
+            raise CheckpointError(f'-pretrained: MODEL.PRETRAINED_EMA is set but {path} holds no EMA weights')
+        obj = obj['model_ema']
+    elif is_training_checkpoint:
+        obj = obj['model']
+    try:
+        return unwrap_state_dict(obj, path), epoch
+    except ConversionError as err:
+        raise CheckpointError(f'-pretrained: {err}') from err
+
+
+def load_pretrained(model, path: str, use_ema: bool, rel_pos_interp: str) -> tuple[list, int | None]:
+    """Fit the weights of ``path`` to ``model`` (head of another class count dropped, shared bias spread,
+    tables resampled: beit.adapt_state_dict) and load them; returns adapt_state_dict's notes and the epoch of a
+    training checkpoint."""
+    state_dict, epoch = pretrained_state_dict(path, use_ema)
+    fitted, notes = adapt_state_dict(state_dict, model, rel_pos_interp)
+    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    return notes, epoch

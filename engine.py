@@ -1,0 +1,201 @@
+"""The training and evaluation loops, identical for one process and many.
+
+Per optimizer step the processes exchange one small vector (loss sum, correct counts, sample count), so every
+logged number is the global one and a non-finite loss stops all processes at the same step. Evaluation sums the
+same counts over the whole val list (each sample seen once by one process): the exact accuracy.
+"""
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from model_ema import ModelEma
+from utils import ProgressBar
+
+TOP_K = (1, 5)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became inf or nan without a grad scaler to skip the step: training cannot continue."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of the job."""
+
+    rank: int = 0
+    size: int = 1
+    local_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Amp:
+    """Mixed precision as it actually runs (off on CPU, where Paddle's AMP does nothing)."""
+
+    enabled: bool = False
+    level: str = 'O1'
+    dtype: str = 'float16'
+
+    def autocast(self):
+        return paddle.amp.auto_cast(enable=self.enabled, level=self.level, dtype=self.dtype)
+
+
+@dataclass
+class Trainer:
+    """What a training step needs. ``model`` is what runs forward (paddle.DataParallel with several processes),
+    ``module`` the BEiT inside it (its state dict, its EMA)."""
+
+    model: nn.Layer
+    module: nn.Layer
+    optimizer: paddle.optimizer.Optimizer
+    lr_scheduler: paddle.optimizer.lr.LRScheduler
+    grad_scaler: paddle.amp.GradScaler
+    criterion: nn.Layer
+    world: World
+    amp: Amp = field(default_factory=Amp)
+    mixup: object = None
+    model_ema: ModelEma | None = None
+    accum_iter: int = 1
+    global_step: int = 0
+
+
+def all_reduce_sum(values: paddle.Tensor, world: World) -> np.ndarray:
+    """The element-wise sum over all processes, as float64 numpy."""
+    if world.size > 1:
+        dist.all_reduce(values)
+    return values.numpy().astype(np.float64)
+
+
+def topk_correct(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+    """float64 [len(TOP_K)]: how many rows have their label among the k largest logits, for each k of TOP_K."""
+    k_max = min(max(TOP_K), logits.shape[1])
+    top = paddle.topk(logits, k_max, axis=1)[1]
+    hits = (top == labels.reshape([-1, 1]).astype(top.dtype)).astype('float64')
+    return paddle.stack([hits[:, :min(k, k_max)].sum() for k in TOP_K])
+
+
+def batch_counts(loss_sum: paddle.Tensor, logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+    """float64 [loss sum, correct@1, correct@5, samples] of one batch: what is summed over batches and ranks."""
+    count = paddle.full([1], labels.shape[0], dtype='float64')
+    return paddle.concat([loss_sum.astype('float64').reshape([1]), topk_correct(logits, labels), count])
+
+
+def summarise(totals: np.ndarray) -> dict:
+    loss_sum, correct1, correct5, count = totals
+    count = max(count, 1.0)
+    return {'loss': loss_sum / count, 'acc1': correct1 / count, 'acc5': correct5 / count,
+            'num_samples': int(totals[3])}
+
+
+def _forward_backward(trainer: Trainer, images: paddle.Tensor, labels: paddle.Tensor, sync: bool) -> paddle.Tensor:
+    """Add one micro-batch's gradients (scaled by 1/ACCUM_ITER); returns its counts."""
+    targets = labels
+    if trainer.mixup is not None:
+        images, targets = trainer.mixup(images, labels)
+    defer_sync = trainer.world.size > 1 and not sync
+    with trainer.model.no_sync() if defer_sync else contextlib.nullcontext():
+        with trainer.amp.autocast():
+            logits = trainer.model(images)
+        logits = logits.astype('float32')
+        loss = trainer.criterion(logits, targets)
+        trainer.grad_scaler.scale(loss / trainer.accum_iter).backward()
+    with paddle.no_grad():
+        return batch_counts(loss.detach() * labels.shape[0], logits.detach(), labels)
+
+
+def _gradients_finite(parameters) -> bool:
+    squares = [param.grad.astype('float32').square().sum() for param in parameters if param.grad is not None]
+    return bool(paddle.isfinite(paddle.add_n(squares)).item()) if squares else True
+
+
+def _optimizer_step(trainer: Trainer) -> bool:
+    """Apply the accumulated gradients (clipped by the optimizer); False when the grad scaler skipped the step
+    for inf/nan gradients. The LR schedule advances either way."""
+    applied = True
+    if trainer.grad_scaler.is_enable():
+        trainer.grad_scaler.unscale_(trainer.optimizer)
+        applied = _gradients_finite(trainer.module.parameters())
+    trainer.grad_scaler.step(trainer.optimizer)
+    trainer.grad_scaler.update()
+    trainer.optimizer.clear_grad(set_to_zero=False)
+    trainer.lr_scheduler.step()
+    if applied and trainer.model_ema is not None:
+        trainer.model_ema.update(trainer.module)
+    trainer.global_step += 1
+    return applied
+
+
+def _stop_on_non_finite(loss: float, trainer: Trainer, where: str) -> None:
+    if not math.isfinite(loss) and not trainer.grad_scaler.is_enable():
+        raise NonFiniteLossError(f'the training loss is {loss} at {where}; stopped before this optimizer step, '
+                                 'so no weights were changed by it (try a lower TRAIN.BASE_LR or TRAIN.GRAD_CLIP)')
+
+
+def train_one_epoch(trainer: Trainer, loader, epoch: int, num_epochs: int, steps: int, report_freq: int,
+                    logger: logging.Logger) -> dict:
+    """``steps`` optimizer steps of ACCUM_ITER micro-batches each; micro-batches left over at the end of the
+    loader are read but not used. Returns the epoch's global averages, throughput and skipped-step count."""
+    trainer.model.train()
+    k = trainer.accum_iter
+    epoch_totals = np.zeros(4)
+    group = paddle.zeros([4], dtype='float64')
+    skipped, lr = 0, trainer.optimizer.get_lr()
+    progress = ProgressBar(steps, f'epoch {epoch}', trainer.world.is_main)
+    start = time.time()
+    for micro, (images, labels) in enumerate(loader):
+        if micro >= steps * k:
+            continue
+        group += _forward_backward(trainer, images, labels, sync=(micro + 1) % k == 0)
+        if (micro + 1) % k:
+            continue
+        step = (micro + 1) // k
+        totals = all_reduce_sum(group, trainer.world)
+        group = paddle.zeros([4], dtype='float64')
+        lr = trainer.optimizer.get_lr()
+        current = summarise(totals)
+        _stop_on_non_finite(current['loss'], trainer, f'epoch {epoch} step {step} (global step '
+                                                      f'{trainer.global_step + 1})')
+        skipped += not _optimizer_step(trainer)
+        epoch_totals += totals
+        progress.show(step)
+        if step % report_freq == 0 or step == steps:
+            average = summarise(epoch_totals)
+            logger.info(f'epoch {epoch}/{num_epochs} step {step}/{steps} lr {lr:.6e} '
+                        f'loss {current["loss"]:.4f} (avg {average["loss"]:.4f}) '
+                        f'acc1 {current["acc1"]:.4f} (avg {average["acc1"]:.4f}) '
+                        f'skipped {skipped}')
+    progress.close()
+    elapsed = time.time() - start
+    result = summarise(epoch_totals)
+    result.update(lr=lr, time=elapsed, images_per_sec=result['num_samples'] / max(elapsed, 1e-9),
+                  skipped_steps=skipped)
+    return result
+
+
+@paddle.no_grad()
+def evaluate(model: nn.Layer, loader, world: World, amp: Amp) -> dict:
+    """Loss, acc1 and acc5 over every sample of ``loader`` on all processes, with the sample count and the
+    throughput. ``model`` is the plain BEiT (no DataParallel: evaluation needs no gradient sync)."""
+    model.eval()
+    totals = paddle.zeros([4], dtype='float64')
+    start = time.time()
+    for images, labels in loader:
+        with amp.autocast():
+            logits = model(images)
+        logits = logits.astype('float32')
+        totals += batch_counts(F.cross_entropy(logits, labels, reduction='sum'), logits, labels)
+    result = summarise(all_reduce_sum(totals, world))
+    elapsed = time.time() - start
+    result.update(time=elapsed, images_per_sec=result['num_samples'] / max(elapsed, 1e-9))
+    return result

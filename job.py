@@ -1,0 +1,340 @@
+"""One process's share of a training or evaluation run, the code path of every entry point.
+
+``prepare`` checks every input and builds everything in memory (data, model, weights, optimizer, resumed state)
+before the output folder is touched, so bad input ends the run with a clear error and nothing written.
+``train`` then runs epoch by epoch: seeded from (SEED, epoch, rank), logged, evaluated, checkpointed.
+main_single_gpu.py runs it in one process; main_multi_gpu.py in one process per device.
+"""
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+from paddle.utils import unique_name
+
+from beit import CheckpointMismatchError, build_beit
+from checkpoint import (
+    CheckpointError,
+    check_exact_fit,
+    checkpoint_path,
+    checkpoints_in,
+    load_pretrained,
+    load_training_checkpoint,
+    resolve_resume_path,
+    restore_rng_states,
+    save_checkpoint,
+)
+from config import ConfigError, build_arg_parser, get_config, update_config
+from datasets import DatasetError, get_dataloader, get_dataset
+from engine import Amp, NonFiniteLossError, Trainer, World, evaluate, train_one_epoch
+from losses import build_criterion
+from mixup import build_mixup
+from model_ema import ModelEma
+from optim import build_lr_scheduler, build_optimizer
+from utils import (
+    LOGGER_NAME,
+    append_jsonl,
+    attach_log_file,
+    derived_seed,
+    seed_everything,
+    start_logger,
+    use_all_cpu_cores,
+    write_json,
+)
+
+INPUT_ERRORS = (ConfigError, DatasetError, CheckpointError, CheckpointMismatchError)
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 1
+
+
+@dataclass
+class Job:
+    config: object
+    world: World
+    logger: logging.Logger
+    amp: Amp
+    model: paddle.nn.Layer
+    val_loader: object
+    train_loader: object = None
+    trainer: Trainer | None = None
+    param_settings: dict | None = None
+    start_epoch: int = 0  # epochs already finished (training), or the evaluated checkpoint's
+    steps_per_epoch: int = 0
+    last_checkpoint: str = ''
+
+
+def init_world(multi_process: bool) -> World:
+    """World of a process started by paddle.distributed.launch or spawn (their environment says so), else one."""
+    size = int(os.environ.get('PADDLE_TRAINERS_NUM', '1'))
+    if not multi_process or size < 2:
+        return World()
+    dist.init_parallel_env()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get('PADDLE_LOCAL_SIZE', size)))
+
+
+def amp_for(config, logger: logging.Logger) -> Amp:
+    if not config.AMP:
+        return Amp()
+    if paddle.get_device().startswith('cpu'):
+        logger.info('AMP requested, but Paddle\'s AMP does nothing on CPU: running in float32')
+        return Amp()
+    return Amp(True, config.AMP_LEVEL, config.AMP_DTYPE)
+
+
+def _load_starting_weights(config, model, logger: logging.Logger) -> int | None:
+    """Load -pretrained into ``model``; returns the epoch when the file is a training checkpoint."""
+    if not config.MODEL.PRETRAINED:
+        logger.info('no -pretrained weights: the model keeps its random initialisation')
+        return None
+    notes, epoch = load_pretrained(model, config.MODEL.PRETRAINED, config.MODEL.PRETRAINED_EMA,
+                                   config.MODEL.REL_POS_INTERP)
+    which = 'EMA weights' if config.MODEL.PRETRAINED_EMA else 'weights'
+    logger.info(f'loaded {which} from {config.MODEL.PRETRAINED}' + ''.join(f'\n  note: {note}' for note in notes))
+    return epoch
+
+
+def _resumed_checkpoint(config, model, logger: logging.Logger) -> tuple[dict | None, str]:
+    """(checkpoint, path) of -resume with its weights loaded into ``model``; (None, '') without -resume."""
+    if not config.MODEL.RESUME:
+        return None, ''
+    path = resolve_resume_path(config.MODEL.RESUME)
+    checkpoint = load_training_checkpoint(path)
+    check_exact_fit(checkpoint['model'], model, path)
+    model.set_state_dict(checkpoint['model'])
+    if config.MODEL.PRETRAINED:
+        logger.info(f'-resume given: -pretrained {config.MODEL.PRETRAINED} is not used')
+    logger.info(f'resumed from {path}: {checkpoint["epoch"]} epochs, {checkpoint["global_step"]} steps done')
+    return checkpoint, path
+
+
+def _refuse_to_overwrite(output_dir: str, first_epoch: int, last_epoch: int) -> None:
+    """Checkpoints are never overwritten: a folder already holding the ones this run would write is refused."""
+    taken = sorted(epoch for epoch in checkpoints_in(output_dir) if first_epoch <= epoch <= last_epoch)
+    if taken:
+        raise CheckpointError(f'{output_dir} already holds checkpoint-epoch-{taken[0]}.pdparams, which this run '
+                              'would overwrite: choose another -output, or -resume from its latest checkpoint')
+
+
+def _restore_training_state(trainer: Trainer, checkpoint: dict, logger: logging.Logger) -> None:
+    trainer.optimizer.set_state_dict(checkpoint['optimizer'])
+    trainer.lr_scheduler.set_state_dict(checkpoint['lr_scheduler'])
+    if trainer.grad_scaler.is_enable() and checkpoint.get('grad_scaler'):
+        trainer.grad_scaler.load_state_dict(checkpoint['grad_scaler'])
+    if trainer.model_ema is not None:
+        if checkpoint.get('model_ema'):
+            trainer.model_ema.set_state_dict(checkpoint['model_ema'])
+        else:
+            logger.info('the checkpoint has no EMA: the EMA starts from the resumed weights')
+    if checkpoint.get('rng_states'):
+        restore_rng_states(checkpoint['rng_states'])
+    trainer.global_step = checkpoint['global_step']
+
+
+def _build_trainer(config, model, world: World, amp: Amp, steps_per_epoch: int, checkpoint: dict | None,
+                   logger: logging.Logger) -> tuple[Trainer, dict]:
+    """Optimizer, schedule, scaler, EMA (from the loaded weights), mixup and loss around ``model``."""
+    model_ema = ModelEma(model, config.TRAIN.MODEL_EMA_DECAY) if config.TRAIN.MODEL_EMA else None
+    lr_scheduler = build_lr_scheduler(config, steps_per_epoch, world.size)
+    optimizer, settings = build_optimizer(config, model, lr_scheduler)
+    grad_scaler = paddle.amp.GradScaler(
+        enable=amp.enabled and amp.dtype == 'float16', init_loss_scaling=config.AMP_INIT_SCALE,
+        incr_every_n_steps=config.AMP_INCR_EVERY_N_STEPS, decr_every_n_nan_or_inf=config.AMP_DECR_EVERY_N_NAN_OR_INF)
+    if amp.enabled and amp.level == 'O2':
+        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2', dtype=amp.dtype,
+                                               save_dtype='float32')
+    mixup = build_mixup(config, rng=np.random.default_rng(config.SEED + world.rank))
+    trainer = Trainer(model=paddle.DataParallel(model) if world.size > 1 else model, module=model,
+                      optimizer=optimizer, lr_scheduler=lr_scheduler, grad_scaler=grad_scaler,
+                      criterion=build_criterion(config, mixup is not None), world=world, amp=amp, mixup=mixup,
+                      model_ema=model_ema, accum_iter=config.TRAIN.ACCUM_ITER,
+                      global_step=config.TRAIN.LAST_EPOCH * steps_per_epoch)
+    if checkpoint is not None:
+        _restore_training_state(trainer, checkpoint, logger)
+    return trainer, settings
+
+
+def prepare(config, world: World, logger: logging.Logger) -> Job:
+    """Check every input and build the run in memory; raises one of INPUT_ERRORS, having written nothing."""
+    if config.EVAL and config.MODEL.RESUME:
+        raise ConfigError('-eval evaluates the -pretrained weights (a training checkpoint works there); '
+                          '-resume continues training')
+    amp = amp_for(config, logger)
+    multi_process = world.size > 1
+    val_loader = get_dataloader(config, get_dataset(config, 'val'), 'val', multi_process)
+    seed_everything(config.SEED)
+    model = build_beit(config)
+    if config.EVAL:
+        epoch = _load_starting_weights(config, model, logger)
+        if amp.enabled and amp.level == 'O2':
+            model = paddle.amp.decorate(models=model, level='O2', dtype=amp.dtype, save_dtype='float32')
+        return Job(config, world, logger, amp, model, val_loader,
+                   start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch)
+    train_loader = get_dataloader(config, get_dataset(config, 'train'), 'train', multi_process)
+    steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
+    if steps_per_epoch == 0:
+        raise DatasetError(f'{len(train_loader)} batches per epoch are fewer than TRAIN.ACCUM_ITER '
+                           f'{config.TRAIN.ACCUM_ITER}: no optimizer step would run')
+    checkpoint, resume_path = _resumed_checkpoint(config, model, logger)
+    if checkpoint is None:
+        _load_starting_weights(config, model, logger)
+    start_epoch = checkpoint['epoch'] if checkpoint is not None else config.TRAIN.LAST_EPOCH
+    if start_epoch >= config.TRAIN.NUM_EPOCHS:
+        raise ConfigError(f'{start_epoch} epochs are already done and TRAIN.NUM_EPOCHS is '
+                          f'{config.TRAIN.NUM_EPOCHS}: nothing to train')
+    _refuse_to_overwrite(config.SAVE, start_epoch + 1, config.TRAIN.NUM_EPOCHS)
+    trainer, settings = _build_trainer(config, model, world, amp, steps_per_epoch, checkpoint, logger)
+    return Job(config, world, logger, amp, model, val_loader, train_loader, trainer, settings, start_epoch,
+               steps_per_epoch, resume_path)
+
+
+def open_output(job: Job) -> None:
+    """Create the output folder; from now on the main process appends to log.txt and metrics.jsonl."""
+    if not job.world.is_main:
+        return
+    os.makedirs(job.config.SAVE, exist_ok=True)
+    attach_log_file(job.logger, os.path.join(job.config.SAVE, 'log.txt'))
+    if job.param_settings is not None:
+        write_json(os.path.join(job.config.SAVE, 'param_groups.json'), job.param_settings)
+
+
+def _record(job: Job, record: dict) -> None:
+    if job.world.is_main:
+        append_jsonl(os.path.join(job.config.SAVE, 'metrics.jsonl'), record)
+
+
+def _log_evaluation(job: Job, label: str, result: dict) -> None:
+    job.logger.info(f'{label}: loss {result["loss"]:.4f} acc1 {result["acc1"]:.4f} acc5 {result["acc5"]:.4f} '
+                    f'on {result["num_samples"]} images ({result["images_per_sec"]:.1f} images/s)')
+
+
+def _validate(job: Job, epoch: int, lr: float) -> dict:
+    trainer = job.trainer
+    result = evaluate(job.model, job.val_loader, job.world, job.amp)
+    _log_evaluation(job, f'epoch {epoch} val', result)
+    record = {'split': 'val', 'epoch': epoch, **_metric_fields(result), 'lr': lr}
+    if trainer.model_ema is not None:
+        ema = evaluate(trainer.model_ema.module, job.val_loader, job.world, job.amp)
+        _log_evaluation(job, f'epoch {epoch} val EMA', ema)
+        record.update(ema_loss=ema['loss'], ema_acc1=ema['acc1'], ema_acc5=ema['acc5'])
+    _record(job, record)
+    return record
+
+
+def _metric_fields(result: dict) -> dict:
+    return {key: result[key] for key in ('loss', 'acc1', 'acc5', 'num_samples', 'images_per_sec')}
+
+
+def _save(job: Job, epoch: int) -> None:
+    if not job.world.is_main:
+        return
+    trainer = job.trainer
+    path = checkpoint_path(job.config.SAVE, epoch)
+    save_checkpoint(path, model=trainer.module, optimizer=trainer.optimizer, lr_scheduler=trainer.lr_scheduler,
+                    grad_scaler=trainer.grad_scaler, model_ema=trainer.model_ema, epoch=epoch,
+                    global_step=trainer.global_step, config=job.config)
+    job.last_checkpoint = path
+    job.logger.info(f'saved {path}')
+
+
+def _due(epoch: int, every: int, last: int) -> bool:
+    return epoch % every == 0 or epoch == last
+
+
+def _start_epoch(job: Job, epoch: int) -> None:
+    """Data order, augmentations, mixup and drop path of an epoch depend on (SEED, epoch, rank) only, so a run
+    resumed from an epoch's checkpoint repeats exactly what an uninterrupted run does."""
+    seed = derived_seed(job.config.SEED, epoch, job.world.rank)
+    seed_everything(seed)
+    if job.trainer.mixup is not None:
+        job.trainer.mixup.rng = np.random.default_rng(seed)
+    job.train_loader.batch_sampler.set_epoch(epoch)
+
+
+def train(job: Job) -> None:
+    config, logger = job.config, job.logger
+    num_epochs = config.TRAIN.NUM_EPOCHS
+    logger.info(f'training epochs {job.start_epoch + 1}..{num_epochs}: {job.steps_per_epoch} optimizer steps of '
+                f'{config.TRAIN.ACCUM_ITER} x {config.DATA.BATCH_SIZE} images x {job.world.size} processes')
+    best_acc1 = None
+    for epoch in range(job.start_epoch + 1, num_epochs + 1):
+        _start_epoch(job, epoch)
+        try:
+            result = train_one_epoch(job.trainer, job.train_loader, epoch, num_epochs, job.steps_per_epoch,
+                                     config.REPORT_FREQ, logger)
+        except NonFiniteLossError as err:
+            kept = job.last_checkpoint or 'none was saved yet'
+            raise NonFiniteLossError(f'{err}. The last good checkpoint: {kept}') from None
+        logger.info(f'epoch {epoch} train: loss {result["loss"]:.4f} acc1 {result["acc1"]:.4f} '
+                    f'time {result["time"]:.1f}s ({result["images_per_sec"]:.1f} images/s), '
+                    f'{result["skipped_steps"]} steps skipped for inf/nan gradients')
+        _record(job, {'split': 'train', 'epoch': epoch, **_metric_fields(result), 'lr': result['lr'],
+                      'skipped_steps': result['skipped_steps']})
+        if _due(epoch, config.VALIDATE_FREQ, num_epochs):
+            acc1 = _validate(job, epoch, result['lr'])['acc1']
+            best_acc1 = acc1 if best_acc1 is None else max(best_acc1, acc1)
+            logger.info(f'best val acc1 so far {best_acc1:.4f}')
+        if _due(epoch, config.SAVE_FREQ, num_epochs):
+            _save(job, epoch)
+
+
+def evaluate_weights(job: Job) -> dict:
+    result = evaluate(job.model, job.val_loader, job.world, job.amp)
+    _log_evaluation(job, 'val', result)
+    record = {'split': 'val', 'epoch': job.start_epoch, **_metric_fields(result), 'lr': None,
+              'weights': job.config.MODEL.PRETRAINED}
+    _record(job, record)
+    return record
+
+
+def _run(config, multi_process: bool) -> None:
+    world = init_world(multi_process)
+    logger = start_logger(world.is_main)
+    threads = use_all_cpu_cores(world.local_size) if paddle.get_device().startswith('cpu') else None
+    with unique_name.guard():  # the same parameter names on every run: optimizer state is saved by them
+        job = prepare(config, world, logger)
+        open_output(job)
+        logger.info(f'{world.size} process(es), device {paddle.get_device()}'
+                    + (f', {threads} CPU threads each' if threads else '') + '\nconfig:\n' + config.dump())
+        if config.EVAL:
+            evaluate_weights(job)
+        else:
+            train(job)
+
+
+def run(config, multi_process: bool) -> int:
+    """Run this process's part and return the exit code, after printing a clear message for a failure the user
+    can fix (bad input: EXIT_BAD_INPUT) or a diverged training (EXIT_TRAINING_FAILED)."""
+    try:
+        _run(config, multi_process)
+    except INPUT_ERRORS as err:
+        logging.getLogger(LOGGER_NAME).error(f'error: {err}')
+        return EXIT_BAD_INPUT
+    except NonFiniteLossError as err:
+        logging.getLogger(LOGGER_NAME).error(f'error: {err}')
+        return EXIT_TRAINING_FAILED
+    return 0
+
+
+def check_inputs(config) -> int:
+    """What ``run`` would refuse, found before processes are started: 0, or EXIT_BAD_INPUT after the message."""
+    logger = start_logger(is_main=False)
+    try:
+        with unique_name.guard():
+            prepare(config, World(), logger)
+    except INPUT_ERRORS as err:
+        logger.error(f'error: {err}')
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def parse_config(argv, description: str):
+    """The config from the command line (the flags of config.build_arg_parser), or None after printing why not."""
+    args = build_arg_parser(description).parse_args(argv)
+    try:
+        return update_config(get_config(), args)
+    except ConfigError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return None

@@ -1,0 +1,66 @@
+"""Train or evaluate BEiT in several processes: one per GPU, over NCCL; on a CPU-only machine -ngpus N processes
+over gloo. Launched directly it starts the processes itself (paddle.distributed.spawn):
+
+    CUDA_VISIBLE_DEVICES=0,1,2,3 python main_multi_gpu.py -cfg configs/beit_base_patch16_224.yaml \
+        -dataset imagenet2012 -batch_size 64 -data_path /dataset/imagenet [-eval -pretrained w.pdparams] [-amp]
+
+Under ``python -m paddle.distributed.launch`` (several machines: --nnodes, --master) it is one of the launched
+processes and starts none.
+"""
+import os
+import sys
+
+import paddle
+import paddle.distributed as dist
+
+from config import ConfigError
+from job import EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, check_inputs, parse_config, run
+
+
+def launched_by_paddle() -> bool:
+    """paddle.distributed.launch (and spawn) describe the job to each process in PADDLE_* variables."""
+    return 'PADDLE_TRAINERS_NUM' in os.environ
+
+
+def process_count(config) -> int:
+    """NGPUS (-ngpus) when set, else every visible GPU; a CPU-only machine runs one process unless told."""
+    visible = paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
+    if config.NGPUS > 0:
+        if visible and visible < config.NGPUS:
+            raise ConfigError(f'-ngpus {config.NGPUS}: only {visible} GPUs are visible (CUDA_VISIBLE_DEVICES)')
+        return config.NGPUS
+    return max(1, visible)
+
+
+def _spawned_process(config) -> None:
+    code = run(config, multi_process=True)
+    if code:
+        sys.exit(code)
+
+
+def main(argv=None) -> int:
+    config = parse_config(argv, 'Train or evaluate BEiT in several processes')
+    if config is None:
+        return EXIT_BAD_INPUT
+    if launched_by_paddle():
+        return run(config, multi_process=True)
+    try:
+        nprocs = process_count(config)
+    except ConfigError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if nprocs == 1:
+        return run(config, multi_process=False)
+    code = check_inputs(config)
+    if code:
+        return code
+    try:
+        dist.spawn(_spawned_process, args=(config,), nprocs=nprocs)
+    except Exception as err:  # spawn re-raises a failed process's exit or traceback as a plain Exception
+        print(f'error: a training process failed: {err}', file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
