@@ -133,5 +133,7 @@ def load_pretrained(model, path: str, use_ema: bool, rel_pos_interp: str) -> tup
     training checkpoint."""
     state_dict, epoch = pretrained_state_dict(path, use_ema)
     fitted, notes = adapt_state_dict(state_dict, model, rel_pos_interp)
-    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    kept = model.state_dict()  # what the checkpoint does not provide (a dropped head) stays as initialised
+    kept.update({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    model.set_state_dict(kept)
     return notes, epoch

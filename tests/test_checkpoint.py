@@ -1,0 +1,133 @@
+"""checkpoint.py: complete round trips, refusal of missing, foreign or mismatched files, -pretrained sources."""
+import random
+
+import numpy as np
+import paddle
+import pytest
+from tiny_data import TINY_CONFIG
+
+from beit import CheckpointMismatchError, build_beit
+from checkpoint import (
+    CheckpointError,
+    check_exact_fit,
+    checkpoint_path,
+    load_pretrained,
+    load_training_checkpoint,
+    resolve_resume_path,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
+from config import get_config
+from model_ema import ModelEma
+from optim import build_lr_scheduler, build_optimizer
+
+
+def tiny(**model):
+    config = get_config(TINY_CONFIG)
+    for key, value in model.items():
+        config.MODEL[key] = value
+    paddle.seed(0)
+    return config, build_beit(config)
+
+
+def write_checkpoint(path, config, model, epoch=3, with_ema=True):
+    scheduler = build_lr_scheduler(config, steps_per_epoch=4, world_size=1)
+    optimizer, _ = build_optimizer(config, model, scheduler)
+    ema = ModelEma(model, 0.5) if with_ema else None
+    if ema is not None:
+        ema.module.head.bias.set_value(paddle.full_like(ema.module.head.bias, 7.0))
+    save_checkpoint(str(path), model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                    grad_scaler=paddle.amp.GradScaler(enable=False), model_ema=ema, epoch=epoch,
+                    global_step=epoch * 4, config=config)
+    return ema
+
+
+def test_round_trip_holds_everything_a_resumed_run_needs(tmp_path):
+    config, model = tiny()
+    path = checkpoint_path(str(tmp_path), 3)
+    write_checkpoint(path, config, model)
+    checkpoint = load_training_checkpoint(path)
+    assert {'model', 'optimizer', 'lr_scheduler', 'grad_scaler', 'model_ema', 'epoch', 'global_step',
+            'rng_states', 'config'} <= set(checkpoint)
+    assert (checkpoint['epoch'], checkpoint['global_step']) == (3, 12)
+    assert checkpoint['config'] == config.dump()
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(checkpoint['model'][name].numpy(), value.numpy())
+    assert not list(tmp_path.glob('*.tmp*'))
+
+
+def test_rng_states_restore_every_generator():
+    states = rng_states()
+    draws = (random.random(), np.random.random(), paddle.rand([1]).item())
+    restore_rng_states(states)
+    assert (random.random(), np.random.random(), paddle.rand([1]).item()) == draws
+
+
+def test_resume_path_of_a_folder_is_its_latest_checkpoint(tmp_path):
+    for epoch in (2, 10, 9):
+        (tmp_path / f'checkpoint-epoch-{epoch}.pdparams').write_bytes(b'x')
+    assert resolve_resume_path(str(tmp_path)).endswith('checkpoint-epoch-10.pdparams')
+    with pytest.raises(CheckpointError, match='not found'):
+        resolve_resume_path(str(tmp_path / 'missing.pdparams'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(CheckpointError, match='no checkpoint'):
+        resolve_resume_path(str(tmp_path / 'empty'))
+
+
+def test_foreign_or_bare_files_are_not_training_checkpoints(tmp_path):
+    _, model = tiny()
+    bare = tmp_path / 'bare.pdparams'
+    paddle.save(model.state_dict(), str(bare))
+    with pytest.raises(CheckpointError, match='not a training checkpoint'):
+        load_training_checkpoint(str(bare))
+    junk = tmp_path / 'junk.pdparams'
+    junk.write_bytes(b'not a checkpoint at all')
+    with pytest.raises(CheckpointError, match='cannot read'):
+        load_training_checkpoint(str(junk))
+
+
+def test_another_architecture_is_refused_for_resume(tmp_path):
+    _, model = tiny()
+    _, deeper = tiny(DEPTH=5)
+    with pytest.raises(CheckpointMismatchError, match='another architecture'):
+        check_exact_fit(deeper.state_dict(), model, 'x.pdparams')
+    _, wider = tiny(EMBED_DIM=48)
+    with pytest.raises(CheckpointMismatchError, match='other shape'):
+        check_exact_fit(wider.state_dict(), model, 'x.pdparams')
+
+
+@pytest.mark.parametrize('source', ['bare', 'training', 'training_ema'])
+def test_pretrained_reads_bare_files_and_training_checkpoints(tmp_path, source):
+    config, trained = tiny()
+    path = tmp_path / 'weights.pdparams'
+    ema = None
+    if source == 'bare':
+        paddle.save(trained.state_dict(), str(path))
+    else:
+        ema = write_checkpoint(path, config, trained, epoch=5)
+    paddle.seed(1)
+    model = build_beit(config)
+    notes, epoch = load_pretrained(model, str(path), use_ema=source == 'training_ema', rel_pos_interp='cubic')
+    expected = (ema if source == 'training_ema' else trained).state_dict()
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), expected[name].numpy())
+    assert epoch == (None if source == 'bare' else 5)
+    assert notes == []
+
+
+def test_pretrained_drops_a_head_of_another_class_count_and_refuses_other_models(tmp_path):
+    _, trained = tiny(NUM_CLASSES=1000)
+    path = tmp_path / 'in1k.pdparams'
+    paddle.save(trained.state_dict(), str(path))
+    _, model = tiny()
+    notes, _ = load_pretrained(model, str(path), use_ema=False, rel_pos_interp='cubic')
+    assert any('head.weight' in note for note in notes)
+    np.testing.assert_array_equal(model.blocks[0].mlp.fc1.weight.numpy(), trained.blocks[0].mlp.fc1.weight.numpy())
+    _, other = tiny(EMBED_DIM=48)
+    with pytest.raises(CheckpointMismatchError):
+        load_pretrained(other, str(path), use_ema=False, rel_pos_interp='cubic')
+    with pytest.raises(CheckpointError, match='no EMA'):
+        load_pretrained(model, str(path), use_ema=True, rel_pos_interp='cubic')
+    with pytest.raises(CheckpointError, match='not found'):
+        load_pretrained(model, str(tmp_path / 'missing.pdparams'), use_ema=False, rel_pos_interp='cubic')
