@@ -1,0 +1,150 @@
+"""job.py in-process: bad input refused before any work with nothing written, the EMA starting from the loaded
+weights, -amp on CPU, a diverged run stopping after its last good checkpoint."""
+import json
+import logging
+
+import numpy as np
+import paddle
+import pytest
+from tiny_data import TINY_CONFIG, write_dataset
+
+import job
+import main_single_gpu
+from beit import build_beit, relative_position_index
+from checkpoint import save_checkpoint
+from config import get_config
+from engine import NonFiniteLossError, World
+from optim import build_lr_scheduler, build_optimizer
+
+FAST = ['DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE', '8', 'TRAIN.NUM_EPOCHS', '2']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp('data'), num_train=24, num_val=11)
+
+
+def args(data, output, *extra, opts=()):
+    return ['-cfg', TINY_CONFIG, '-data_path', str(data), '-output', str(output), *extra, '-opts', *FAST, *opts]
+
+
+def snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.fixture()
+def used_output(tmp_path):
+    """An output folder holding an earlier run's files, which no refused run may touch."""
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    (folder / 'log.txt').write_text('earlier log\n')
+    (folder / 'metrics.jsonl').write_text('{"split": "val", "epoch": 1}\n')
+    (folder / 'param_groups.json').write_text('{}')
+    (folder / 'checkpoint-epoch-2.pdparams').write_bytes(b'earlier checkpoint')
+    return folder
+
+
+def other_architecture_checkpoint(path):
+    config = get_config(TINY_CONFIG)
+    config.MODEL.DEPTH = 2
+    model = build_beit(config)
+    scheduler = build_lr_scheduler(config, 1, 1)
+    optimizer, _ = build_optimizer(config, model, scheduler)
+    save_checkpoint(str(path), model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                    grad_scaler=paddle.amp.GradScaler(enable=False), model_ema=None, epoch=1, global_step=1,
+                    config=config)
+    return path
+
+
+def empty_val_copy(data, tmp_path):
+    copy = tmp_path / 'empty_val'
+    copy.mkdir()
+    (copy / 'train_list.txt').write_text(''.join(f'{data}/{line}' for line in
+                                                 (data / 'train_list.txt').read_text().splitlines(True)))
+    (copy / 'val_list.txt').write_text('')
+    return copy
+
+
+BAD_INPUTS = {
+    'missing data path': (lambda data, tmp: ['-data_path', str(tmp / 'nowhere')], 'DATA.DATA_PATH not found'),
+    'empty val list': (lambda data, tmp: ['-data_path', str(empty_val_copy(data, tmp))], 'no samples'),
+    'missing resume file': (lambda data, tmp: ['-resume', str(tmp / 'gone.pdparams')], 'checkpoint not found'),
+    'resume of another architecture': (
+        lambda data, tmp: ['-resume', str(other_architecture_checkpoint(tmp / 'depth2.pdparams'))],
+        'another architecture'),
+    'pretrained of another architecture': (
+        lambda data, tmp: ['-pretrained', str(other_architecture_checkpoint(tmp / 'depth2.pdparams'))],
+        'missing from the checkpoint'),
+    'checkpoints it would overwrite': (lambda data, tmp: [], 'would overwrite'),
+    'eval with resume': (lambda data, tmp: ['-eval', '-resume', str(tmp / 'x.pdparams')], '-resume continues'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_bad_input_is_refused_before_any_work(case, data, used_output, tmp_path, capsys):
+    make_flags, message = BAD_INPUTS[case]
+    before = snapshot(used_output)
+    code = main_single_gpu.main(args(data, used_output, *make_flags(data, tmp_path)))  # a later flag wins
+    captured = capsys.readouterr()
+    assert code == job.EXIT_BAD_INPUT
+    assert message in captured.err
+    assert 'epoch 1' not in captured.out
+    assert snapshot(used_output) == before
+
+
+def test_ema_starts_from_the_pretrained_weights_with_index_buffers_untouched(data, tmp_path):
+    config = get_config(TINY_CONFIG)
+    paddle.seed(7)
+    source = build_beit(config).state_dict()
+    weights = tmp_path / 'weights.pdparams'
+    paddle.save(source, str(weights))
+    config = job.parse_config(args(data, tmp_path / 'out', '-pretrained', str(weights),
+                                   opts=['TRAIN.MODEL_EMA', 'True']), 'test')
+    prepared = job.prepare(config, World(), logging.getLogger('test_job'))
+    ema = prepared.trainer.model_ema
+    for name, value in source.items():
+        np.testing.assert_array_equal(ema.state_dict()[name].numpy(), value.numpy(), err_msg=name)
+        np.testing.assert_array_equal(prepared.model.state_dict()[name].numpy(), value.numpy(), err_msg=name)
+    expected_index = relative_position_index(prepared.model.patch_embed.grid).reshape(-1)
+    ema.update(prepared.model)
+    for block in ema.module.blocks:
+        assert block.attn.relative_position_index.dtype == paddle.int64
+        np.testing.assert_array_equal(block.attn.relative_position_index.numpy(), expected_index)
+    assert not (tmp_path / 'out').exists()  # prepare writes nothing
+
+
+@pytest.mark.parametrize('level', ['O1', 'O2'])
+def test_amp_on_cpu_runs_to_the_end(level, data, tmp_path, capsys):
+    output = tmp_path / 'amp'
+    code = main_single_gpu.main(args(data, output, '-amp', opts=['AMP_LEVEL', level, 'TRAIN.MODEL_EMA', 'True']))
+    assert code == 0
+    log = (output / 'log.txt').read_text()
+    assert log.count('AMP requested') == 1
+    assert (output / 'checkpoint-epoch-2.pdparams').exists()
+    records = [json.loads(line) for line in (output / 'metrics.jsonl').read_text().splitlines()]
+    assert [(r['split'], r['epoch']) for r in records] == [('train', 1), ('val', 1), ('train', 2), ('val', 2)]
+    for record in records:
+        assert {'loss', 'acc1', 'acc5', 'num_samples', 'lr', 'images_per_sec'} <= set(record)
+        assert np.isfinite(record['loss'])
+    assert records[1]['num_samples'] == 11 and 'ema_acc1' in records[1]
+    settings = json.loads((output / 'param_groups.json').read_text())
+    assert settings['head.weight'] == {'lr_scale': 1.0, 'weight_decay': 0.05}
+    capsys.readouterr()
+
+
+def test_diverged_training_stops_after_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+    real_train_one_epoch = job.train_one_epoch
+
+    def diverge_in_epoch_two(trainer, loader, epoch, *rest):
+        if epoch == 2:
+            raise NonFiniteLossError('the training loss is nan at epoch 2 step 1')
+        return real_train_one_epoch(trainer, loader, epoch, *rest)
+
+    monkeypatch.setattr(job, 'train_one_epoch', diverge_in_epoch_two)
+    output = tmp_path / 'diverged'
+    code = main_single_gpu.main(args(data, output))
+    assert code == job.EXIT_TRAINING_FAILED
+    message = capsys.readouterr().err
+    assert 'nan at epoch 2' in message and str(output / 'checkpoint-epoch-1.pdparams') in message
+    assert sorted(p.name for p in output.glob('checkpoint-*')) == ['checkpoint-epoch-1.pdparams']
+    assert 'nan at epoch 2' in (output / 'log.txt').read_text()

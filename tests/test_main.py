@@ -1,0 +1,167 @@
+"""The entry scripts as users run them, in subprocesses on the tiny config: two processes through
+paddle.distributed.launch and through main_multi_gpu.py's own spawn, exact evaluation across processes, a
+SIGKILLed run resumed to the same weights as an uninterrupted one, the per-step LR in the log, bad input."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+from tiny_data import TINY_CONFIG, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_VAL = 37  # divisible neither by 2 processes nor by the eval batch of 8
+# The scripts share the cores between their processes; an OMP_NUM_THREADS above 1 would override that.
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+STEP_LINE = re.compile(r'epoch (\d+)/(\d+) step (\d+)/(\d+) lr (\S+) ')
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp('data'), num_train=160, num_val=NUM_VAL)
+
+
+def command(script, data, output, *flags, opts=()):
+    return [sys.executable, str(ROOT / script), '-cfg', TINY_CONFIG, '-dataset', 'imagenet2012',
+            '-data_path', str(data), '-output', str(output), *flags,
+            '-opts', 'DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE_EVAL', '8', *opts]
+
+
+def run(cmd, timeout=240):
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f'{cmd}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}'
+    return result
+
+
+def records(output, split):
+    lines = (Path(output) / 'metrics.jsonl').read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record['split'] == split]
+
+
+@pytest.fixture(scope='module')
+def two_process_run(data, tmp_path_factory):
+    """Three epochs on two processes started by paddle.distributed.launch (one CPU thread each)."""
+    output = tmp_path_factory.mktemp('launch')
+    script = command('main_multi_gpu.py', data, output / 'run', '-batch_size', '8',
+                     opts=['TRAIN.NUM_EPOCHS', '3', 'REPORT_FREQ', '5'])
+    run([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir',
+         str(output / 'launch_logs'), *script[1:]])
+    return output / 'run'
+
+
+def test_two_processes_train_with_falling_loss(two_process_run):
+    train, val = records(two_process_run, 'train'), records(two_process_run, 'val')
+    assert [r['epoch'] for r in train] == [1, 2, 3]
+    assert all(r['num_samples'] == 160 for r in train)  # 10 steps x 8 images x 2 processes
+    assert train[-1]['loss'] < train[0]['loss'] - 0.05
+    assert val[-1]['loss'] < val[0]['loss'] - 0.1
+    assert all(r['num_samples'] == NUM_VAL for r in val)
+    log = (two_process_run / 'log.txt').read_text()
+    assert '2 process(es)' in log and 'epoch 3/3 step 10/10' in log
+
+
+def test_evaluation_is_exact_whatever_the_number_of_processes(two_process_run, data, tmp_path):
+    weights = two_process_run / 'checkpoint-epoch-3.pdparams'
+    run(command('main_multi_gpu.py', data, tmp_path / 'two', '-eval', '-ngpus', '2', '-pretrained', str(weights)))
+    run(command('main_single_gpu.py', data, tmp_path / 'one', '-eval', '-pretrained', str(weights)))
+    (two,), (one,) = records(tmp_path / 'two', 'val'), records(tmp_path / 'one', 'val')
+    assert two['num_samples'] == one['num_samples'] == NUM_VAL
+    assert (two['acc1'], two['acc5']) == (one['acc1'], one['acc5'])
+    assert two['loss'] == pytest.approx(one['loss'], rel=1e-5)
+    assert two['epoch'] == 3
+    # the training run's own last evaluation, on two processes, saw the same weights
+    assert records(two_process_run, 'val')[-1]['acc1'] == one['acc1']
+
+
+RESUME_OPTS = ['TRAIN.NUM_EPOCHS', '3', 'REPORT_FREQ', '1', 'TRAIN.MODEL_EMA', 'True', 'TRAIN.LINEAR_SCALED_LR', '16',
+               'TRAIN.WARMUP_START_LR', '1e-5', 'TRAIN.END_LR', '2e-5']
+
+
+def resumable_command(data, output, *flags):
+    return command('main_single_gpu.py', data, output, '-batch_size', '4', '-accum_iter', '2', *flags,
+                   opts=RESUME_OPTS)
+
+
+def kill_during(cmd, log, line, timeout=120):
+    process = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not (log.exists() and line in log.read_text()):
+            assert process.poll() is None, 'the run ended before it could be killed'
+            assert time.time() < deadline, f'no "{line}" in {log}'
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope='module')
+def resumed_runs(data, tmp_path_factory):
+    """An uninterrupted run, and one SIGKILLed in the middle of epoch 2 then resumed from its checkpoint."""
+    root = tmp_path_factory.mktemp('resume')
+    run(resumable_command(data, root / 'full'))
+    killed = root / 'killed'
+    kill_during(resumable_command(data, killed), killed / 'log.txt', 'epoch 2/3 step 6/20')
+    assert sorted(p.name for p in killed.glob('checkpoint-*')) == ['checkpoint-epoch-1.pdparams']
+    run(resumable_command(data, killed, '-resume', str(killed / 'checkpoint-epoch-1.pdparams')))
+    return root / 'full', killed
+
+
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(resumed_runs):
+    full, killed = (paddle.load(str(folder / 'checkpoint-epoch-3.pdparams')) for folder in resumed_runs)
+    for part in ('model', 'model_ema'):
+        for name, value in full[part].items():
+            np.testing.assert_allclose(killed[part][name].numpy(), value.numpy(), rtol=0, atol=1e-6,
+                                       err_msg=f'{part} {name}')
+    for name, value in full['optimizer'].items():
+        if isinstance(value, paddle.Tensor):
+            np.testing.assert_allclose(killed['optimizer'][name].numpy(), value.numpy(), rtol=0, atol=1e-6)
+    assert killed['global_step'] == full['global_step'] == 60
+    full_val, killed_val = (records(folder, 'val')[-1] for folder in resumed_runs)
+    assert killed_val['epoch'] == full_val['epoch'] == 3
+    assert (killed_val['acc1'], killed_val['ema_acc1']) == (full_val['acc1'], full_val['ema_acc1'])
+    assert killed_val['loss'] == pytest.approx(full_val['loss'], abs=1e-6)
+
+
+def closed_form_lr(step):
+    """The schedule of RESUME_OPTS written out: LRs scaled by total batch 4 x 2 / 16, 20 steps per epoch, one
+    warm-up epoch of 20 steps, cosine over the other 40."""
+    scale = 4 * 1 * 2 / 16
+    peak, start, end = 1e-3 * scale, 1e-5 * scale, 2e-5 * scale
+    if step < 20:
+        return start + (peak - start) * step / 20
+    return end + (peak - end) * (1 + math.cos(math.pi * (step - 20) / 40)) / 2
+
+
+def logged_lrs(log):
+    """{global step: lr} of every step line (an interrupted and resumed run logs some steps twice)."""
+    lrs = {}
+    for epoch, _, step, steps, lr in STEP_LINE.findall(log.read_text()):
+        lrs.setdefault((int(epoch) - 1) * int(steps) + int(step) - 1, []).append(float(lr))
+    return lrs
+
+
+def test_logged_lr_follows_the_closed_form_with_accumulation_and_resume(resumed_runs):
+    for folder in resumed_runs:
+        lrs = logged_lrs(folder / 'log.txt')
+        assert sorted(lrs) == list(range(60))
+        for step, values in lrs.items():
+            for value in values:
+                assert value == pytest.approx(closed_form_lr(step), rel=1e-6), (folder.name, step)
+
+
+def test_bad_input_exits_with_an_error_before_starting_processes(data, tmp_path):
+    for script in ('main_single_gpu.py', 'main_multi_gpu.py'):
+        result = subprocess.run(command(script, tmp_path / 'no_such_folder', tmp_path / 'out', '-ngpus', '2'),
+                                cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert 'DATA.DATA_PATH not found' in result.stderr
+        assert not (tmp_path / 'out').exists()
