@@ -166,11 +166,11 @@ class LabeledImageDataset(Dataset):
     """(image, int64 label) pairs; ``transform`` turns the RGB PIL image into the model input.
 
     A file that does not decode follows ``bad_image_policy``. 'error' raises a DatasetError naming the file and
-    its list line; the text survives a DataLoader worker, which re-raises it in the main process. 'skip' serves
-    the next decodable sample in list order (wrapping round) with its own label, logs a warning, and marks the
-    file in a flag array in shared memory: DataLoader workers are separate processes, and through the flags
-    ``bad_images`` in the main process counts every distinct bad file that any worker has met. A flagged file is
-    not decoded again.
+    its list line (a loader from get_dataloader re-raises it in the caller's process, with or without workers).
+    'skip' serves the next decodable sample in list order (wrapping round) with its own label, logs a warning,
+    and marks the file in a flag array in shared memory: DataLoader workers are separate processes, and through
+    the flags ``bad_images`` in the main process counts every distinct bad file that any worker has met. A
+    flagged file is not decoded again.
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, bad_image_policy: str = 'error',
@@ -205,7 +205,7 @@ class LabeledImageDataset(Dataset):
         return [self.samples[i].path for i in np.flatnonzero(np.frombuffer(self._bad_flags, dtype=np.uint8))]
 
     def _describe(self, sample: Sample) -> str:
-        """The path, and for a list entry the list file and line, as error messages name a sample."""
+        """How messages name a sample: its path, and for a list entry the list file and line."""
         return f'{sample.path} ({self.source} line {sample.line})' if sample.line else sample.path
 
     def _decode(self, index: int) -> Image.Image | None:
@@ -322,12 +322,13 @@ class FailFastDataLoader(DataLoader):
 def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = False) -> FailFastDataLoader:
     """A loader over ``dataset``; with ``multi_process`` each rank reads its own share.
 
-    train: DistributedBatchSampler (also for one process, so the caller can always ``set_epoch``) shuffles and
-    drops the last partial batch; DATA.BATCH_SIZE per process. val: ShardedEvalBatchSampler keeps the order and
-    every sample exactly once over all ranks; DATA.BATCH_SIZE_EVAL per process. DATA.NUM_WORKERS worker
-    processes. Workers are not kept between epochs: with Paddle 3.3.1's persistent workers, leaving an epoch
-    early breaks the next one (IndexError in the loader). ``loader.dataset`` wraps ``dataset``: keep your own
-    reference to read ``bad_images``.
+    train: DistributedBatchSampler (also for one process, so the caller can always ``loader.batch_sampler
+    .set_epoch(epoch)``; its order depends on the epoch only) shuffles and drops the last partial batch;
+    DATA.BATCH_SIZE per process; several ranks share out a set padded to a multiple of their number. val:
+    ShardedEvalBatchSampler keeps the order and every sample exactly once over all ranks; DATA.BATCH_SIZE_EVAL per
+    process. DATA.NUM_WORKERS worker processes, started each epoch: with Paddle 3.3.1's persistent workers, leaving
+    an epoch early breaks the next one (IndexError in the loader). ``loader.dataset`` wraps ``dataset``: keep
+    your own reference to read ``bad_images``.
     """
     _check_mode(mode)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if multi_process else (0, 1)
@@ -339,6 +340,5 @@ def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = Fa
                                f'{config.DATA.BATCH_SIZE} for each of {world_size} process(es)')
     else:
         batch_sampler = ShardedEvalBatchSampler(len(dataset), config.DATA.BATCH_SIZE_EVAL, rank, world_size)
-    num_workers = config.DATA.NUM_WORKERS
-    return FailFastDataLoader(_FailureAsSampleDataset(dataset), batch_sampler=batch_sampler, num_workers=num_workers,
-                              collate_fn=_collate_or_failure, use_shared_memory=num_workers > 0)
+    return FailFastDataLoader(_FailureAsSampleDataset(dataset), batch_sampler=batch_sampler,
+                              num_workers=config.DATA.NUM_WORKERS, collate_fn=_collate_or_failure)

@@ -310,6 +310,12 @@ def test_policy_skip_with_no_good_image_is_an_error(tmp_path):
     assert dataset.bad_images == 2  # two entries of the same file
 
 
+def test_a_dataset_needs_samples():
+    with pytest.raises(DatasetError) as info:
+        LabeledImageDataset([], to_chw, source='val_list.txt')
+    assert str(info.value) == 'val_list.txt: no samples'
+
+
 def test_an_unknown_policy_is_rejected():
     with pytest.raises(ValueError, match="bad_image_policy must be one of \\['error', 'skip'\\], got 'ignore'"):
         LabeledImageDataset([Sample('x.png', 0)], to_chw, 'ignore')
