@@ -10,9 +10,8 @@ later in a line is part of the path. Line numbers in messages count every line o
 Class folders (``DATA.DATASET: imagefolder``): ``DATA_PATH/train/<class>/...`` and ``DATA_PATH/val/<class>/...``;
 a class's index is its position among the sorted class-folder names.
 
-``get_train_transforms`` and ``get_val_transforms`` are re-exported from transforms.py, imported on first use.
+``get_train_transforms`` and ``get_val_transforms`` (from transforms.py) are available here too.
 """
-import importlib
 import logging
 import multiprocessing
 import os
@@ -26,6 +25,8 @@ import paddle.distributed as dist
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from PIL import Image, ImageFile
 
+from transforms import get_train_transforms, get_val_transforms, to_rgb
+
 # A truncated file must fail to decode, not become a picture with a grey bottom.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -35,9 +36,7 @@ BAD_IMAGE_POLICIES = ('error', 'skip')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp', '.gif')
 MAX_REPORTED_PROBLEMS = 5
 
-_TRANSFORM_BUILDERS = {'train': 'get_train_transforms', 'val': 'get_val_transforms'}
 _INTEGER = re.compile(r'-?[0-9]+')
-_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _log = logging.getLogger(__name__)
 
@@ -50,30 +49,6 @@ class Sample(NamedTuple):
     path: str
     label: int
     line: int = 0  # line in the list file; 0 for a sample found in a class folder
-
-
-def _transform_builder(name: str) -> Callable:
-    return getattr(importlib.import_module('transforms'), name)
-
-
-def __getattr__(name: str):
-    """Lazy re-export, so that importing datasets never requires transforms.py (or what it imports)."""
-    if name in _TRANSFORM_BUILDERS.values():
-        return _transform_builder(name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode.
-
-    16-bit greyscale (I;16*, and I, which older Pillow used for 16-bit PNGs) is scaled by 255/65535 and rounded,
-    because PIL's own conversion clips every value above 255 to white. Alpha is dropped, leaving the stored
-    colours (as the reference ImageNet loaders do); palette and CMYK use PIL's conversions.
-    """
-    if img.mode in _SIXTEEN_BIT_MODES:
-        grey = np.clip(np.asarray(img), 0, 65535) / 257.0
-        return Image.fromarray(np.rint(grey).astype(np.uint8)).convert('RGB')
-    return img.convert('RGB')
 
 
 def load_rgb_image(path: str) -> Image.Image:
@@ -244,7 +219,7 @@ def get_dataset(config, mode: str) -> LabeledImageDataset:
         samples = scan_image_folder(source, config.MODEL.NUM_CLASSES)
     else:
         raise DatasetError(f'DATA.DATASET must be one of {list(SUPPORTED_DATASETS)}, got {config.DATA.DATASET!r}')
-    transform = _transform_builder(_TRANSFORM_BUILDERS[mode])(config)
+    transform = get_train_transforms(config) if mode == 'train' else get_val_transforms(config)
     return LabeledImageDataset(samples, transform, config.DATA.BAD_IMAGE_POLICY, source)
 
 

@@ -1,7 +1,6 @@
 """datasets.py: list files and their checks, image folders, RGB decoding, the bad-image policy, the samplers
 and the loaders (with and without worker processes) on tiny images written in a temporary folder."""
 import logging
-import sys
 import threading
 import types
 from functools import partial
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 
 import datasets
+import transforms
 from config import get_config
 from datasets import DatasetError, LabeledImageDataset, Sample, ShardedEvalBatchSampler
 
@@ -28,12 +28,12 @@ def resized_chw(img: Image.Image, size: int, sign: float) -> np.ndarray:
 
 @pytest.fixture
 def stub_transforms(monkeypatch):
-    """A stand-in transforms module: val resizes, train does the same and negates, so tests see which was used."""
-    module = types.ModuleType('transforms')
-    module.get_train_transforms = lambda config: partial(resized_chw, size=config.DATA.IMAGE_SIZE, sign=-1.0)
-    module.get_val_transforms = lambda config: partial(resized_chw, size=config.DATA.IMAGE_SIZE, sign=1.0)
-    monkeypatch.setitem(sys.modules, 'transforms', module)
-    return module
+    """Stand-in transforms: val resizes, train does the same and negates, so tests see which was used."""
+    train = lambda config: partial(resized_chw, size=config.DATA.IMAGE_SIZE, sign=-1.0)  # noqa: E731
+    val = lambda config: partial(resized_chw, size=config.DATA.IMAGE_SIZE, sign=1.0)  # noqa: E731
+    monkeypatch.setattr(datasets, 'get_train_transforms', train)
+    monkeypatch.setattr(datasets, 'get_val_transforms', val)
+    return types.SimpleNamespace(get_train_transforms=train, get_val_transforms=val)
 
 
 def make_config(root, **data):
@@ -417,11 +417,19 @@ def test_multi_process_loaders_read_this_ranks_share(tmp_path, monkeypatch):
 
 # ---- the whole path: get_dataset, get_dataloader, real JPEGs -----------------------------------------------------
 
-def test_transform_builders_are_re_exported_from_transforms(stub_transforms):
-    assert datasets.get_train_transforms is stub_transforms.get_train_transforms
-    assert datasets.get_val_transforms is stub_transforms.get_val_transforms
-    with pytest.raises(AttributeError, match="module 'datasets' has no attribute 'get_test_transforms'"):
-        datasets.get_test_transforms  # noqa: B018
+def test_real_transforms_flow_through_the_loaders(tiny_jpegs):
+    folder, paths = tiny_jpegs
+    lines = [f'{path.relative_to(folder)} {index % 3}' for index, path in enumerate(paths)]
+    write_list(folder / 'val_list.txt', lines)
+    write_list(folder / 'train_list.txt', lines)
+    config = make_config(folder, BATCH_SIZE=2, BATCH_SIZE_EVAL=4, IMAGE_SIZE=16)
+    assert datasets.get_val_transforms is transforms.get_val_transforms
+    val_loader = datasets.get_dataloader(config, datasets.get_dataset(config, 'val'), 'val')
+    val_images = np.concatenate([x.numpy() for x, _ in val_loader])
+    expected = np.stack([transforms.get_val_transforms(config)(datasets.load_rgb_image(str(p))) for p in paths])
+    np.testing.assert_array_equal(val_images, expected)
+    train_loader = datasets.get_dataloader(config, datasets.get_dataset(config, 'train'), 'train')
+    assert [tuple(x.shape) for x, _ in train_loader] == [(2, 3, 16, 16)] * 3
 
 
 @pytest.mark.parametrize('num_workers', [0, 2])
