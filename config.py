@@ -115,6 +115,7 @@ _C.NGPUS = -1  # processes for main_multi_gpu.py; -1 uses every visible GPU
 _CHOICES = {
     'DATA.INTERPOLATION': ('bilinear', 'bicubic'),
     'DATA.BAD_IMAGE_POLICY': ('error', 'skip'),
+    'DATA.DATASET': ('imagenet2012', 'imagefolder'),
     'MODEL.REL_POS_INTERP': ('cubic', 'linear'),
     'TRAIN.OPTIMIZER.NAME': ('AdamW',),
     'TRAIN.MIXUP_MODE': ('batch', 'pair', 'elem'),

@@ -16,7 +16,7 @@ from auto_augment import auto_augment_from_string, rand_augment_from_string
 from random_erasing import RandomErasing
 
 _PIL_FILTERS = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC}
-_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -24,14 +24,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     PIL's ``convert('RGB')`` does it, as in timm's image loader: alpha is dropped (the stored colour under
     transparent pixels is kept), palettes are expanded, grey is copied to three channels, CMYK is converted.
-    16-bit grey is the exception: PIL clips it at 255, which turns most such images white, so it is scaled to
-    8 bits (v / 257, rounded) first.
+    16-bit grey (I;16*, and I, which older Pillow used for 16-bit PNGs) is the exception: PIL clips it at 255,
+    which turns most such images white, so it is scaled to 8 bits (v / 257, rounded) first.
     """
     if not isinstance(img, Image.Image):
         raise TypeError(f'expected a PIL image, got {type(img).__name__}')
     if img.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(img, dtype=np.uint32)
-        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+        grey = np.clip(np.asarray(img), 0, 65535) / 257.0
+        img = Image.fromarray(np.rint(grey).astype(np.uint8))
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 

@@ -1,0 +1,115 @@
+"""Training data pipeline throughput (images/s), ours next to timm's on the same JPEGs in the same run.
+
+    python benchmark_data.py -cfg configs/beit_base_patch16_224.yaml -photos tests/photos -num_images 256
+
+Builds a list-file set of ImageNet-sized JPEGs cut from the given real photos, then reads one epoch through
+our train pipeline (RandomResizedCrop, flip, RandAugment, normalise, random erasing; paddle.io loader) and
+through timm's ``create_transform(is_training=True)`` with the same recipe (torch loader), for 0, 1 and 2
+workers. Needs torch and timm for the reference column.
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from config import get_config
+from datasets import get_dataloader, get_dataset
+
+IMAGENET_TYPICAL_SIDES = (330, 500)  # ImageNet train images are mostly 333-500 px on the long side
+
+
+def write_jpeg_set(photo_dir: str, folder: str, num_images: int, num_classes: int, seed: int = 0) -> None:
+    """Random ImageNet-sized crops of real photos, saved as JPEGs with a train_list.txt."""
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(os.path.join(photo_dir, name)).convert('RGB') for name in sorted(os.listdir(photo_dir))]
+    lines = []
+    for index in range(num_images):
+        photo = photos[index % len(photos)]
+        width, height = (int(side) for side in rng.integers(*IMAGENET_TYPICAL_SIDES, size=2))
+        width, height = min(width, photo.width), min(height, photo.height)
+        left = int(rng.integers(0, photo.width - width + 1))
+        top = int(rng.integers(0, photo.height - height + 1))
+        name = f'img_{index:05d}.JPEG'
+        photo.crop((left, top, left + width, top + height)).save(os.path.join(folder, name), quality=90)
+        lines.append(f'{name} {index % num_classes}')
+    for split in ('train', 'val'):
+        with open(os.path.join(folder, f'{split}_list.txt'), 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+
+
+def images_per_second(loader, batch_size: int) -> float:
+    start = time.perf_counter()
+    count = sum(batch_size for _ in loader)
+    return count / (time.perf_counter() - start)
+
+
+def ours(config, num_workers: int) -> float:
+    config.DATA.NUM_WORKERS = num_workers
+    dataset = get_dataset(config, 'train')
+    return images_per_second(get_dataloader(config, dataset, 'train'), config.DATA.BATCH_SIZE)
+
+
+def _let_timm_posterize_to_black() -> None:
+    """timm's posterize ops crash on Pillow 13 when 0 bits are kept (Pillow 10 gave black); restore that."""
+    from timm.data import auto_augment
+
+    def posterize(img, bits, **kwargs):
+        return Image.new(img.mode, img.size) if bits <= 0 else auto_augment.posterize(img, bits, **kwargs)
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        auto_augment.NAME_TO_OP[name] = posterize
+
+
+def timms(config, num_workers: int) -> float:
+    import torch
+    from timm.data import create_transform
+    from torchvision.datasets.folder import default_loader
+    _let_timm_posterize_to_black()
+    train = config.TRAIN
+    transform = create_transform(config.DATA.IMAGE_SIZE, is_training=True, scale=tuple(train.RRC_SCALE),
+                                 ratio=tuple(train.RRC_RATIO), hflip=train.HFLIP_PROB,
+                                 auto_augment=train.RAND_AUGMENT_CONFIG, interpolation=config.DATA.INTERPOLATION,
+                                 mean=tuple(config.DATA.IMAGENET_MEAN), std=tuple(config.DATA.IMAGENET_STD),
+                                 re_prob=train.RANDOM_ERASE_PROB, re_mode=train.RANDOM_ERASE_MODE,
+                                 re_count=train.RANDOM_ERASE_COUNT)
+    with open(os.path.join(config.DATA.DATA_PATH, 'train_list.txt')) as f:
+        entries = [line.rsplit(None, 1) for line in f if line.strip()]
+
+    class ListDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(entries)
+
+        def __getitem__(self, index):
+            path, label = entries[index]
+            return transform(default_loader(os.path.join(config.DATA.DATA_PATH, path))), int(label)
+
+    loader = torch.utils.data.DataLoader(ListDataset(), batch_size=config.DATA.BATCH_SIZE, shuffle=True,
+                                         drop_last=True, num_workers=num_workers)
+    return images_per_second(loader, config.DATA.BATCH_SIZE)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser('BEiT training data pipeline throughput')
+    parser.add_argument('-cfg', default='configs/beit_base_patch16_224.yaml')
+    parser.add_argument('-photos', default='tests/photos', help='folder of real photos to cut the images from')
+    parser.add_argument('-num_images', type=int, default=256)
+    parser.add_argument('-batch_size', type=int, default=32)
+    parser.add_argument('-workers', type=int, nargs='+', default=[0, 1, 2])
+    args = parser.parse_args()
+    config = get_config(args.cfg)
+    config.DATA.BATCH_SIZE = args.batch_size
+    with tempfile.TemporaryDirectory() as folder:
+        write_jpeg_set(args.photos, folder, args.num_images, config.MODEL.NUM_CLASSES)
+        config.DATA.DATA_PATH = folder
+        print(f'{args.num_images} JPEGs, {config.DATA.IMAGE_SIZE} px crops, batch {args.batch_size}, '
+              f'{os.cpu_count()} cores')
+        print(f'{"workers":>8} {"paddle-beit img/s":>18} {"timm img/s":>11} {"ratio":>6}')
+        for workers in args.workers:
+            ours_rate, timm_rate = ours(config, workers), timms(config, workers)
+            print(f'{workers:>8} {ours_rate:>18.1f} {timm_rate:>11.1f} {ours_rate / timm_rate:>6.2f}')
+
+
+if __name__ == '__main__':
+    main()

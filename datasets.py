@@ -1,0 +1,319 @@
+"""ImageNet-style data for fine-tuning: samples from list files or class folders, RGB decoding, the bad-image
+policy, and the paddle.io loaders (shuffled shards for training, exact unpadded shards for evaluation).
+
+List files (``DATA.DATASET: imagenet2012``): ``DATA_PATH/train_list.txt`` and ``val_list.txt`` hold one
+``relative/path label`` per line. The label is the last whitespace-separated field, so paths may contain spaces
+(not leading or trailing ones). Paths are relative to DATA_PATH; absolute paths are used as they are. Blank lines
+and lines whose first non-blank character is ``#`` are ignored, so a listed path cannot start with ``#``; a ``#``
+later in a line is part of the path. Line numbers in messages count every line of the file, from 1.
+
+Class folders (``DATA.DATASET: imagefolder``): ``DATA_PATH/train/<class>/...`` and ``DATA_PATH/val/<class>/...``;
+a class's index is its position among the sorted class-folder names.
+
+``get_train_transforms`` and ``get_val_transforms`` (from transforms.py) are available here too.
+"""
+import logging
+import multiprocessing
+import os
+import re
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import paddle.distributed as dist
+from paddle.io import DataLoader, Dataset, DistributedBatchSampler
+from PIL import Image, ImageFile
+
+from transforms import get_train_transforms, get_val_transforms, to_rgb
+
+# A truncated file must fail to decode, not become a picture with a grey bottom.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+SUPPORTED_DATASETS = ('imagenet2012', 'imagefolder')
+MODES = ('train', 'val')
+BAD_IMAGE_POLICIES = ('error', 'skip')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp', '.gif')
+MAX_REPORTED_PROBLEMS = 5
+
+_INTEGER = re.compile(r'-?[0-9]+')
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """Data that cannot be used; the message names the file (and the list line) to fix."""
+
+
+class Sample(NamedTuple):
+    path: str
+    label: int
+    line: int = 0  # line in the list file; 0 for a sample found in a class folder
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """Decode the whole file now (``load``), so a truncated or corrupt image fails here and not in a transform."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def _numbered_entries(list_path: str) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the lines that are neither blank nor comments."""
+    if not os.path.isfile(list_path):
+        raise DatasetError(f'list file not found: {list_path}')
+    try:
+        with open(list_path, encoding='utf-8-sig') as f:
+            lines = [(number, text.strip()) for number, text in enumerate(f, 1)]
+    except UnicodeDecodeError as err:
+        raise DatasetError(f'{list_path}: not UTF-8 text ({err})') from err
+    return [(number, text) for number, text in lines if text and not text.startswith('#')]
+
+
+def _parse_entry(text: str, number: int, root: str, num_classes: int) -> tuple[Sample | None, str]:
+    """The sample on one list line, or the reason it cannot be used."""
+    fields = text.rsplit(None, 1)
+    if len(fields) < 2:
+        return None, f'no label after the path: {text!r}'
+    relative_path, label_text = fields
+    if not _INTEGER.fullmatch(label_text):
+        return None, f'label {label_text!r} is not an integer'
+    label = int(label_text)
+    if not 0 <= label < num_classes:
+        return None, f'label {label} outside [0, {num_classes}) (MODEL.NUM_CLASSES)'
+    path = os.path.join(root, relative_path)
+    if not os.path.isfile(path):
+        return None, f'file not found: {path}'
+    return Sample(path, label, number), ''
+
+
+def validate_list_file(list_path: str, root: str, num_classes: int) -> list[Sample]:
+    """The samples of a list file, checked line by line before training starts.
+
+    All lines are checked, so one DatasetError reports the total and the first offenders with their line numbers
+    instead of failing hours into a run on the first one.
+    """
+    samples, problems = [], []
+    for number, text in _numbered_entries(list_path):
+        sample, problem = _parse_entry(text, number, root, num_classes)
+        if problem:
+            problems.append(f'line {number}: {problem}')
+        else:
+            samples.append(sample)
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        raise DatasetError(f'{list_path}: {len(problems)} of {len(problems) + len(samples)} entries are unusable; '
+                           f'the first {len(shown)}:\n  ' + '\n  '.join(shown))
+    if not samples:
+        raise DatasetError(f'{list_path}: no samples (only blank or comment lines)')
+    return samples
+
+
+def _image_files(folder: str) -> list[str]:
+    """Image files anywhere under ``folder`` (links followed), in a stable sorted order."""
+    found = []
+    for parent, subfolders, names in os.walk(folder, followlinks=True):
+        subfolders.sort()
+        found += [os.path.join(parent, name) for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+def scan_image_folder(folder: str, num_classes: int) -> list[Sample]:
+    """The samples of ``folder/<class>/...``, labelled by the sorted position of the class name.
+
+    The number of class folders must equal ``num_classes`` (a class may have an empty folder): otherwise a class
+    missing from one split would shift every later index and train and val would disagree silently. Hidden
+    folders (``.name``) are not classes.
+    """
+    if not os.path.isdir(folder):
+        raise DatasetError(f'image folder not found: {folder}')
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith('.'))
+    if len(classes) != num_classes:
+        raise DatasetError(f'{folder}: {len(classes)} class folders, but MODEL.NUM_CLASSES is {num_classes}')
+    samples = [Sample(path, label)
+               for label, name in enumerate(classes) for path in _image_files(os.path.join(folder, name))]
+    if not samples:
+        raise DatasetError(f'{folder}: no image files ({" ".join(IMAGE_EXTENSIONS)}) in its class folders')
+    return samples
+
+
+class LabeledImageDataset(Dataset):
+    """(image, int64 label) pairs; ``transform`` turns the RGB PIL image into the model input.
+
+    A file that does not decode follows ``bad_image_policy``. 'error' raises a DatasetError naming the file and
+    its list line (a loader from get_dataloader re-raises it in the caller's process, with or without workers).
+    'skip' serves the next decodable sample in list order (wrapping round) with its own label, logs a warning,
+    and marks the file in a flag array in shared memory: DataLoader workers are separate processes, and through
+    the flags ``bad_images`` in the main process counts every distinct bad file that any worker has met. A
+    flagged file is not decoded again.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, bad_image_policy: str = 'error',
+                 source: str = ''):
+        if bad_image_policy not in BAD_IMAGE_POLICIES:
+            raise ValueError(f'bad_image_policy must be one of {list(BAD_IMAGE_POLICIES)}, got {bad_image_policy!r}')
+        if not samples:
+            raise DatasetError(f'{source or "dataset"}: no samples')
+        self.samples = list(samples)
+        self.transform = transform
+        self.bad_image_policy = bad_image_policy
+        self.source = source  # the list file or folder, for messages
+        self._bad_flags = multiprocessing.RawArray('B', len(self.samples))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            image = self._decode(candidate)
+            if image is not None:
+                return self.transform(image), np.int64(self.samples[candidate].label)
+        raise DatasetError(f'{self.source or "dataset"}: none of the {len(self)} images decodes')
+
+    @property
+    def bad_images(self) -> int:
+        """Distinct undecodable files met so far (policy 'skip'), by this process and its DataLoader workers."""
+        return int(np.frombuffer(self._bad_flags, dtype=np.uint8).sum())
+
+    def bad_image_paths(self) -> list[str]:
+        return [self.samples[i].path for i in np.flatnonzero(np.frombuffer(self._bad_flags, dtype=np.uint8))]
+
+    def _describe(self, sample: Sample) -> str:
+        """How messages name a sample: its path, and for a list entry the list file and line."""
+        return f'{sample.path} ({self.source} line {sample.line})' if sample.line else sample.path
+
+    def _decode(self, index: int) -> Image.Image | None:
+        """The RGB image of sample ``index``, or None when it is bad and the policy is 'skip'."""
+        if self._bad_flags[index]:
+            return None
+        sample = self.samples[index]
+        try:
+            return load_rgb_image(sample.path)
+        except _DECODE_ERRORS as err:
+            if self.bad_image_policy == 'error':
+                raise DatasetError(f'cannot decode image {self._describe(sample)}: {err}') from err
+            self._bad_flags[index] = 1
+            _log.warning('skipping undecodable image %s: %s', self._describe(sample), err)
+            return None
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {list(MODES)}, got {mode!r}')
+
+
+def get_dataset(config, mode: str) -> LabeledImageDataset:
+    """The checked train or val dataset of ``config`` with its transforms (from transforms.py)."""
+    _check_mode(mode)
+    root = config.DATA.DATA_PATH
+    if not root:
+        raise DatasetError('DATA.DATA_PATH is not set: give the folder that holds the data')
+    if not os.path.isdir(root):
+        raise DatasetError(f'DATA.DATA_PATH not found: {root}')
+    if config.DATA.DATASET == 'imagenet2012':
+        source = os.path.join(root, f'{mode}_list.txt')
+        samples = validate_list_file(source, root, config.MODEL.NUM_CLASSES)
+    elif config.DATA.DATASET == 'imagefolder':
+        source = os.path.join(root, mode)
+        samples = scan_image_folder(source, config.MODEL.NUM_CLASSES)
+    else:
+        raise DatasetError(f'DATA.DATASET must be one of {list(SUPPORTED_DATASETS)}, got {config.DATA.DATASET!r}')
+    transform = get_train_transforms(config) if mode == 'train' else get_val_transforms(config)
+    return LabeledImageDataset(samples, transform, config.DATA.BAD_IMAGE_POLICY, source)
+
+
+class ShardedEvalBatchSampler:
+    """In-order batches of one rank's contiguous shard of an evaluation set.
+
+    The shards of ranks 0..world_size-1 are disjoint and together hold every index exactly once: nothing is
+    padded, so exact accuracy is the sum of correct counts over ranks divided by the sum of sample counts.
+    Shard lengths differ by at most one (a rank may get none when there are fewer samples than ranks).
+    DistributedBatchSampler instead repeats samples to give every rank the same count.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_samples < 0:
+            raise ValueError(f'need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, num_samples >= 0; '
+                             f'got {batch_size}, {world_size}, {rank}, {num_samples}')
+        self.indices = range(rank * num_samples // world_size, (rank + 1) * num_samples // world_size)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, len(self.indices), self.batch_size):
+            yield list(self.indices[start:start + self.batch_size])
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+
+class _LoadFailure(NamedTuple):
+    message: str
+    is_dataset_error: bool
+
+
+class _FailureAsSampleDataset(Dataset):
+    """Hands a sample's exception on as data, because Paddle 3.3.1's DataLoader loses it: without workers the
+    reader thread dies and the caller waits forever; with workers the caller gets only 'Blocking queue is killed'."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except Exception as err:
+            if isinstance(err, DatasetError):
+                return _LoadFailure(str(err), True)
+            return _LoadFailure(f'loading sample {index} failed:\n{traceback.format_exc()}', False)
+
+
+def _collate_or_failure(samples: list):
+    """[images NCHW, int64 labels], or the first failure in the batch as a dict of plain values, which Paddle
+    passes to the main process as they are (the array only keeps its queue from being empty)."""
+    failure = next((sample for sample in samples if isinstance(sample, _LoadFailure)), None)
+    if failure is None:
+        images, labels = zip(*samples)
+        return [np.stack(images), np.array(labels, dtype=np.int64)]
+    return {'failure': failure.message, 'is_dataset_error': failure.is_dataset_error, 'marker': np.zeros(1)}
+
+
+class FailFastDataLoader(DataLoader):
+    """A DataLoader whose iteration raises a sample's failure in the caller's process: a DatasetError (bad image
+    under policy 'error') as a DatasetError with the same message, anything else as a RuntimeError carrying the
+    worker's traceback. Use it through get_dataloader."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, dict):
+                error_type = DatasetError if batch['is_dataset_error'] else RuntimeError
+                raise error_type(batch['failure'])
+            yield batch
+
+
+def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = False) -> FailFastDataLoader:
+    """A loader over ``dataset``; with ``multi_process`` each rank reads its own share.
+
+    train: DistributedBatchSampler (also for one process, so the caller can always ``loader.batch_sampler
+    .set_epoch(epoch)``; its order depends on the epoch only) shuffles and drops the last partial batch;
+    DATA.BATCH_SIZE per process; several ranks share out a set padded to a multiple of their number. val:
+    ShardedEvalBatchSampler keeps the order and every sample exactly once over all ranks; DATA.BATCH_SIZE_EVAL per
+    process. DATA.NUM_WORKERS worker processes, started each epoch: with Paddle 3.3.1's persistent workers, leaving
+    an epoch early breaks the next one (IndexError in the loader). ``loader.dataset`` wraps ``dataset``: keep
+    your own reference to read ``bad_images``.
+    """
+    _check_mode(mode)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if multi_process else (0, 1)
+    if mode == 'train':
+        batch_sampler = DistributedBatchSampler(dataset, config.DATA.BATCH_SIZE, num_replicas=world_size, rank=rank,
+                                                shuffle=True, drop_last=True)
+        if len(batch_sampler) == 0:
+            raise DatasetError(f'the train set has {len(dataset)} samples: no full batch of DATA.BATCH_SIZE '
+                               f'{config.DATA.BATCH_SIZE} for each of {world_size} process(es)')
+    else:
+        batch_sampler = ShardedEvalBatchSampler(len(dataset), config.DATA.BATCH_SIZE_EVAL, rank, world_size)
+    return FailFastDataLoader(_FailureAsSampleDataset(dataset), batch_sampler=batch_sampler,
+                              num_workers=config.DATA.NUM_WORKERS, collate_fn=_collate_or_failure)

@@ -1,0 +1,456 @@
+"""datasets.py: list files and their checks, image folders, RGB decoding, the bad-image policy, the samplers
+and the loaders (with and without worker processes) on tiny images written in a temporary folder."""
+import logging
+import threading
+import types
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import datasets
+import transforms
+from config import get_config
+from datasets import DatasetError, LabeledImageDataset, Sample, ShardedEvalBatchSampler
+
+TINY = (12, 10)  # width, height of the JPEGs written from the real photos
+
+
+def to_chw(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
+
+
+def resized_chw(img: Image.Image, size: int, sign: float) -> np.ndarray:
+    return sign * to_chw(img.resize((size, size), Image.BILINEAR))
+
+
+@pytest.fixture
+def stub_transforms(monkeypatch):
+    """Stand-in transforms: val resizes, train does the same and negates, so tests see which was used."""
+    train = lambda config: partial(resized_chw, size=config.DATA.IMAGE_SIZE, sign=-1.0)  # noqa: E731
+    val = lambda config: partial(resized_chw, size=config.DATA.IMAGE_SIZE, sign=1.0)  # noqa: E731
+    monkeypatch.setattr(datasets, 'get_train_transforms', train)
+    monkeypatch.setattr(datasets, 'get_val_transforms', val)
+    return types.SimpleNamespace(get_train_transforms=train, get_val_transforms=val)
+
+
+def make_config(root, **data):
+    config = get_config()
+    config.DATA.DATA_PATH = str(root)
+    config.DATA.IMAGE_SIZE = 8
+    config.DATA.NUM_WORKERS = 0
+    config.MODEL.NUM_CLASSES = 3
+    for key, value in data.items():
+        config.DATA[key] = value
+    return config
+
+
+def read_all(loader, seconds: float = 60.0) -> list:
+    """All batches of ``loader``. Without workers a Paddle loader can leave its caller waiting forever, so they
+    are read on a daemon thread and a hang fails the test (not CI); workers must be started on the main thread."""
+    if loader.num_workers:
+        return list(loader)
+    outcome = {}
+
+    def read():
+        try:
+            outcome['batches'] = list(loader)
+        except Exception as err:
+            outcome['error'] = err
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(seconds)
+    if reader.is_alive():
+        pytest.fail(f'the loader still hangs after {seconds} s')
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome['batches']
+
+
+def write_list(path: Path, lines) -> str:
+    path.write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
+    return str(path)
+
+
+def save_rgb(path: Path, value: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', (4, 3), (value, value + 1, value + 2)).save(path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def tiny_jpegs(photo_paths, tmp_path_factory):
+    """The real photos as small JPEGs, in folders whose names hold spaces."""
+    folder = tmp_path_factory.mktemp('jpegs')
+    paths = []
+    for index, photo in enumerate(photo_paths):
+        path = folder / f'class {index % 3}' / f'{photo.stem} photo.JPEG'
+        path.parent.mkdir(exist_ok=True)
+        with Image.open(photo) as img:
+            img.convert('RGB').resize(TINY, Image.BICUBIC).save(path, quality=90)
+        paths.append(path)
+    return folder, paths
+
+
+# ---- list files -------------------------------------------------------------------------------------------------
+
+def test_label_is_the_last_field_and_paths_keep_their_spaces(tmp_path):
+    for name in ('a b/c  d.png', 'e.png', 'f g.png'):
+        save_rgb(tmp_path / name, 0)
+    list_path = tmp_path / 'val_list.txt'
+    list_path.write_bytes('\ufeff# a comment\r\na b/c  d.png 2\r\n\r\n  e.png\t\t0  \r\n   # indented comment\r\n'
+                          'f g.png    1'.encode())
+    samples = datasets.validate_list_file(str(list_path), str(tmp_path), 3)
+    assert samples == [Sample(str(tmp_path / 'a b/c  d.png'), 2, 2), Sample(str(tmp_path / 'e.png'), 0, 4),
+                       Sample(str(tmp_path / 'f g.png'), 1, 6)]
+
+
+def test_absolute_paths_are_used_as_they_are(tmp_path):
+    image = save_rgb(tmp_path / 'elsewhere' / 'x.png', 0)
+    (tmp_path / 'data').mkdir()
+    list_path = write_list(tmp_path / 'data' / 'val_list.txt', [f'{image} 1'])
+    assert datasets.validate_list_file(list_path, str(tmp_path / 'data'), 3) == [Sample(str(image), 1, 1)]
+
+
+def test_unusable_lines_are_reported_with_line_numbers_and_total(tmp_path):
+    save_rgb(tmp_path / 'ok.png', 0)
+    list_path = write_list(tmp_path / 'train_list.txt', [
+        'ok.png 0',            # 1
+        'no_label.png',        # 2
+        '',                    # 3
+        'ok.png x7',           # 4
+        'ok.png 3',            # 5
+        'ok.png -1',           # 6
+        'missing file.png 0',  # 7
+        '# ok.png 9',          # 8
+        'ok.png 2',            # 9
+        'ok.png 1.0',          # 10: the sixth problem, counted but not shown
+    ])
+    with pytest.raises(DatasetError) as info:
+        datasets.validate_list_file(list_path, str(tmp_path), 3)
+    assert str(info.value) == (
+        f'{list_path}: 6 of 8 entries are unusable; the first 5:\n'
+        "  line 2: no label after the path: 'no_label.png'\n"
+        "  line 4: label 'x7' is not an integer\n"
+        '  line 5: label 3 outside [0, 3) (MODEL.NUM_CLASSES)\n'
+        '  line 6: label -1 outside [0, 3) (MODEL.NUM_CLASSES)\n'
+        f'  line 7: file not found: {tmp_path / "missing file.png"}')
+
+
+def test_an_empty_list_is_an_error(tmp_path):
+    list_path = write_list(tmp_path / 'val_list.txt', ['', '# nothing here', '   '])
+    with pytest.raises(DatasetError) as info:
+        datasets.validate_list_file(list_path, str(tmp_path), 3)
+    assert str(info.value) == f'{list_path}: no samples (only blank or comment lines)'
+
+
+def test_a_list_that_is_not_utf8_is_an_error(tmp_path):
+    list_path = tmp_path / 'val_list.txt'
+    list_path.write_bytes(b'caf\xe9.png 0\n')
+    with pytest.raises(DatasetError, match=f'^{list_path}: not UTF-8 text'):
+        datasets.validate_list_file(str(list_path), str(tmp_path), 3)
+
+
+def test_missing_data_path_or_list_file_is_named(tmp_path, stub_transforms):
+    with pytest.raises(DatasetError) as info:
+        datasets.get_dataset(make_config(tmp_path / 'nowhere'), 'train')
+    assert str(info.value) == f'DATA.DATA_PATH not found: {tmp_path / "nowhere"}'
+    with pytest.raises(DatasetError) as info:
+        datasets.get_dataset(make_config(''), 'train')
+    assert str(info.value) == 'DATA.DATA_PATH is not set: give the folder that holds the data'
+    with pytest.raises(DatasetError) as info:
+        datasets.get_dataset(make_config(tmp_path), 'val')
+    assert str(info.value) == f'list file not found: {tmp_path / "val_list.txt"}'
+
+
+def test_unknown_dataset_and_mode_are_rejected(tmp_path, stub_transforms):
+    with pytest.raises(DatasetError) as info:
+        datasets.get_dataset(make_config(tmp_path, DATASET='cifar'), 'train')
+    assert str(info.value) == "DATA.DATASET must be one of ['imagenet2012', 'imagefolder'], got 'cifar'"
+    with pytest.raises(ValueError, match="mode must be one of \\['train', 'val'\\], got 'test'"):
+        datasets.get_dataset(make_config(tmp_path), 'test')
+
+
+# ---- image folders ----------------------------------------------------------------------------------------------
+
+def test_image_folder_classes_are_sorted_names(tmp_path, stub_transforms):
+    for name in ('train/b cls/2.png', 'train/b cls/1.png', 'train/a cls/deep/0.PNG', 'train/c cls/x.jpeg',
+                 'train/.cache/9.png'):
+        save_rgb(tmp_path / name, 0)
+    (tmp_path / 'train/a cls/readme.txt').write_text('not an image')
+    dataset = datasets.get_dataset(make_config(tmp_path, DATASET='imagefolder'), 'train')
+    train = tmp_path / 'train'
+    assert dataset.samples == [Sample(str(train / 'a cls/deep/0.PNG'), 0), Sample(str(train / 'b cls/1.png'), 1),
+                               Sample(str(train / 'b cls/2.png'), 1), Sample(str(train / 'c cls/x.jpeg'), 2)]
+    assert dataset.source == str(train)
+
+
+def test_image_folder_needs_one_folder_per_class_and_some_images(tmp_path):
+    (tmp_path / 'val/a').mkdir(parents=True)
+    (tmp_path / 'val/b').mkdir()
+    with pytest.raises(DatasetError) as info:
+        datasets.scan_image_folder(str(tmp_path / 'val'), 3)
+    assert str(info.value) == f'{tmp_path / "val"}: 2 class folders, but MODEL.NUM_CLASSES is 3'
+    with pytest.raises(DatasetError, match=f'^{tmp_path / "val"}: no image files'):
+        datasets.scan_image_folder(str(tmp_path / 'val'), 2)
+    with pytest.raises(DatasetError) as info:
+        datasets.scan_image_folder(str(tmp_path / 'train'), 2)
+    assert str(info.value) == f'image folder not found: {tmp_path / "train"}'
+
+
+# ---- decoding ---------------------------------------------------------------------------------------------------
+
+def _cmyk_image() -> Image.Image:
+    img = Image.new('CMYK', (4, 1))
+    for x, value in enumerate([(255, 0, 0, 0), (0, 0, 0, 255), (0, 0, 0, 0), (10, 20, 30, 128)]):
+        img.putpixel((x, 0), value)
+    return img
+
+
+def _palette_image() -> Image.Image:
+    img = Image.new('P', (3, 1))
+    img.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90] + [0] * 759)
+    img.putdata([2, 0, 1])
+    img.info['transparency'] = 0
+    return img
+
+
+MODE_CASES = {  # file name, image, expected RGB rows
+    'L': ('grey.png', Image.fromarray(np.array([[0, 128, 255]], np.uint8)),
+          [[(0, 0, 0), (128, 128, 128), (255, 255, 255)]]),
+    'P': ('palette.png', _palette_image(), [[(70, 80, 90), (10, 20, 30), (40, 50, 60)]]),
+    'RGBA': ('alpha.png', Image.fromarray(np.array([[(10, 20, 30, 0), (200, 100, 50, 255)]], np.uint8)),
+             [[(10, 20, 30), (200, 100, 50)]]),
+    'CMYK': ('cmyk.tif', _cmyk_image(), [[(0, 255, 255), (0, 0, 0), (255, 255, 255), (122, 117, 112)]]),
+    # 16-bit grey is scaled by 255/65535 and rounded; PIL's own convert would clip 257.. to 255
+    'I;16': ('deep.png', Image.fromarray(np.array([[0, 257, 32768, 65535, 128, 1000]], np.uint16)),
+             [[(v, v, v) for v in (0, 1, 128, 255, 0, 4)]]),
+}
+
+
+@pytest.mark.parametrize('mode', MODE_CASES)
+def test_every_mode_becomes_rgb_with_the_right_values(tmp_path, mode):
+    name, img, expected = MODE_CASES[mode]
+    img.save(tmp_path / name)
+    with Image.open(tmp_path / name) as reopened:
+        assert reopened.mode == mode
+    dataset = LabeledImageDataset([Sample(str(tmp_path / name), 1, 1)], to_chw)
+    image, label = dataset[0]
+    assert image.dtype == np.float32 and label.dtype == np.int64 and label == 1
+    np.testing.assert_array_equal(image, np.array(expected, np.float32).transpose(2, 0, 1))
+
+
+def test_old_pillow_16_bit_mode_i_is_scaled_and_clipped():
+    img = Image.fromarray(np.array([[-5, 257, 65535, 70000]], np.int32))
+    assert img.mode == 'I'
+    np.testing.assert_array_equal(np.asarray(datasets.to_rgb(img))[..., 0], [[0, 1, 255, 255]])
+
+
+# ---- bad images at run time -------------------------------------------------------------------------------------
+
+def _write_bad_files(folder: Path, good_jpeg: Path) -> dict:
+    data = good_jpeg.read_bytes()
+    files = {'truncated': folder / 'truncated.JPEG', 'empty': folder / 'empty.JPEG', 'text': folder / 'notes.JPEG'}
+    files['truncated'].write_bytes(data[:-10])  # decodes 'fine' with ImageFile.LOAD_TRUNCATED_IMAGES
+    files['empty'].write_bytes(b'')
+    files['text'].write_text('this is not a picture\n')
+    return files
+
+
+BAD_KINDS = {'truncated': 'image file is truncated', 'empty': 'cannot identify image file',
+             'text': 'cannot identify image file'}
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+@pytest.mark.parametrize('kind', BAD_KINDS)
+def test_policy_error_names_the_bad_file_and_its_line(tmp_path, tiny_jpegs, kind, num_workers):
+    good = tiny_jpegs[1][0]
+    bad = _write_bad_files(tmp_path, good)[kind]
+    list_path = write_list(tmp_path / 'val_list.txt', [f'{good} 0', '# then the bad one', f'{bad.name} 1'])
+    dataset = LabeledImageDataset(datasets.validate_list_file(list_path, str(tmp_path), 3), to_chw, 'error', list_path)
+    loader = datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE_EVAL=1, NUM_WORKERS=num_workers), dataset, 'val')
+    with pytest.raises(DatasetError) as info:
+        read_all(loader)
+    assert str(info.value).startswith(f'cannot decode image {bad} ({list_path} line 3): {BAD_KINDS[kind]}')
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_policy_skip_serves_the_next_good_sample_and_counts_each_bad_file_once(tmp_path, tiny_jpegs, num_workers,
+                                                                               caplog):
+    jpegs = tiny_jpegs[1]
+    bad = _write_bad_files(tmp_path, jpegs[0])
+    order = [jpegs[0], bad['truncated'], jpegs[1], bad['empty'], bad['text'], jpegs[2]]
+    list_path = write_list(tmp_path / 'val_list.txt', [f'{path} {index % 3}' for index, path in enumerate(order)])
+    dataset = LabeledImageDataset(datasets.validate_list_file(list_path, str(tmp_path), 3), to_chw, 'skip', list_path)
+    loader = datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE_EVAL=4, NUM_WORKERS=num_workers), dataset, 'val')
+    with caplog.at_level(logging.WARNING, logger='datasets'):
+        for _ in range(2):
+            images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in loader])
+            images, labels = np.concatenate(images), np.concatenate(labels)
+            assert labels.tolist() == [0, 2, 2, 2, 2, 2]  # 1 -> 2, 3 and 4 -> 5 (label 5 % 3)
+            with Image.open(jpegs[2]) as replacement:
+                np.testing.assert_array_equal(images[3], to_chw(replacement.convert('RGB')))
+    assert dataset.bad_images == 3
+    assert dataset.bad_image_paths() == [str(bad['truncated']), str(bad['empty']), str(bad['text'])]
+    if num_workers == 0:  # worker processes log to their own stderr
+        assert [r.getMessage().split(': ')[0] for r in caplog.records] == [
+            f'skipping undecodable image {bad[kind]} ({list_path} line {line})'
+            for kind, line in (('truncated', 2), ('empty', 4), ('text', 5))]
+
+
+def test_policy_skip_with_no_good_image_is_an_error(tmp_path):
+    (tmp_path / 'a.JPEG').write_bytes(b'')
+    dataset = LabeledImageDataset([Sample(str(tmp_path / 'a.JPEG'), 0, 1)] * 2, to_chw, 'skip', 'list.txt')
+    with pytest.raises(DatasetError) as info:
+        dataset[1]
+    assert str(info.value) == 'list.txt: none of the 2 images decodes'
+    assert dataset.bad_images == 2  # two entries of the same file
+
+
+def test_a_dataset_needs_samples():
+    with pytest.raises(DatasetError) as info:
+        LabeledImageDataset([], to_chw, source='val_list.txt')
+    assert str(info.value) == 'val_list.txt: no samples'
+
+
+def test_an_unknown_policy_is_rejected():
+    with pytest.raises(ValueError, match="bad_image_policy must be one of \\['error', 'skip'\\], got 'ignore'"):
+        LabeledImageDataset([Sample('x.png', 0)], to_chw, 'ignore')
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_a_failing_transform_raises_in_the_caller_instead_of_hanging(tmp_path, num_workers):
+    def broken(img):
+        raise TypeError('the transform is broken')
+
+    dataset = LabeledImageDataset([Sample(str(save_rgb(tmp_path / 'a.png', 0)), 0)], broken)
+    loader = datasets.get_dataloader(make_config(tmp_path, NUM_WORKERS=num_workers), dataset, 'val')
+    with pytest.raises(RuntimeError) as info:
+        read_all(loader)
+    assert str(info.value).startswith('loading sample 0 failed:\nTraceback')
+    assert str(info.value).endswith('TypeError: the transform is broken\n')
+
+
+# ---- samplers and loaders ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('world_size', [1, 2, 3, 4])
+@pytest.mark.parametrize('num_samples', [0, 1, 2, 5, 7, 13, 50, 101])
+def test_eval_shards_cover_every_index_once_without_padding(world_size, num_samples):
+    batch_size = 4
+    shards = []
+    for rank in range(world_size):
+        sampler = ShardedEvalBatchSampler(num_samples, batch_size, rank, world_size)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert all(1 <= len(batch) <= batch_size for batch in batches)
+        assert all(len(batch) == batch_size for batch in batches[:-1])
+        shards.append([index for batch in batches for index in batch])
+    assert sorted(index for shard in shards for index in shard) == list(range(num_samples))
+    assert [index for shard in shards for index in shard] == list(range(num_samples))  # contiguous, in order
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_eval_sampler_rejects_a_rank_outside_the_world():
+    with pytest.raises(ValueError, match='0 <= rank < world_size'):
+        ShardedEvalBatchSampler(10, 2, rank=2, world_size=2)
+
+
+class IndexDataset(datasets.Dataset):
+    """Sample i is (a 1x1x1 image holding i, label i)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return np.full((1, 1, 1), index, np.float32), np.int64(index)
+
+
+def _epoch_labels(loader) -> list:
+    return [label.numpy().tolist() for _, label in loader]
+
+
+def test_train_loader_shuffles_drops_the_partial_batch_and_follows_set_epoch(tmp_path):
+    loader = datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE=4), IndexDataset(10), 'train')
+    loader.batch_sampler.set_epoch(0)
+    first = _epoch_labels(loader)
+    loader.batch_sampler.set_epoch(1)
+    second = _epoch_labels(loader)
+    loader.batch_sampler.set_epoch(0)
+    assert _epoch_labels(loader) == first
+    for batches in (first, second):
+        assert [len(batch) for batch in batches] == [4, 4]
+        assert len(set(first[0] + first[1])) == 8
+    assert first != second and first[0] + first[1] != sorted(first[0] + first[1])
+
+
+def test_train_loader_without_a_full_batch_is_an_error(tmp_path):
+    with pytest.raises(DatasetError) as info:
+        datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE=4), IndexDataset(3), 'train')
+    assert str(info.value) == ('the train set has 3 samples: no full batch of DATA.BATCH_SIZE 4 '
+                               'for each of 1 process(es)')
+
+
+def test_val_loader_keeps_order_and_the_last_partial_batch(tmp_path):
+    loader = datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE_EVAL=4), IndexDataset(10), 'val')
+    batches = [(image.numpy(), label.numpy()) for image, label in loader]
+    assert [label.tolist() for _, label in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert batches[0][0].shape == (4, 1, 1, 1) and batches[0][0].dtype == np.float32
+    assert batches[0][1].dtype == np.int64
+
+
+def test_multi_process_loaders_read_this_ranks_share(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.dist, 'get_rank', lambda: 1)
+    monkeypatch.setattr(datasets.dist, 'get_world_size', lambda: 3)
+    config = make_config(tmp_path, BATCH_SIZE=2, BATCH_SIZE_EVAL=2)
+    assert _epoch_labels(datasets.get_dataloader(config, IndexDataset(10), 'val', multi_process=True)) == [
+        [3, 4], [5]]
+    train = datasets.get_dataloader(config, IndexDataset(10), 'train', multi_process=True)
+    assert (train.batch_sampler.nranks, train.batch_sampler.local_rank) == (3, 1)
+    assert [len(batch) for batch in _epoch_labels(train)] == [2, 2]  # 10 padded to 12: 4 per rank
+
+
+# ---- the whole path: get_dataset, get_dataloader, real JPEGs -----------------------------------------------------
+
+def test_real_transforms_flow_through_the_loaders(tiny_jpegs):
+    folder, paths = tiny_jpegs
+    lines = [f'{path.relative_to(folder)} {index % 3}' for index, path in enumerate(paths)]
+    write_list(folder / 'val_list.txt', lines)
+    write_list(folder / 'train_list.txt', lines)
+    config = make_config(folder, BATCH_SIZE=2, BATCH_SIZE_EVAL=4, IMAGE_SIZE=16)
+    assert datasets.get_val_transforms is transforms.get_val_transforms
+    val_loader = datasets.get_dataloader(config, datasets.get_dataset(config, 'val'), 'val')
+    val_images = np.concatenate([x.numpy() for x, _ in val_loader])
+    expected = np.stack([transforms.get_val_transforms(config)(datasets.load_rgb_image(str(p))) for p in paths])
+    np.testing.assert_array_equal(val_images, expected)
+    train_loader = datasets.get_dataloader(config, datasets.get_dataset(config, 'train'), 'train')
+    assert [tuple(x.shape) for x, _ in train_loader] == [(2, 3, 16, 16)] * 3
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_real_jpeg_list_set_loads_through_the_loaders(tiny_jpegs, stub_transforms, num_workers):
+    folder, paths = tiny_jpegs
+    relative = [path.relative_to(folder) for path in paths]
+    write_list(folder / 'val_list.txt', [f'{path} {index % 3}' for index, path in enumerate(relative)])
+    write_list(folder / 'train_list.txt', [f'{path} {index % 3}' for index, path in enumerate(relative)])
+    config = make_config(folder, NUM_WORKERS=num_workers, BATCH_SIZE=3, BATCH_SIZE_EVAL=3, BAD_IMAGE_POLICY='skip')
+
+    val_set = datasets.get_dataset(config, 'val')
+    assert (len(val_set), val_set.bad_image_policy, val_set.source) == (7, 'skip', str(folder / 'val_list.txt'))
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in datasets.get_dataloader(config, val_set, 'val')])
+    assert [len(batch) for batch in labels] == [3, 3, 1]
+    assert np.concatenate(labels).tolist() == [index % 3 for index in range(7)]
+    for image, path in zip(np.concatenate(images), paths):
+        with Image.open(path) as img:
+            np.testing.assert_array_equal(image, resized_chw(img.convert('RGB'), 8, 1.0))
+
+    train_set = datasets.get_dataset(config, 'train')
+    train_batches = [(x.numpy(), y.numpy()) for x, y in datasets.get_dataloader(config, train_set, 'train')]
+    assert [x.shape for x, _ in train_batches] == [(3, 3, 8, 8)] * 2
+    assert (np.concatenate([x for x, _ in train_batches]) <= 0).all()  # the train transform (negated) was used
+    assert val_set.bad_images == train_set.bad_images == 0
