@@ -29,7 +29,7 @@ from checkpoint import (
 )
 from config import ConfigError, build_arg_parser, get_config, update_config
 from datasets import DatasetError, get_dataloader, get_dataset
-from engine import Amp, NonFiniteLossError, Trainer, World, evaluate, train_one_epoch
+from engine import Amp, NonFiniteLossError, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
 from losses import build_criterion
 from mixup import build_mixup
 from model_ema import ModelEma
@@ -57,7 +57,9 @@ class Job:
     logger: logging.Logger
     amp: Amp
     model: paddle.nn.Layer
+    val_set: object
     val_loader: object
+    train_set: object = None
     train_loader: object = None
     trainer: Trainer | None = None
     param_settings: dict | None = None
@@ -163,16 +165,18 @@ def prepare(config, world: World, logger: logging.Logger) -> Job:
                           '-resume continues training')
     amp = amp_for(config, logger)
     multi_process = world.size > 1
-    val_loader = get_dataloader(config, get_dataset(config, 'val'), 'val', multi_process)
+    val_set = get_dataset(config, 'val')
+    val_loader = get_dataloader(config, val_set, 'val', multi_process)
     seed_everything(config.SEED)
     model = build_beit(config)
     if config.EVAL:
         epoch = _load_starting_weights(config, model, logger)
         if amp.enabled and amp.level == 'O2':
             model = paddle.amp.decorate(models=model, level='O2', dtype=amp.dtype, save_dtype='float32')
-        return Job(config, world, logger, amp, model, val_loader,
+        return Job(config, world, logger, amp, model, val_set, val_loader,
                    start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch)
-    train_loader = get_dataloader(config, get_dataset(config, 'train'), 'train', multi_process)
+    train_set = get_dataset(config, 'train')
+    train_loader = get_dataloader(config, train_set, 'train', multi_process)
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
     if steps_per_epoch == 0:
         raise DatasetError(f'{len(train_loader)} batches per epoch are fewer than TRAIN.ACCUM_ITER '
@@ -186,8 +190,8 @@ def prepare(config, world: World, logger: logging.Logger) -> Job:
                           f'{config.TRAIN.NUM_EPOCHS}: nothing to train')
     _refuse_to_overwrite(config.SAVE, start_epoch + 1, config.TRAIN.NUM_EPOCHS)
     trainer, settings = _build_trainer(config, model, world, amp, steps_per_epoch, checkpoint, logger)
-    return Job(config, world, logger, amp, model, val_loader, train_loader, trainer, settings, start_epoch,
-               steps_per_epoch, resume_path)
+    return Job(config, world, logger, amp, model, val_set, val_loader, train_set, train_loader, trainer, settings,
+               start_epoch, steps_per_epoch, resume_path)
 
 
 def open_output(job: Job) -> None:
@@ -198,6 +202,15 @@ def open_output(job: Job) -> None:
     attach_log_file(job.logger, os.path.join(job.config.SAVE, 'log.txt'))
     if job.param_settings is not None:
         write_json(os.path.join(job.config.SAVE, 'param_groups.json'), job.param_settings)
+
+
+def _bad_images(job: Job, dataset) -> int:
+    """Undecodable images replaced so far (DATA.BAD_IMAGE_POLICY 'skip'), summed over the processes."""
+    count = int(all_reduce_sum(paddle.to_tensor([float(dataset.bad_images)], dtype='float64'), job.world)[0])
+    if count:
+        job.logger.warning(f'{count} undecodable images were replaced by other samples '
+                           f'(DATA.BAD_IMAGE_POLICY skip; the dataset logged their paths)')
+    return count
 
 
 def _record(job: Job, record: dict) -> None:
@@ -214,7 +227,8 @@ def _validate(job: Job, epoch: int, lr: float) -> dict:
     trainer = job.trainer
     result = evaluate(job.model, job.val_loader, job.world, job.amp)
     _log_evaluation(job, f'epoch {epoch} val', result)
-    record = {'split': 'val', 'epoch': epoch, **_metric_fields(result), 'lr': lr}
+    record = {'split': 'val', 'epoch': epoch, **_metric_fields(result), 'lr': lr,
+              'bad_images': _bad_images(job, job.val_set)}
     if trainer.model_ema is not None:
         ema = evaluate(trainer.model_ema.module, job.val_loader, job.world, job.amp)
         _log_evaluation(job, f'epoch {epoch} val EMA', ema)
@@ -271,7 +285,7 @@ def train(job: Job) -> None:
                     f'time {result["time"]:.1f}s ({result["images_per_sec"]:.1f} images/s), '
                     f'{result["skipped_steps"]} steps skipped for inf/nan gradients')
         _record(job, {'split': 'train', 'epoch': epoch, **_metric_fields(result), 'lr': result['lr'],
-                      'skipped_steps': result['skipped_steps']})
+                      'skipped_steps': result['skipped_steps'], 'bad_images': _bad_images(job, job.train_set)})
         if _due(epoch, config.VALIDATE_FREQ, num_epochs):
             acc1 = _validate(job, epoch, result['lr'])['acc1']
             best_acc1 = acc1 if best_acc1 is None else max(best_acc1, acc1)
@@ -284,7 +298,7 @@ def evaluate_weights(job: Job) -> dict:
     result = evaluate(job.model, job.val_loader, job.world, job.amp)
     _log_evaluation(job, 'val', result)
     record = {'split': 'val', 'epoch': job.start_epoch, **_metric_fields(result), 'lr': None,
-              'weights': job.config.MODEL.PRETRAINED}
+              'bad_images': _bad_images(job, job.val_set), 'weights': job.config.MODEL.PRETRAINED}
     _record(job, record)
     return record
 

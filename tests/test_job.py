@@ -148,3 +148,17 @@ def test_diverged_training_stops_after_the_last_good_checkpoint(data, tmp_path, 
     assert 'nan at epoch 2' in message and str(output / 'checkpoint-epoch-1.pdparams') in message
     assert sorted(p.name for p in output.glob('checkpoint-*')) == ['checkpoint-epoch-1.pdparams']
     assert 'nan at epoch 2' in (output / 'log.txt').read_text()
+
+
+def test_replaced_undecodable_images_are_counted_in_the_metrics(tmp_path, capsys):
+    data = write_dataset(tmp_path / 'data', num_train=24, num_val=11)
+    (data / 'train' / '3.png').write_bytes(b'not an image')
+    (data / 'val' / '4.png').write_bytes(b'not an image either')
+    output = tmp_path / 'out'
+    code = main_single_gpu.main(args(data, output, opts=['TRAIN.NUM_EPOCHS', '1', 'DATA.BAD_IMAGE_POLICY', 'skip']))
+    assert code == 0
+    train, val = (json.loads(line) for line in (output / 'metrics.jsonl').read_text().splitlines())
+    assert (train['bad_images'], val['bad_images']) == (1, 1)
+    assert val['num_samples'] == 11
+    assert 'undecodable images were replaced' in (output / 'log.txt').read_text()
+    capsys.readouterr()
