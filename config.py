@@ -320,6 +320,9 @@ def update_config(config: CN, args: argparse.Namespace) -> CN:
             set_value(config, key, value, f'-{flag}')
     if getattr(args, 'eval', False):
         config.EVAL = True
+        if getattr(args, 'batch_size', None) is not None and getattr(args, 'batch_size_eval', None) is None:
+            # the usage document evaluates with `-eval -batch_size N`: N is then the evaluation batch
+            set_value(config, 'DATA.BATCH_SIZE_EVAL', args.batch_size, '-batch_size')
     if getattr(args, 'amp', False):
         config.AMP = True
     merge_opts(config, getattr(args, 'opts', None) or [])

@@ -78,6 +78,13 @@ def test_flags_and_opts_override_the_file():
     assert build_beit(config).blocks[0].gamma_1 is None
 
 
+def test_eval_batch_size_follows_batch_size_under_eval():
+    assert update_config(get_config(), parse('-eval', '-batch_size', '256')).DATA.BATCH_SIZE_EVAL == 256
+    assert update_config(get_config(), parse('-batch_size', '256')).DATA.BATCH_SIZE_EVAL == 64
+    assert update_config(get_config(), parse('-eval', '-batch_size', '256', '-batch_size_eval', '8')
+                         ).DATA.BATCH_SIZE_EVAL == 8
+
+
 def test_defaults_are_usable_without_a_file():
     config = update_config(get_config(), parse())
     assert config.DATA.BATCH_SIZE_EVAL == 64 and config.MODEL.NAME == 'beit_base_patch16_224'

@@ -19,7 +19,7 @@ from tiny_data import TINY_CONFIG, write_dataset
 ROOT = Path(__file__).resolve().parents[1]
 NUM_VAL = 37  # divisible neither by 2 processes nor by the eval batch of 8
 # The scripts share the cores between their processes; an OMP_NUM_THREADS above 1 would override that.
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PATH': f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'}
 STEP_LINE = re.compile(r'epoch (\d+)/(\d+) step (\d+)/(\d+) lr (\S+) ')
 
 
@@ -34,8 +34,8 @@ def command(script, data, output, *flags, opts=()):
             '-opts', 'DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE_EVAL', '8', *opts]
 
 
-def run(cmd, timeout=240):
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run(cmd, timeout=240, **env):
+    result = subprocess.run(cmd, cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f'{cmd}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}'
     return result
 
@@ -67,9 +67,16 @@ def test_two_processes_train_with_falling_loss(two_process_run):
     assert '2 process(es)' in log and 'epoch 3/3 step 10/10' in log
 
 
+def script_variables(data, **more):
+    """run_*_multi.sh's variables for the tiny config on this CPU-only machine (-ngpus sets the process count)."""
+    return dict(GPUS='', CONFIG=TINY_CONFIG, DATA_PATH=str(data), BATCH_SIZE='8', **more)
+
+
 def test_evaluation_is_exact_whatever_the_number_of_processes(two_process_run, data, tmp_path):
     weights = two_process_run / 'checkpoint-epoch-3.pdparams'
-    run(command('main_multi_gpu.py', data, tmp_path / 'two', '-eval', '-ngpus', '2', '-pretrained', str(weights)))
+    result = run(['sh', 'run_eval_multi.sh', '-ngpus', '2', '-output', str(tmp_path / 'two'),
+                  '-opts', 'DATA.NUM_WORKERS', '0'], **script_variables(data, WEIGHTS=str(weights)))
+    assert 'on 37 images' in result.stdout and 'AMP requested' in result.stdout
     run(command('main_single_gpu.py', data, tmp_path / 'one', '-eval', '-pretrained', str(weights)))
     (two,), (one,) = records(tmp_path / 'two', 'val'), records(tmp_path / 'one', 'val')
     assert two['num_samples'] == one['num_samples'] == NUM_VAL
@@ -78,6 +85,15 @@ def test_evaluation_is_exact_whatever_the_number_of_processes(two_process_run, d
     assert two['epoch'] == 3
     # the training run's own last evaluation, on two processes, saw the same weights
     assert records(two_process_run, 'val')[-1]['acc1'] == one['acc1']
+
+
+def test_train_script_runs_as_written(data, tmp_path):
+    output = tmp_path / 'script'
+    run(['sh', 'run_train_multi.sh', '-ngpus', '2', '-output', str(output),
+         '-opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.NUM_EPOCHS', '1'], **script_variables(data))
+    assert (output / 'checkpoint-epoch-1.pdparams').exists()
+    (train,) = records(output, 'train')
+    assert train['num_samples'] == 160 and '2 process(es)' in (output / 'log.txt').read_text()
 
 
 RESUME_OPTS = ['TRAIN.NUM_EPOCHS', '3', 'REPORT_FREQ', '1', 'TRAIN.MODEL_EMA', 'True', 'TRAIN.LINEAR_SCALED_LR', '16',
