@@ -57,7 +57,7 @@ def test_initialisation_follows_unilm():
         assert state[f'blocks.{layer_id - 1}.mlp.fc2.weight'].std() == pytest.approx(expected, rel=0.1)
 
 
-MODEL_KEYS_NOT_ARCHITECTURE = {'TYPE', 'NAME', 'RESUME', 'PRETRAINED', 'REL_POS_INTERP'}
+MODEL_KEYS_NOT_ARCHITECTURE = {'TYPE', 'NAME', 'RESUME', 'PRETRAINED', 'PRETRAINED_EMA', 'REL_POS_INTERP'}
 # key -> (a non-default value, what that value must change in the built model)
 MODEL_KEY_EFFECTS = {
     'NUM_CLASSES': (5, lambda m: m.head.weight.shape == [32, 5]),
