@@ -52,6 +52,9 @@ EXIT_TRAINING_FAILED = 1
 
 @dataclass
 class Job:
+    """A checked run, built in memory: ``model`` is the bare BEiT, ``trainer`` (training only) holds what the
+    optimizer steps need; ``last_checkpoint`` is the newest checkpoint this run can fall back on."""
+
     config: object
     world: World
     logger: logging.Logger
@@ -225,7 +228,7 @@ def _log_evaluation(job: Job, label: str, result: dict) -> None:
 
 def _validate(job: Job, epoch: int, lr: float) -> dict:
     trainer = job.trainer
-    result = evaluate(job.model, job.val_loader, job.world, job.amp)
+    result = evaluate(trainer.module, job.val_loader, job.world, job.amp)
     _log_evaluation(job, f'epoch {epoch} val', result)
     record = {'split': 'val', 'epoch': epoch, **_metric_fields(result), 'lr': lr,
               'bad_images': _bad_images(job, job.val_set)}
@@ -333,14 +336,20 @@ def run(config, multi_process: bool) -> int:
 
 
 def check_inputs(config) -> int:
-    """What ``run`` would refuse, found before processes are started: 0, or EXIT_BAD_INPUT after the message."""
+    """What ``run`` would refuse, found before processes are started: 0, or EXIT_BAD_INPUT after the message.
+
+    The check runs on the CPU, so that the starting process holds no GPU memory while the run goes on."""
     logger = start_logger(is_main=False)
+    device = paddle.get_device()
+    paddle.set_device('cpu')
     try:
         with unique_name.guard():
             prepare(config, World(), logger)
     except INPUT_ERRORS as err:
         logger.error(f'error: {err}')
         return EXIT_BAD_INPUT
+    finally:
+        paddle.set_device(device)
     return 0
 
 
