@@ -16,6 +16,7 @@ import paddle.distributed as dist
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from mixup import Mixup
 from model_ema import ModelEma
 from utils import ProgressBar
 
@@ -64,7 +65,7 @@ class Trainer:
     criterion: nn.Layer
     world: World
     amp: Amp = field(default_factory=Amp)
-    mixup: object = None
+    mixup: Mixup | None = None
     model_ema: ModelEma | None = None
     accum_iter: int = 1
     global_step: int = 0
@@ -170,12 +171,13 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, num_epochs: int, steps
         epoch_totals += totals
         progress.show(step)
         if step % report_freq == 0 or step == steps:
+            progress.clear()
             average = summarise(epoch_totals)
             logger.info(f'epoch {epoch}/{num_epochs} step {step}/{steps} lr {lr:.6e} '
                         f'loss {current["loss"]:.4f} (avg {average["loss"]:.4f}) '
                         f'acc1 {current["acc1"]:.4f} (avg {average["acc1"]:.4f}) '
                         f'skipped {skipped}')
-    progress.close()
+    progress.clear()
     elapsed = time.time() - start
     result = summarise(epoch_totals)
     result.update(lr=lr, time=elapsed, images_per_sec=result['num_samples'] / max(elapsed, 1e-9),
@@ -189,12 +191,15 @@ def evaluate(model: nn.Layer, loader, world: World, amp: Amp) -> dict:
     throughput. ``model`` is the plain BEiT (no DataParallel: evaluation needs no gradient sync)."""
     model.eval()
     totals = paddle.zeros([4], dtype='float64')
+    progress = ProgressBar(len(loader), 'eval', world.is_main)
     start = time.time()
-    for images, labels in loader:
+    for done, (images, labels) in enumerate(loader, start=1):
         with amp.autocast():
             logits = model(images)
         logits = logits.astype('float32')
         totals += batch_counts(F.cross_entropy(logits, labels, reduction='sum'), logits, labels)
+        progress.show(done)
+    progress.clear()
     result = summarise(all_reduce_sum(totals, world))
     elapsed = time.time() - start
     result.update(time=elapsed, images_per_sec=result['num_samples'] / max(elapsed, 1e-9))

@@ -120,7 +120,8 @@ class ProgressBar:
         sys.stderr.write(f'\r{self.label} [{"#" * filled}{"." * (self.width - filled)}] {done}/{self.total}')
         sys.stderr.flush()
 
-    def close(self) -> None:
+    def clear(self) -> None:
+        """Blank the bar's line, e.g. before a log line is printed."""
         if self.enabled:
             sys.stderr.write('\r' + ' ' * (len(self.label) + self.width + 24) + '\r')
             sys.stderr.flush()

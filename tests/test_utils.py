@@ -1,4 +1,5 @@
 """utils.py: crash-safe saving, append-only logs and metrics, seeds."""
+import io
 import json
 import logging
 
@@ -80,3 +81,23 @@ def test_cpu_threads_split_the_cores_between_local_processes(monkeypatch):
     assert utils.use_all_cpu_cores(local_processes=2) == 3
     monkeypatch.undo()
     utils.use_all_cpu_cores(local_processes=1)  # back to this machine's cores for the tests that follow
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_draws_on_a_terminal_only(monkeypatch):
+    terminal = FakeTerminal()
+    monkeypatch.setattr(utils.sys, 'stderr', terminal)
+    bar = utils.ProgressBar(4, 'epoch 1', enabled=True, width=8)
+    bar.show(2)
+    assert terminal.getvalue() == '\repoch 1 [####....] 2/4'
+    bar.clear()
+    assert terminal.getvalue().endswith('\r')
+    monkeypatch.setattr(utils.sys, 'stderr', io.StringIO())
+    silent = utils.ProgressBar(4, 'epoch 1', enabled=True)
+    silent.show(1)
+    assert utils.sys.stderr.getvalue() == ''
+    assert not utils.ProgressBar(4, 'x', enabled=False).enabled
