@@ -69,7 +69,7 @@ def test_exported_bf16_stays_within_the_stated_tolerance(capsys, photo_paths, we
     dygraph_logits, bf16_logits = all_logits(dygraph, 10), all_logits(bf16, 10)
     scale = np.abs(dygraph_logits).max()
     relative = np.abs(bf16_logits - dygraph_logits).max() / scale
-    assert 0 < relative <= BF16_RELATIVE_TOLERANCE  # not 0: bf16 really ran
+    assert 1e-4 < relative <= BF16_RELATIVE_TOLERANCE  # above fp32's 3e-7: bf16 really ran (measured 0.4%)
     runner_up, best = np.sort(dygraph_logits, axis=1)[:, -2:].T
     clear = best - runner_up > 2 * BF16_RELATIVE_TOLERANCE * scale  # bf16 may only swap near-ties
     assert clear.sum() >= 3
