@@ -37,7 +37,8 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.t
 MAX_REPORTED_PROBLEMS = 5
 
 _INTEGER = re.compile(r'-?[0-9]+')
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# What PIL raises for a file it cannot decode.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _log = logging.getLogger(__name__)
 
 
@@ -190,7 +191,7 @@ class LabeledImageDataset(Dataset):
         sample = self.samples[index]
         try:
             return load_rgb_image(sample.path)
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             if self.bad_image_policy == 'error':
                 raise DatasetError(f'cannot decode image {self._describe(sample)}: {err}') from err
             self._bad_flags[index] = 1

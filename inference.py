@@ -1,0 +1,165 @@
+"""Running a trained BEiT outside training: weights into a model, and the two predictors predict.py chooses from.
+
+Both predictors map a batch prepared by ``transforms.get_val_transforms`` (float32 [B, 3, S, S]) to logits
+[B, NUM_CLASSES] as numpy, so the dygraph model and the exported Paddle Inference model see exactly the same
+preprocessing. An exported model is ``PREFIX.json`` + ``PREFIX.pdiparams`` (Paddle 3's PIR format) and
+``PREFIX.yaml``, the config it was exported with: the one place its input size and preprocessing are recorded.
+"""
+import contextlib
+import os
+import pickle
+import sys
+
+import numpy as np
+import paddle
+from paddle import inference as paddle_infer
+
+from beit import CheckpointMismatchError, adapt_state_dict, build_beit
+from config import ConfigError, get_config
+from load_pytorch_weights import ConversionError, unwrap_state_dict
+
+PRECISIONS = ('fp32', 'bf16')
+EXPORTED_SUFFIXES = ('.json', '.pdiparams', '.yaml')
+# What an exported model fixes: a config that disagrees would feed it other pixels or another size.
+EXPORT_CONTRACT_KEYS = ('DATA.IMAGE_SIZE', 'DATA.CROP_PCT', 'DATA.INTERPOLATION', 'DATA.IMAGENET_MEAN',
+                        'DATA.IMAGENET_STD', 'MODEL.NUM_CLASSES')
+_LOAD_ERRORS = (ValueError, EOFError, OSError, pickle.UnpicklingError)  # paddle.load on foreign or truncated files
+
+
+class WeightsError(ValueError):
+    """Weights or an exported model that are missing, unreadable or do not fit the config; says which file."""
+
+
+def read_weights(path: str, use_ema: bool = False) -> dict:
+    """name -> numpy array from a converted .pdparams (bare state dict) or a training checkpoint.
+
+    A training checkpoint holds the weights under 'model' and, when EMA was on, the averaged ones under
+    'model_ema'; ``use_ema`` picks those and refuses a file without them rather than silently using others.
+    """
+    if not os.path.isfile(path):
+        raise WeightsError(f'weights file not found: {path}')
+    try:
+        loaded = paddle.load(path, return_numpy=True)
+    except _LOAD_ERRORS as err:
+        raise WeightsError(f'{path}: not a Paddle weights file ({str(err).splitlines()[0] or type(err).__name__})'
+                           ) from err
+    if use_ema:
+        if not (isinstance(loaded, dict) and isinstance(loaded.get('model_ema'), dict)):
+            raise WeightsError(f'{path} holds no EMA weights (no "model_ema" in a training checkpoint); drop -ema')
+        loaded = loaded['model_ema']
+    try:
+        return unwrap_state_dict(loaded, path)
+    except ConversionError as err:
+        raise WeightsError(str(err)) from err
+
+
+def load_model(config, weights_path: str, use_ema: bool = False) -> tuple[paddle.nn.Layer, list]:
+    """The config's BEiT in eval mode with the weights fitted by ``beit.adapt_state_dict``; returns its notes too.
+
+    A head of another class count is dropped by adapt_state_dict for fine-tuning; for prediction that would
+    leave a random head, so it is an error here.
+    """
+    model = build_beit(config)
+    try:
+        fitted, notes = adapt_state_dict(read_weights(weights_path, use_ema), model, config.MODEL.REL_POS_INTERP)
+    except CheckpointMismatchError as err:
+        raise WeightsError(f'{weights_path} does not fit {config.MODEL.NAME}: {err}') from err
+    fresh = [name for name in model.state_dict() if name not in fitted]
+    if fresh:
+        raise WeightsError(f'{weights_path} has no trained values for {", ".join(fresh)}: a pre-training '
+                           f'checkpoint, or another class count than MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES} '
+                           f'({"; ".join(notes)})')
+    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    return model.eval(), notes
+
+
+def cpu_threads() -> int:
+    """OMP_NUM_THREADS when set above 1, else every core this process may use (Paddle would take one)."""
+    requested = int(os.environ.get('OMP_NUM_THREADS', '1') or 1)
+    if requested > 1:
+        return requested
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
+def bf16_supported() -> bool:
+    """oneDNN's own check of this CPU for bfloat16 kernels (AVX-512 BF16 / AMX, or emulated on AVX-512)."""
+    return paddle.base.core.supports_bfloat16()
+
+
+class DygraphPredictor:
+    """The Paddle model as it is in memory (a loaded .pdparams)."""
+
+    def __init__(self, model: paddle.nn.Layer, num_threads: int | None = None):
+        paddle.base.core.set_num_threads(num_threads or cpu_threads())
+        self.model = model.eval()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with paddle.no_grad():
+            return self.model(paddle.to_tensor(batch)).numpy()
+
+
+@contextlib.contextmanager
+def _native_stdout_to_stderr():
+    """oneDNN passes print debug words to the C++ stdout, which would corrupt predict.py's JSON output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def require_exported_model(prefix: str) -> None:
+    missing = [prefix + suffix for suffix in EXPORTED_SUFFIXES if not os.path.isfile(prefix + suffix)]
+    if missing:
+        raise WeightsError(f'no exported model at {prefix}: missing {", ".join(missing)} (make one with '
+                           'export_model.py)')
+
+
+def exported_config(prefix: str):
+    """The config an exported model was made with (PREFIX.yaml), needed to prepare its input; not frozen."""
+    require_exported_model(prefix)
+    return get_config(prefix + '.yaml')
+
+
+def check_export_contract(config, prefix: str) -> None:
+    """Refuse a config that would prepare images differently from the one the model was exported with."""
+    exported = exported_config(prefix)
+    for key in EXPORT_CONTRACT_KEYS:
+        group, name = key.split('.')
+        if config[group][name] != exported[group][name]:
+            raise ConfigError(f'{key} is {config[group][name]!r} but {prefix} was exported with '
+                              f'{exported[group][name]!r}; use its config ({prefix}.yaml) or re-export')
+
+
+class ExportedPredictor:
+    """An exported model run by paddle.inference on the CPU, in fp32 or oneDNN bfloat16."""
+
+    def __init__(self, prefix: str, precision: str = 'fp32', num_threads: int | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
+        if precision == 'bf16' and not bf16_supported():
+            raise WeightsError('bf16 inference needs a CPU with bfloat16 support (AVX-512 BF16 or AMX); '
+                               'oneDNN reports none here: use -precision fp32')
+        require_exported_model(prefix)
+        config = paddle_infer.Config(prefix + '.json', prefix + '.pdiparams')
+        config.disable_gpu()
+        config.disable_glog_info()
+        config.set_cpu_math_library_num_threads(num_threads or cpu_threads())
+        if precision == 'bf16':
+            config.enable_onednn()
+            config.enable_onednn_bfloat16()
+        self.precision = precision
+        self.predictor = paddle_infer.create_predictor(config)
+        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
+        self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        self.input.reshape(list(batch.shape))
+        self.input.copy_from_cpu(batch)
+        with _native_stdout_to_stderr():
+            self.predictor.run()
+        return self.output.copy_to_cpu()

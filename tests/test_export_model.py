@@ -1,0 +1,96 @@
+"""export_model.py: any config exports with a dynamic batch, runs in paddle.inference as in dygraph, fails clearly."""
+import numpy as np
+import pytest
+from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
+
+import inference
+from config import get_config
+from datasets import load_rgb_image
+from export_model import main
+from inference import DygraphPredictor, ExportedPredictor, WeightsError, load_model
+from transforms import get_val_transforms
+
+TOLERANCE = 1e-4  # fp32, max abs logit difference
+
+
+def photo_batch(paths, config) -> np.ndarray:
+    transform = get_val_transforms(config)
+    return np.stack([transform(load_rgb_image(str(path))) for path in paths])
+
+
+def export(tmp_path, weights: str, *extra) -> str:
+    prefix = str(tmp_path / 'exported' / 'model')
+    assert main(['-cfg', TINY_CFG, '-pretrained', weights, '-output', prefix, *extra]) == 0
+    return prefix
+
+
+@pytest.mark.parametrize('opts', [
+    [],
+    ['MODEL.USE_MEAN_POOLING', 'False', 'MODEL.INIT_VALUES', 'null'],
+    ['MODEL.USE_ABS_POS_EMB', 'True', 'MODEL.USE_REL_POS_BIAS', 'False', 'MODEL.NUM_CLASSES', '3'],
+])
+def test_exported_model_matches_dygraph_for_any_batch_size(tmp_path, photo_paths, opts):
+    config = tiny_config(*opts)
+    weights = save_weights(tmp_path / 'weights.pdparams', trained_like_state(config))
+    prefix = export(tmp_path, weights, *(['-opts', *opts] if opts else []))
+    model, _ = load_model(config, weights)
+    dygraph, exported = DygraphPredictor(model), ExportedPredictor(prefix)
+    images = photo_batch(photo_paths, config)
+    for batch in (images[:1], images[:3], images):
+        expected = dygraph(batch)
+        assert expected.shape == (len(batch), config.MODEL.NUM_CLASSES)
+        np.testing.assert_allclose(exported(batch), expected, rtol=0, atol=TOLERANCE)
+
+
+def test_export_writes_its_config_for_the_preprocessing(tmp_path):
+    weights = save_weights(tmp_path / 'weights.pdparams', trained_like_state(tiny_config()))
+    prefix = export(tmp_path, weights, '-image_size', '48')
+    for suffix in ('.json', '.pdiparams', '.yaml'):
+        assert (tmp_path / 'exported' / f'model{suffix}').is_file()
+    written = get_config(prefix + '.yaml')
+    assert written.DATA.IMAGE_SIZE == 48 and written.DATA.CROP_PCT == 1.0 and written.MODEL.DEPTH == 4
+    assert ExportedPredictor(prefix)(np.zeros((2, 3, 48, 48), np.float32)).shape == (2, 10)
+
+
+def test_ema_weights_are_exported_on_request(tmp_path, photo_paths):
+    config = tiny_config()
+    ema_state = trained_like_state(config, seed=2)
+    checkpoint = save_weights(tmp_path / 'checkpoint.pdparams', trained_like_state(config, seed=1), ema_state)
+    images = photo_batch(photo_paths, config)
+    exported = ExportedPredictor(export(tmp_path, checkpoint, '-ema'))(images)
+    ema_model, _ = load_model(config, save_weights(tmp_path / 'ema.pdparams', ema_state))
+    np.testing.assert_allclose(exported, DygraphPredictor(ema_model)(images), rtol=0, atol=TOLERANCE)
+
+
+def test_missing_weights_exit_2_and_write_nothing(tmp_path, capsys):
+    code = main(['-cfg', TINY_CFG, '-pretrained', str(tmp_path / 'none.pdparams'), '-output', str(tmp_path / 'm')])
+    assert code == 2 and 'weights file not found' in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_of_another_architecture_exit_2_and_write_nothing(tmp_path, capsys):
+    deeper = save_weights(tmp_path / 'deeper.pdparams', trained_like_state(tiny_config('MODEL.DEPTH', 6)))
+    code = main(['-cfg', TINY_CFG, '-pretrained', deeper, '-output', str(tmp_path / 'out' / 'm')])
+    err = capsys.readouterr().err
+    assert code == 2 and 'does not fit beit_tiny_patch4_32' in err and 'blocks.4' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_bad_config_exit_2(tmp_path, capsys):
+    weights = save_weights(tmp_path / 'weights.pdparams', trained_like_state(tiny_config()))
+    code = main(['-cfg', TINY_CFG, '-pretrained', weights, '-output', str(tmp_path / 'm'), '-opts', 'MODEL.DEPHT', '2'])
+    assert code == 2 and 'unknown config key MODEL.DEPHT' in capsys.readouterr().err
+
+
+def test_output_and_weights_are_required(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', TINY_CFG, '-pretrained', 'weights.pdparams'])
+    assert exit_info.value.code == 2 and '-output PREFIX are required' in capsys.readouterr().err
+
+
+def test_bf16_on_a_cpu_without_support_is_refused_clearly(tmp_path, monkeypatch):
+    weights = save_weights(tmp_path / 'weights.pdparams', trained_like_state(tiny_config()))
+    prefix = export(tmp_path, weights)
+    monkeypatch.setattr(inference, 'bf16_supported', lambda: False)
+    with pytest.raises(WeightsError, match='bf16 inference needs a CPU with bfloat16 support'):
+        ExportedPredictor(prefix, 'bf16')

@@ -1,0 +1,41 @@
+"""A tiny BEiT with trained-like random weights on disk, for the prediction and export tests."""
+import numpy as np
+import paddle
+from conftest import ROOT
+
+from beit import build_beit
+from config import get_config, merge_opts, validate_config
+
+TINY_CFG = str(ROOT / 'configs' / 'beit_tiny_patch4_32.yaml')
+
+
+def tiny_config(*opts):
+    """The tiny config with ``KEY VALUE`` overrides."""
+    config = get_config(TINY_CFG)
+    merge_opts(config, list(opts))
+    validate_config(config)
+    return config
+
+
+def trained_like_state(config, seed: int = 0) -> dict:
+    """Random weights with the spread of trained ones, so that the logits of real photos differ clearly
+    (a fresh model's 0.001-scaled head gives near-uniform logits whose order is noise)."""
+    rng = np.random.default_rng(seed)
+    paddle.seed(seed)  # the initial values are part of the result
+    state = {}
+    for name, tensor in build_beit(config).state_dict().items():
+        value = tensor.numpy()
+        scale = 1.0 if name.endswith('relative_position_bias_table') or name.startswith('head.') else 0.05
+        state[name] = (value + rng.standard_normal(value.shape) * scale).astype(value.dtype)
+    return state
+
+
+def save_weights(path, state: dict, ema_state: dict | None = None) -> str:
+    """A bare state dict, or a training checkpoint (model, model_ema, epoch) when ``ema_state`` is given."""
+    tensors = {name: paddle.to_tensor(value) for name, value in state.items()}
+    if ema_state is None:
+        paddle.save(tensors, str(path))
+    else:
+        ema = {name: paddle.to_tensor(value) for name, value in ema_state.items()}
+        paddle.save({'model': tensors, 'model_ema': ema, 'epoch': 3}, str(path))
+    return str(path)
