@@ -7,7 +7,6 @@ preprocessing. An exported model is ``PREFIX.json`` + ``PREFIX.pdiparams`` (Padd
 """
 import contextlib
 import os
-import pickle
 import sys
 
 import numpy as np
@@ -15,42 +14,19 @@ import paddle
 from paddle import inference as paddle_infer
 
 from beit import CheckpointMismatchError, adapt_state_dict, build_beit
+from checkpoint import CheckpointError, pretrained_state_dict
 from config import ConfigError, get_config
-from load_pytorch_weights import ConversionError, unwrap_state_dict
+from utils import cpu_threads_per_process
 
 PRECISIONS = ('fp32', 'bf16')
 EXPORTED_SUFFIXES = ('.json', '.pdiparams', '.yaml')
 # What an exported model fixes: a config that disagrees would feed it other pixels or another size.
 EXPORT_CONTRACT_KEYS = ('DATA.IMAGE_SIZE', 'DATA.CROP_PCT', 'DATA.INTERPOLATION', 'DATA.IMAGENET_MEAN',
                         'DATA.IMAGENET_STD', 'MODEL.NUM_CLASSES')
-_LOAD_ERRORS = (ValueError, EOFError, OSError, pickle.UnpicklingError)  # paddle.load on foreign or truncated files
 
 
 class WeightsError(ValueError):
     """Weights or an exported model that are missing, unreadable or do not fit the config; says which file."""
-
-
-def read_weights(path: str, use_ema: bool = False) -> dict:
-    """name -> numpy array from a converted .pdparams (bare state dict) or a training checkpoint.
-
-    A training checkpoint holds the weights under 'model' and, when EMA was on, the averaged ones under
-    'model_ema'; ``use_ema`` picks those and refuses a file without them rather than silently using others.
-    """
-    if not os.path.isfile(path):
-        raise WeightsError(f'weights file not found: {path}')
-    try:
-        loaded = paddle.load(path, return_numpy=True)
-    except _LOAD_ERRORS as err:
-        raise WeightsError(f'{path}: not a Paddle weights file ({str(err).splitlines()[0] or type(err).__name__})'
-                           ) from err
-    if use_ema:
-        if not (isinstance(loaded, dict) and isinstance(loaded.get('model_ema'), dict)):
-            raise WeightsError(f'{path} holds no EMA weights (no "model_ema" in a training checkpoint); drop -ema')
-        loaded = loaded['model_ema']
-    try:
-        return unwrap_state_dict(loaded, path)
-    except ConversionError as err:
-        raise WeightsError(str(err)) from err
 
 
 def load_model(config, weights_path: str, use_ema: bool = False) -> tuple[paddle.nn.Layer, list]:
@@ -61,7 +37,10 @@ def load_model(config, weights_path: str, use_ema: bool = False) -> tuple[paddle
     """
     model = build_beit(config)
     try:
-        fitted, notes = adapt_state_dict(read_weights(weights_path, use_ema), model, config.MODEL.REL_POS_INTERP)
+        state_dict, _ = pretrained_state_dict(weights_path, use_ema)
+        fitted, notes = adapt_state_dict(state_dict, model, config.MODEL.REL_POS_INTERP)
+    except CheckpointError as err:
+        raise WeightsError(str(err)) from err
     except CheckpointMismatchError as err:
         raise WeightsError(f'{weights_path} does not fit {config.MODEL.NAME}: {err}') from err
     fresh = [name for name in model.state_dict() if name not in fitted]
@@ -73,14 +52,6 @@ def load_model(config, weights_path: str, use_ema: bool = False) -> tuple[paddle
     return model.eval(), notes
 
 
-def cpu_threads() -> int:
-    """OMP_NUM_THREADS when set above 1, else every core this process may use (Paddle would take one)."""
-    requested = int(os.environ.get('OMP_NUM_THREADS', '1') or 1)
-    if requested > 1:
-        return requested
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-
-
 def bf16_supported() -> bool:
     """oneDNN's own check of this CPU for bfloat16 kernels (AVX-512 BF16 / AMX, or emulated on AVX-512)."""
     return paddle.base.core.supports_bfloat16()
@@ -90,7 +61,7 @@ class DygraphPredictor:
     """The Paddle model as it is in memory (a loaded .pdparams)."""
 
     def __init__(self, model: paddle.nn.Layer, num_threads: int | None = None):
-        paddle.base.core.set_num_threads(num_threads or cpu_threads())
+        paddle.base.core.set_num_threads(num_threads or cpu_threads_per_process())
         self.model = model.eval()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -147,7 +118,7 @@ class ExportedPredictor:
         config = paddle_infer.Config(prefix + '.json', prefix + '.pdiparams')
         config.disable_gpu()
         config.disable_glog_info()
-        config.set_cpu_math_library_num_threads(num_threads or cpu_threads())
+        config.set_cpu_math_library_num_threads(num_threads or cpu_threads_per_process())
         if precision == 'bf16':
             config.enable_onednn()
             config.enable_onednn_bfloat16()

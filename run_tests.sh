@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Installs what the tests need (PyPI packages, real photos from Debian), then lints and runs the suite.
+# Installs what the tests need (PyPI packages; real photos and Fashion-MNIST from Debian), lints, runs the suite.
 set -euo pipefail
 cd "$(dirname "$0")"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q -r requirements-test.txt
-if ! ls tests/photos/*.jpg >/dev/null 2>&1; then
-    [ "$(id -u)" = 0 ] && apt-get update -qq
-    bash tests/fetch_photos.sh
+have_photos() { ls tests/photos/*.jpg >/dev/null 2>&1; }
+have_fashion_mnist() { [ -d /usr/share/datasets/fashion-mnist ]; }
+if [ "$(id -u)" = 0 ] && ! { have_photos && have_fashion_mnist; }; then
+    apt-get update -qq
+    have_fashion_mnist || apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
+have_photos || bash tests/fetch_photos.sh
 ruff check .
 python -m pytest -q "$@"

@@ -80,14 +80,19 @@ def close_logger(logger: logging.Logger) -> None:
         handler.close()
 
 
-def use_all_cpu_cores(local_processes: int) -> int:
-    """Give each process on this machine its share of the cores (Paddle uses one thread unless told).
+def cpu_threads_per_process(local_processes: int = 1) -> int:
+    """Each process's share of this machine's cores (Paddle would use one thread unless told).
 
     An OMP_NUM_THREADS above 1 set by the user wins; Paddle itself sets it to 1 at import when it is unset.
     """
     requested = int(os.environ.get('OMP_NUM_THREADS', '1') or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    threads = requested if requested > 1 else max(1, cores // max(1, local_processes))
+    return requested if requested > 1 else max(1, cores // max(1, local_processes))
+
+
+def use_all_cpu_cores(local_processes: int = 1) -> int:
+    """Set Paddle's CPU threads to this process's share of the cores; returns the count."""
+    threads = cpu_threads_per_process(local_processes)
     paddle.base.core.set_num_threads(threads)
     return threads
 

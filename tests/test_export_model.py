@@ -64,7 +64,7 @@ def test_ema_weights_are_exported_on_request(tmp_path, photo_paths):
 
 def test_missing_weights_exit_2_and_write_nothing(tmp_path, capsys):
     code = main(['-cfg', TINY_CFG, '-pretrained', str(tmp_path / 'none.pdparams'), '-output', str(tmp_path / 'm')])
-    assert code == 2 and 'weights file not found' in capsys.readouterr().err
+    assert code == 2 and '-pretrained: file not found' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -101,13 +101,13 @@ def test_no_readable_image_exits_1(capsys, tmp_path, weights):
 def test_missing_weights_exit_2(capsys, tmp_path, photo_paths):
     code, out, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', tmp_path / 'nothing.pdparams', photo_paths[0])
     assert code == 2 and out == ''
-    assert f'weights file not found: {tmp_path / "nothing.pdparams"}' in err
+    assert f'-pretrained: file not found: {tmp_path / "nothing.pdparams"}' in err
 
 
 def test_unreadable_weights_exit_2(capsys, tmp_path, photo_paths):
     (tmp_path / 'broken.pdparams').write_text('not weights')
     code, _, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', tmp_path / 'broken.pdparams', photo_paths[0])
-    assert code == 2 and 'not a Paddle weights file' in err
+    assert code == 2 and '-pretrained: cannot read' in err
 
 
 def test_weights_of_another_architecture_exit_2(capsys, tmp_path, photo_paths):
