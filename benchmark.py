@@ -1,0 +1,207 @@
+"""Images/s and peak memory of every execution path, next to timm's BEiT of the same shape, in one run.
+
+    python benchmark.py -cfg configs/beit_base_patch16_224.yaml -batch_size 8 -mode eval
+    python benchmark.py -cfg configs/beit_base_patch16_224.yaml -batch_size 8 -mode train -backend dygraph timm
+
+Each path runs in a fresh child process (so its peak memory is its own): a few warm-up steps, then the median
+of the timed steps. Paths: dygraph, static (paddle.jit.to_static), inference (Paddle Inference fp32),
+inference_bf16 (oneDNN bfloat16, eval, on CPUs that support it), amp_o1 / amp_o2 (GPU only), timm and
+timm_bf16 (torch autocast) when torch and timm are installed. Ratios are against timm fp32 of the same run.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PADDLE_BACKENDS = ('dygraph', 'static', 'inference', 'inference_bf16', 'amp_o1', 'amp_o2')
+TIMM_BACKENDS = ('timm', 'timm_bf16')
+EVAL_ONLY = ('inference', 'inference_bf16')
+GPU_ONLY = ('amp_o1', 'amp_o2')
+
+
+def _status_mb(field: str) -> float:
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':')) / 1024.0  # kB
+
+
+def start_peak_memory() -> float:
+    """Reset the process's peak RSS (Linux clear_refs) and return the RSS it starts from, in MB."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    return _status_mb('VmRSS')
+
+
+def peak_memory_mb() -> float:
+    return _status_mb('VmHWM')
+
+
+def median_images_per_second(step, batch_size: int, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    durations = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        durations.append(time.perf_counter() - start)
+    return batch_size / statistics.median(durations)
+
+
+def paddle_step(config, backend: str, mode: str, batch_size: int):
+    """A function running one eval forward or one train step of our model on ``backend``."""
+    import numpy as np
+    import paddle
+
+    from beit import build_beit
+    from utils import use_all_cpu_cores
+    use_all_cpu_cores()
+    size = config.DATA.IMAGE_SIZE
+    images = np.random.default_rng(0).standard_normal((batch_size, 3, size, size)).astype(np.float32)
+    model = build_beit(config)
+    if backend.startswith('inference'):
+        from export_model import export
+        from inference import ExportedPredictor
+        prefix = os.path.join(tempfile.mkdtemp(), 'beit')
+        export(model, config, prefix)
+        predictor = ExportedPredictor(prefix, 'bf16' if backend == 'inference_bf16' else 'fp32')
+        return lambda: predictor(images)
+    if backend == 'static':
+        spec = paddle.static.InputSpec([None, 3, size, size], 'float32')
+        model = paddle.jit.to_static(model, input_spec=[spec], full_graph=True)
+    inputs = paddle.to_tensor(images)
+    amp_level = {'amp_o1': 'O1', 'amp_o2': 'O2'}.get(backend)
+    if mode == 'eval':
+        model.eval()
+
+        def eval_step():
+            with paddle.no_grad(), paddle.amp.auto_cast(enable=amp_level is not None, level=amp_level or 'O1'):
+                model(inputs).numpy()
+        return eval_step
+    labels = paddle.to_tensor(np.arange(batch_size) % config.MODEL.NUM_CLASSES)
+    optimizer = paddle.optimizer.AdamW(1e-4, parameters=model.parameters(), weight_decay=0.05)
+    if amp_level == 'O2':
+        model, optimizer = paddle.amp.decorate(model, optimizer, level='O2')
+    model.train()
+
+    def train_step():
+        with paddle.amp.auto_cast(enable=amp_level is not None, level=amp_level or 'O1'):
+            logits = model(inputs)
+        loss = paddle.nn.functional.cross_entropy(logits.astype('float32'), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        loss.item()
+    return train_step
+
+
+def timm_step(config, backend: str, mode: str, batch_size: int):
+    import torch
+    from timm.models.beit import Beit
+
+    from load_pytorch_weights import timm_kwargs_from_config
+    torch.set_num_threads(os.cpu_count() or 1)
+    size = config.DATA.IMAGE_SIZE
+    model = Beit(**timm_kwargs_from_config(config))
+    inputs = torch.randn(batch_size, 3, size, size)
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=backend == 'timm_bf16')
+    if mode == 'eval':
+        model.eval()
+
+        def eval_step():
+            with torch.no_grad(), autocast:
+                model(inputs).float().numpy()
+        return eval_step
+    labels = torch.arange(batch_size) % config.MODEL.NUM_CLASSES
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=0.05)
+    model.train()
+
+    def train_step():
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(inputs).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()
+    return train_step
+
+
+def measure(args) -> dict:
+    """In the child process: one backend, one mode."""
+    from config import get_config
+    config = get_config(args.cfg)
+    config.MODEL.DROPPATH = 0.0  # the same work in every step
+    if args.child in TIMM_BACKENDS:
+        import timm.models.beit  # noqa: F401
+        build = timm_step
+    else:
+        import beit  # noqa: F401
+        build = paddle_step
+    framework_mb = start_peak_memory()  # counted out: the frameworks' own import footprints differ
+    step = build(config, args.child, args.mode, args.batch_size)
+    rate = median_images_per_second(step, args.batch_size, args.warmup, args.steps)
+    return {'backend': args.child, 'images_per_sec': rate, 'peak_mb': peak_memory_mb() - framework_mb}
+
+
+def available_backends(mode: str) -> list:
+    import paddle
+
+    from inference import bf16_supported
+    backends = [b for b in PADDLE_BACKENDS if not (mode == 'train' and b in EVAL_ONLY)]
+    if not paddle.device.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
+        backends = [b for b in backends if b not in GPU_ONLY]
+    if not bf16_supported():
+        backends = [b for b in backends if b != 'inference_bf16']
+    try:
+        import timm  # noqa: F401
+        backends += list(TIMM_BACKENDS)
+    except ImportError:
+        print('timm not installed: no reference column', file=sys.stderr)
+    return backends
+
+
+def run_child(args, backend: str) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), '-cfg', args.cfg, '-batch_size', str(args.batch_size),
+               '-mode', args.mode, '-warmup', str(args.warmup), '-steps', str(args.steps), '-child', backend]
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith('{')]
+    if result.returncode or not lines:
+        return {'backend': backend, 'error': (result.stderr.strip().splitlines() or ['failed'])[-1]}
+    return json.loads(lines[-1])
+
+
+def print_table(rows: list, args) -> None:
+    reference = next((r for r in rows if r['backend'] == 'timm' and 'error' not in r), None)
+    print(f'{args.mode}, {os.path.basename(args.cfg)}, batch {args.batch_size}, {os.cpu_count()} cores, '
+          f'median of {args.steps} steps after {args.warmup} warm-up')
+    print(f'{"backend":<16}{"img/s":>9}{"x timm":>8}{"peak MB":>10}{"x timm":>8}   (peak: RSS growth after import)')
+    for row in rows:
+        if 'error' in row:
+            print(f'{row["backend"]:<16}  failed: {row["error"]}')
+            continue
+        speed = row['images_per_sec'] / reference['images_per_sec'] if reference else float('nan')
+        memory = row['peak_mb'] / reference['peak_mb'] if reference else float('nan')
+        print(f'{row["backend"]:<16}{row["images_per_sec"]:>9.2f}{speed:>8.2f}{row["peak_mb"]:>10.0f}{memory:>8.2f}')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser('BEiT speed and memory, next to timm')
+    parser.add_argument('-cfg', default='configs/beit_base_patch16_224.yaml')
+    parser.add_argument('-batch_size', type=int, default=8)
+    parser.add_argument('-mode', choices=('eval', 'train'), default='eval')
+    parser.add_argument('-backend', nargs='+', default=None, help='paths to measure (default: all available)')
+    parser.add_argument('-warmup', type=int, default=3)
+    parser.add_argument('-steps', type=int, default=10)
+    parser.add_argument('-child', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+    rows = [run_child(args, backend) for backend in (args.backend or available_backends(args.mode))]
+    print_table(rows, args)
+
+
+if __name__ == '__main__':
+    main()
