@@ -12,12 +12,19 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.distributed.fleet.utils import recompute
 
+import cpu_ops
 from pos_resample import NUM_CLS_RELATIONS, resample_abs_pos_embed, resample_rel_pos_table
 
 LAYER_NORM_EPS = 1e-6
 
 trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
 zeros_ = nn.initializer.Constant(0.0)
+
+
+def fused_attention_kernel_available() -> bool:
+    """Paddle has fused attention kernels on GPU only; on CPU its scaled_dot_product_attention is a slower
+    composition of ops than Attention's explicit path."""
+    return not paddle.get_device().startswith('cpu')
 
 
 def relative_position_table_size(grid: tuple[int, int]) -> int:
@@ -117,13 +124,13 @@ class Attention(nn.Layer):
         if grid:
             _add_relative_position_table(self, grid, num_heads)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _qkv_bias(self) -> paddle.Tensor | None:
         if self.q_bias is None:
             return None
-        return paddle.concat([self.q_bias, paddle.zeros_like(self.v_bias), self.v_bias])
+        return paddle.concat([self.q_bias, paddle.zeros(self.v_bias.shape, self.v_bias.dtype), self.v_bias])
 
     def _attention_bias(self, shared_bias: paddle.Tensor | None) -> paddle.Tensor | None:
         bias = None
@@ -134,35 +141,60 @@ class Attention(nn.Layer):
         return bias
 
     def forward(self, x: paddle.Tensor, shared_bias: paddle.Tensor | None = None) -> paddle.Tensor:
-        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
-        q, k, v = paddle.unbind(qkv.reshape([0, 0, 3, self.num_heads, self.head_dim]), axis=2)
+        qkv = cpu_ops.linear(x, self.qkv.weight, self._qkv_bias())
+        qkv = qkv.reshape([0, 0, 3, self.num_heads, self.head_dim])
         bias = self._attention_bias(shared_bias)
         if bias is not None:
-            bias = bias.astype(q.dtype)
-        drop = self.attn_drop if self.training else 0.0
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop,
-                                                 training=self.training)
+            bias = bias.astype(qkv.dtype)
+        if self.fused and fused_attention_kernel_available():
+            out = self._fused_attention(qkv, bias)
         else:
-            out = self._plain_attention(q, k, v, bias, drop)
+            out = self._explicit_attention(qkv, bias)
         return self.proj_drop(self.proj(out.reshape([0, 0, -1])))
 
-    def _plain_attention(self, q, k, v, bias, drop):
-        """Reference path in [B, heads, N, head_dim] layout; the fused path must match it."""
-        q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
+    def _dropout_rate(self) -> float:
+        return self.attn_drop if self.training else 0.0
+
+    def _fused_attention(self, qkv: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:
+        """Paddle's scaled_dot_product_attention ([B, N, heads, head_dim] layout)."""
+        q, k, v = paddle.unbind(qkv, axis=2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self._dropout_rate(),
+                                              training=self.training)
+
+    def _explicit_attention(self, qkv: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:
+        """Softmax(q k^T * scale + bias) v with two GEMMs, in [B, heads, N, head_dim] layout.
+
+        einsum does the layout changes with a real transpose kernel; a transposed view would be copied by
+        Paddle's strided-copy kernel, which is ~40x slower on CPU.
+        """
+        q, k, v = paddle.unbind(paddle.einsum('bnshd->sbhnd', qkv), axis=0)
         logits = paddle.matmul(q * self.scale, k, transpose_y=True)
         if bias is not None:
-            logits = logits + bias
-        weights = F.dropout(F.softmax(logits, axis=-1), drop, training=self.training)
-        return paddle.matmul(weights, v).transpose([0, 2, 1, 3])
+            logits = cpu_ops.add_broadcast(logits, bias)
+        weights = F.dropout(F.softmax(logits, axis=-1), self._dropout_rate(), training=self.training)
+        return paddle.einsum('bhnd->bnhd', paddle.matmul(weights, v))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed by cpu_ops.layer_norm (the same parameters, faster gradients on CPU)."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return cpu_ops.layer_norm(x, self.weight, self.bias, self._epsilon)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by cpu_ops.linear (the same parameters, faster gradients on CPU)."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return cpu_ops.linear(x, self.weight, self.bias)
 
 
 class Mlp(nn.Layer):
     def __init__(self, dim: int, hidden_dim: int, drop: float):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -174,10 +206,10 @@ class Block(nn.Layer):
                  attn_drop: float, drop_path: float, init_values: float | None,
                  grid: tuple[int, int] | None, fused_attn: bool):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, epsilon=LAYER_NORM_EPS)
+        self.norm1 = LayerNorm(dim, epsilon=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, grid, fused_attn)
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, epsilon=LAYER_NORM_EPS)
+        self.norm2 = LayerNorm(dim, epsilon=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         if init_values is None:  # layer scale off
             self.gamma_1 = self.gamma_2 = None
@@ -189,11 +221,11 @@ class Block(nn.Layer):
     def forward(self, x: paddle.Tensor, shared_bias: paddle.Tensor | None = None) -> paddle.Tensor:
         attn = self.attn(self.norm1(x), shared_bias)
         if self.gamma_1 is not None:
-            attn = self.gamma_1 * attn
+            attn = cpu_ops.scale_channels(attn, self.gamma_1)
         x = x + self.drop_path(attn)
         mlp = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
-            mlp = self.gamma_2 * mlp
+            mlp = cpu_ops.scale_channels(mlp, self.gamma_2)
         return x + self.drop_path(mlp)
 
 
@@ -229,9 +261,9 @@ class Beit(nn.Layer):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rate, init_values,
                   grid if use_rel_pos_bias else None, fused_attn)
             for rate in drop_path_rates])
-        self.norm = nn.Identity() if use_mean_pooling else nn.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
-        self.fc_norm = nn.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS) if use_mean_pooling else None
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = nn.Identity() if use_mean_pooling else LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
+        self.fc_norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS) if use_mean_pooling else None
+        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(init_scale)
 
     def _init_weights(self, init_scale: float) -> None:
@@ -288,9 +320,10 @@ class Beit(nn.Layer):
 
 
 def build_beit(config) -> Beit:
-    """The model described by ``config.MODEL`` (plus the input size and channels from ``config.DATA``)."""
+    """The model described by ``config.MODEL`` (plus the input size and channels from ``config.DATA``),
+    compiled by ``paddle.jit.to_static`` when MODEL.TO_STATIC is set."""
     model_cfg = config.MODEL
-    return Beit(
+    model = Beit(
         img_size=config.DATA.IMAGE_SIZE,
         patch_size=model_cfg.PATCH_SIZE,
         in_chans=config.DATA.IMAGE_CHANNELS,
@@ -312,6 +345,7 @@ def build_beit(config) -> Beit:
         fused_attn=model_cfg.FUSED_ATTN,
         recompute=model_cfg.RECOMPUTE,
     )
+    return paddle.jit.to_static(model, full_graph=True) if model_cfg.TO_STATIC else model
 
 
 def layer_id_for_lr_decay(param_name: str, depth: int) -> int:

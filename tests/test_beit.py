@@ -4,10 +4,14 @@ import math
 import numpy as np
 import paddle
 import pytest
+import torch
 from conftest import ROOT
+from paddle.jit.dy2static.program_translator import StaticFunction
 from timm.layers.pos_embed_rel import gen_relative_position_index
 from timm_reference import TINY, config_for, logits_difference, random_batch, timm_model
 
+import beit
+import cpu_ops
 from beit import build_beit, layer_id_for_lr_decay, lr_scale_for_param, relative_position_index
 from config import get_config
 from load_pytorch_weights import convert_state_dict
@@ -78,6 +82,7 @@ MODEL_KEY_EFFECTS = {
     'INIT_SCALE': (1.0, lambda m: m.head.weight.numpy().std() > 0.01),
     'FUSED_ATTN': (False, lambda m: not m.blocks[0].attn.fused),
     'RECOMPUTE': (True, lambda m: m.recompute),
+    'TO_STATIC': (True, lambda m: isinstance(m.forward, StaticFunction)),
 }
 
 
@@ -115,18 +120,63 @@ def _loss_and_grads(model, images):
     return loss.item(), {name: p.grad.numpy() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize('extra', [{'FUSED_ATTN': False}, {'RECOMPUTE': True}])
-def test_fast_paths_compute_the_same_function(extra):
+def _plain_paddle_ops(monkeypatch):
+    """The reference path: Paddle's own ops instead of cpu_ops' autograd functions."""
+    monkeypatch.setattr(cpu_ops, '_on_cpu_dygraph', lambda x: False)
+
+
+def _fused_kernel_on_cpu(monkeypatch):
+    """scaled_dot_product_attention, which the model uses only where Paddle has a fused kernel (GPU)."""
+    monkeypatch.setattr(beit, 'fused_attention_kernel_available', lambda: True)
+
+
+FAST_PATHS = {  # name -> (config keys, what to patch for the run of the fast model)
+    'cpu_ops autograd': ({}, None),
+    'fused attention': ({}, _fused_kernel_on_cpu),
+    'recompute': ({'RECOMPUTE': True}, None),
+    'to_static': ({'TO_STATIC': True}, None),
+}
+
+
+@pytest.mark.parametrize('path', FAST_PATHS)
+def test_fast_paths_compute_the_same_function(path, monkeypatch):
+    """Loss and every gradient of a fast path equal those of the plain path (Paddle ops, explicit attention)."""
     spec = {**TINY, 'USE_SHARED_REL_POS_BIAS': True, 'USE_ABS_POS_EMB': True, 'DROPPATH': 0.0}
+    extra, patch = FAST_PATHS[path]
     plain, fast = _trained_copy_pair(spec, **extra)
     images = random_batch(3, 32)
     plain.train()
     fast.train()
-    loss_plain, grads_plain = _loss_and_grads(plain, images)
-    loss_fast, grads_fast = _loss_and_grads(fast, images)
+    with monkeypatch.context() as patched:
+        _plain_paddle_ops(patched)
+        loss_plain, grads_plain = _loss_and_grads(plain, images)
+    with monkeypatch.context() as patched:
+        if patch is not None:
+            patch(patched)
+        loss_fast, grads_fast = _loss_and_grads(fast, images)
     assert loss_fast == pytest.approx(loss_plain, rel=1e-5)
     for name, grad in grads_plain.items():
         np.testing.assert_allclose(grads_fast[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_gradients_match_timm():
+    """The backward pass (cpu_ops on CPU) gives timm's gradients for every parameter."""
+    spec = {**TINY, 'USE_SHARED_REL_POS_BIAS': True, 'USE_ABS_POS_EMB': True}
+    reference = timm_model(spec)  # built without dropout or drop path
+    model = build_beit(config_for(spec, DROPPATH=0.0))
+    fitted, _ = convert_state_dict({n: v.numpy() for n, v in reference.state_dict().items()}, model)
+    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    images = random_batch(3, 32)
+    reference.train()
+    model.train()
+    reference(torch.from_numpy(images)).square().mean().backward()
+    _, grads = _loss_and_grads(model, images)
+    expected = {name: p.grad.numpy() for name, p in reference.named_parameters()}
+    converted, _ = convert_state_dict(expected, model)
+    assert set(converted) == set(grads)
+    for name, grad in grads.items():
+        scale = np.abs(converted[name]).max()
+        np.testing.assert_allclose(grad, converted[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
 def test_plain_attention_path_matches_timm():

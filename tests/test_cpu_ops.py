@@ -1,0 +1,75 @@
+"""cpu_ops: each autograd function equals Paddle's own op, forward and every gradient, on CPU."""
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+import cpu_ops
+
+
+def _tensor(rng, shape, dtype):
+    tensor = paddle.to_tensor(rng.standard_normal(shape).astype(dtype))
+    tensor.stop_gradient = False
+    return tensor
+
+
+def _output_and_grads(fn, inputs, upstream):
+    for tensor in inputs:
+        tensor.clear_gradient()
+    out = fn(*inputs)
+    out.backward(upstream)
+    return out.numpy(), [tensor.grad.numpy() for tensor in inputs]
+
+
+CASES = {  # name -> (function under test, Paddle's op, input shapes)
+    'linear 3-D input': (cpu_ops.linear, F.linear, [(2, 5, 6), (6, 4), (4,)]),
+    'linear 2-D input': (cpu_ops.linear, F.linear, [(7, 6), (6, 3), (3,)]),
+    'scale_channels': (cpu_ops.scale_channels, lambda x, s: x * s, [(2, 5, 6), (6,)]),
+    'add_broadcast': (cpu_ops.add_broadcast, lambda x, b: x + b, [(3, 2, 5, 5), (1, 2, 5, 5)]),
+    'layer_norm': (lambda x, w, b: cpu_ops.layer_norm(x, w, b, 1e-6),
+                   lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-6), [(2, 5, 6), (6,), (6,)]),
+}
+
+
+@pytest.mark.parametrize('dtype, rtol', [('float64', 1e-12), ('float32', 1e-5)])
+@pytest.mark.parametrize('case', CASES)
+def test_same_function_and_gradients_as_paddle(case, dtype, rtol):
+    ours, reference, shapes = CASES[case]
+    rng = np.random.default_rng(0)
+    inputs = [_tensor(rng, shape, dtype) for shape in shapes]
+    upstream = paddle.to_tensor(rng.standard_normal(reference(*inputs).shape).astype(dtype))
+    expected_out, expected_grads = _output_and_grads(reference, inputs, upstream)
+    out, grads = _output_and_grads(ours, inputs, upstream)
+    np.testing.assert_allclose(out, expected_out, rtol=rtol, atol=rtol)
+    for index, (grad, expected) in enumerate(zip(grads, expected_grads, strict=True)):
+        np.testing.assert_allclose(grad, expected, rtol=rtol, atol=rtol, err_msg=f'gradient of input {index}')
+
+
+def test_linear_without_bias():
+    rng = np.random.default_rng(1)
+    x, weight = _tensor(rng, (4, 3, 5), 'float64'), _tensor(rng, (5, 2), 'float64')
+    upstream = paddle.to_tensor(rng.standard_normal((4, 3, 2)))
+    out, (grad_x, grad_w) = _output_and_grads(lambda a, w: cpu_ops.linear(a, w, None), [x, weight], upstream)
+    np.testing.assert_allclose(out, x.numpy() @ weight.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(grad_x, upstream.numpy() @ weight.numpy().T, rtol=1e-12)
+    np.testing.assert_allclose(grad_w, np.einsum('bni,bno->io', x.numpy(), upstream.numpy()), rtol=1e-12)
+
+
+def test_sum_over_leading_axes_is_a_column_sum():
+    values = np.random.default_rng(2).standard_normal((3, 4, 5))
+    summed = cpu_ops.sum_over_leading_axes(paddle.to_tensor(values), kept_axes=2)
+    np.testing.assert_allclose(summed.numpy().reshape(4, 5), values.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(cpu_ops.sum_over_leading_axes(paddle.to_tensor(values)).numpy().ravel(),
+                               values.reshape(-1, 5).sum(axis=0), rtol=1e-12)
+
+
+def _which_path(t):
+    """1 where cpu_ops would use its autograd functions, 0 where Paddle's ops."""
+    return t * 0 + 1 if cpu_ops._on_cpu_dygraph(t) else t * 0
+
+
+def test_autograd_functions_run_in_dygraph_on_cpu_only():
+    """A static program (to_static, export) gets Paddle's ops, whose patterns Paddle Inference fuses."""
+    x = paddle.ones([2, 3])
+    assert _which_path(x).numpy().min() == 1
+    assert paddle.jit.to_static(_which_path, full_graph=True)(x).numpy().max() == 0
