@@ -51,7 +51,8 @@ _C.MODEL.USE_REL_POS_BIAS = True  # one table per block
 _C.MODEL.USE_SHARED_REL_POS_BIAS = False  # one table for all blocks
 _C.MODEL.USE_MEAN_POOLING = True  # mean of patch tokens + fc_norm; False: cls token after norm
 _C.MODEL.INIT_SCALE = 0.001  # head weights and bias scaled after init
-_C.MODEL.FUSED_ATTN = True  # paddle's scaled_dot_product_attention
+_C.MODEL.FUSED_ATTN = True  # paddle's scaled_dot_product_attention where it has a fused kernel (GPU)
+_C.MODEL.TO_STATIC = False  # compile the model with paddle.jit.to_static (whole graph) for training and eval
 _C.MODEL.RECOMPUTE = False  # recompute block activations in backward to save memory
 _C.MODEL.REL_POS_INTERP = 'cubic'  # resampling of bias tables for a new resolution: cubic (unilm) or linear (timm)
 
@@ -110,9 +111,11 @@ _C.REPORT_FREQ = 20  # steps between log lines
 _C.VALIDATE_FREQ = 1  # epochs between evaluations
 _C.SEED = 0
 _C.EVAL = False
+_C.EVAL_BACKEND = 'dygraph'  # -eval runs: dygraph, or the exported model in Paddle Inference (CPU) fp32 / bf16
 _C.NGPUS = -1  # processes for main_multi_gpu.py; -1 uses every visible GPU
 
 _CHOICES = {
+    'EVAL_BACKEND': ('dygraph', 'inference', 'inference_bf16'),
     'DATA.INTERPOLATION': ('bilinear', 'bicubic'),
     'DATA.BAD_IMAGE_POLICY': ('error', 'skip'),
     'DATA.DATASET': ('imagenet2012', 'imagefolder'),

@@ -9,24 +9,10 @@ reads them) and PREFIX.yaml (the config). The program takes normalised [B, 3, S,
 preprocessing stays in Python, where predict.py applies the same transform to the exported and the dygraph
 model, as the config in PREFIX.yaml describes. Exit codes: 0 exported; 2 bad arguments, config or weights.
 """
-import os
 import sys
 
-import paddle
-from paddle.static import InputSpec
-
 from config import ConfigError, build_arg_parser, get_default_config, update_config
-from inference import WeightsError, load_model
-
-
-def export(model: paddle.nn.Layer, config, prefix: str) -> None:
-    """Trace ``model`` for [any batch, C, S, S] float32 input and save it with its config next to it."""
-    size = config.DATA.IMAGE_SIZE
-    spec = InputSpec([None, config.DATA.IMAGE_CHANNELS, size, size], 'float32', 'image')
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    paddle.jit.save(paddle.jit.to_static(model.eval(), input_spec=[spec], full_graph=True), prefix)
-    with open(prefix + '.yaml', 'w', encoding='utf-8') as f:
-        f.write(config.dump())
+from inference import WeightsError, export, load_model
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,7 @@ from checkpoint import (
 from config import ConfigError, build_arg_parser, get_config, update_config
 from datasets import DatasetError, get_dataloader, get_dataset
 from engine import Amp, NonFiniteLossError, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
+from inference import PredictorAsModel, WeightsError
 from losses import build_criterion
 from mixup import build_mixup
 from model_ema import ModelEma
@@ -45,21 +46,22 @@ from utils import (
     write_json,
 )
 
-INPUT_ERRORS = (ConfigError, DatasetError, CheckpointError, CheckpointMismatchError)
+INPUT_ERRORS = (ConfigError, DatasetError, CheckpointError, CheckpointMismatchError, WeightsError)
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
 
 
 @dataclass
 class Job:
-    """A checked run, built in memory: ``model`` is the bare BEiT, ``trainer`` (training only) holds what the
-    optimizer steps need; ``last_checkpoint`` is the newest checkpoint this run can fall back on."""
+    """A checked run, built in memory: ``model`` is the bare BEiT (for -eval with EVAL_BACKEND inference*, its
+    Paddle Inference copy), ``trainer`` (training only) holds what the optimizer steps need;
+    ``last_checkpoint`` is the newest checkpoint this run can fall back on."""
 
     config: object
     world: World
     logger: logging.Logger
     amp: Amp
-    model: paddle.nn.Layer
+    model: object
     val_set: object
     val_loader: object
     train_set: object = None
@@ -161,6 +163,17 @@ def _build_trainer(config, model, world: World, amp: Amp, steps_per_epoch: int, 
     return trainer, settings
 
 
+def _evaluation_model(config, model):
+    """The loaded model, or its exported copy in Paddle Inference when EVAL_BACKEND asks for one."""
+    backend = config.EVAL_BACKEND
+    if backend == 'dygraph':
+        return model
+    if not paddle.get_device().startswith('cpu'):
+        raise ConfigError(f'EVAL_BACKEND {backend} runs Paddle Inference on the CPU; on {paddle.get_device()} '
+                          'use EVAL_BACKEND dygraph (with -amp for reduced precision)')
+    return PredictorAsModel(model, config, 'bf16' if backend == 'inference_bf16' else 'fp32')
+
+
 def prepare(config, world: World, logger: logging.Logger) -> Job:
     """Check every input and build the run in memory; raises one of INPUT_ERRORS, having written nothing."""
     if config.EVAL and config.MODEL.RESUME:
@@ -176,7 +189,7 @@ def prepare(config, world: World, logger: logging.Logger) -> Job:
         epoch = _load_starting_weights(config, model, logger)
         if amp.enabled and amp.level == 'O2':
             model = paddle.amp.decorate(models=model, level='O2', dtype=amp.dtype, save_dtype='float32')
-        return Job(config, world, logger, amp, model, val_set, val_loader,
+        return Job(config, world, logger, amp, _evaluation_model(config, model), val_set, val_loader,
                    start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch)
     train_set = get_dataset(config, 'train')
     train_loader = get_dataloader(config, train_set, 'train', multi_process)
@@ -298,6 +311,8 @@ def train(job: Job) -> None:
 
 
 def evaluate_weights(job: Job) -> dict:
+    if job.config.EVAL_BACKEND != 'dygraph':
+        job.logger.info(f'evaluating the exported model in Paddle Inference ({job.config.EVAL_BACKEND})')
     result = evaluate(job.model, job.val_loader, job.world, job.amp)
     _log_evaluation(job, 'val', result)
     record = {'split': 'val', 'epoch': job.start_epoch, **_metric_fields(result), 'lr': None,

@@ -162,3 +162,35 @@ def test_replaced_undecodable_images_are_counted_in_the_metrics(tmp_path, capsys
     assert val['num_samples'] == 11
     assert 'undecodable images were replaced' in (output / 'log.txt').read_text()
     capsys.readouterr()
+
+
+def _val_record(output):
+    return [json.loads(line) for line in (output / 'metrics.jsonl').read_text().splitlines()][-1]
+
+
+@pytest.mark.parametrize('backend, tolerance', [('inference', 1e-5), ('inference_bf16', 2e-2)])
+def test_eval_backends_give_the_dygraph_metrics(backend, tolerance, data, tmp_path, capsys):
+    """-eval through the exported model in Paddle Inference scores the weights as the dygraph model does."""
+    if backend == 'inference_bf16' and not paddle.base.core.supports_bfloat16():
+        pytest.skip('this CPU has no bfloat16 support')
+    weights = tmp_path / 'weights.pdparams'
+    model = build_beit(get_config(TINY_CONFIG))
+    model.set_state_dict({name: paddle.randn(value.shape) * 0.5 for name, value in model.state_dict().items()})
+    paddle.save(model.state_dict(), str(weights))
+    for name, opts in (('dygraph', []), (backend, ['EVAL_BACKEND', backend])):
+        assert main_single_gpu.main(args(data, tmp_path / name, '-eval', '-pretrained', str(weights), opts=opts)) == 0
+    expected, record = _val_record(tmp_path / 'dygraph'), _val_record(tmp_path / backend)
+    assert record['num_samples'] == expected['num_samples'] == 11
+    assert record['loss'] == pytest.approx(expected['loss'], rel=tolerance)
+    assert 'Paddle Inference' in (tmp_path / backend / 'log.txt').read_text()
+    capsys.readouterr()
+
+
+def test_to_static_training_runs_to_the_end(data, tmp_path, capsys):
+    output = tmp_path / 'static'
+    assert main_single_gpu.main(args(data, output, opts=['MODEL.TO_STATIC', 'True', 'TRAIN.MODEL_EMA', 'True'])) == 0
+    records = [json.loads(line) for line in (output / 'metrics.jsonl').read_text().splitlines()]
+    assert [(r['split'], r['epoch']) for r in records] == [('train', 1), ('val', 1), ('train', 2), ('val', 2)]
+    assert all(np.isfinite(r['loss']) for r in records)
+    assert (output / 'checkpoint-epoch-2.pdparams').exists()
+    capsys.readouterr()
