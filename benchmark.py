@@ -3,10 +3,14 @@
     python benchmark.py -cfg configs/beit_base_patch16_224.yaml -batch_size 8 -mode eval
     python benchmark.py -cfg configs/beit_base_patch16_224.yaml -batch_size 8 -mode train -backend dygraph timm
 
+    python benchmark.py -cfg configs/beit_tiny_patch4_32.yaml -batch_size 32 -mode train -backend dygraph dygraph_ddp
+
 Each path runs in a fresh child process (so its peak memory is its own): a few warm-up steps, then the median
-of the timed steps. Paths: dygraph, static (paddle.jit.to_static), inference (Paddle Inference fp32),
-inference_bf16 (oneDNN bfloat16, eval, on CPUs that support it), amp_o1 / amp_o2 (GPU only), timm and
-timm_bf16 (torch autocast) when torch and timm are installed. Ratios are against timm fp32 of the same run.
+of the timed steps. Paths: dygraph, static (paddle.jit.to_static), inference (Paddle Inference fp32 with
+oneDNN), inference_bf16 (oneDNN bfloat16, eval, on CPUs that support it), amp_o1 / amp_o2 (GPU only),
+dygraph_ddp (-nproc processes, DataParallel; images/s of all of them, each process a -batch_size batch and
+its share of the CPU cores), timm and timm_bf16 (torch autocast) when torch and timm are installed. Ratios are
+against timm fp32 of the same run; dygraph_ddp is also compared with dygraph.
 """
 import argparse
 import json
@@ -17,7 +21,7 @@ import sys
 import tempfile
 import time
 
-PADDLE_BACKENDS = ('dygraph', 'static', 'inference', 'inference_bf16', 'amp_o1', 'amp_o2')
+PADDLE_BACKENDS = ('dygraph', 'static', 'inference', 'inference_bf16', 'amp_o1', 'amp_o2', 'dygraph_ddp')
 TIMM_BACKENDS = ('timm', 'timm_bf16')
 EVAL_ONLY = ('inference', 'inference_bf16')
 GPU_ONLY = ('amp_o1', 'amp_o2')
@@ -50,23 +54,20 @@ def median_images_per_second(step, batch_size: int, warmup: int, steps: int) -> 
     return batch_size / statistics.median(durations)
 
 
-def paddle_step(config, backend: str, mode: str, batch_size: int):
+def paddle_step(config, backend: str, mode: str, batch_size: int, processes: int = 1):
     """A function running one eval forward or one train step of our model on ``backend``."""
     import numpy as np
     import paddle
 
     from beit import build_beit
     from utils import use_all_cpu_cores
-    use_all_cpu_cores()
+    use_all_cpu_cores(processes)
     size = config.DATA.IMAGE_SIZE
     images = np.random.default_rng(0).standard_normal((batch_size, 3, size, size)).astype(np.float32)
     model = build_beit(config)
     if backend.startswith('inference'):
-        from export_model import export
-        from inference import ExportedPredictor
-        prefix = os.path.join(tempfile.mkdtemp(), 'beit')
-        export(model, config, prefix)
-        predictor = ExportedPredictor(prefix, 'bf16' if backend == 'inference_bf16' else 'fp32')
+        from inference import exported_predictor
+        predictor = exported_predictor(model, config, 'bf16' if backend == 'inference_bf16' else 'fp32')
         return lambda: predictor(images)
     if backend == 'static':
         spec = paddle.static.InputSpec([None, 3, size, size], 'float32')
@@ -84,6 +85,8 @@ def paddle_step(config, backend: str, mode: str, batch_size: int):
     optimizer = paddle.optimizer.AdamW(1e-4, parameters=model.parameters(), weight_decay=0.05)
     if amp_level == 'O2':
         model, optimizer = paddle.amp.decorate(model, optimizer, level='O2')
+    if processes > 1:
+        model = paddle.DataParallel(model)
     model.train()
 
     def train_step():
@@ -97,7 +100,7 @@ def paddle_step(config, backend: str, mode: str, batch_size: int):
     return train_step
 
 
-def timm_step(config, backend: str, mode: str, batch_size: int):
+def timm_step(config, backend: str, mode: str, batch_size: int, processes: int = 1):
     import torch
     from timm.models.beit import Beit
 
@@ -128,7 +131,29 @@ def timm_step(config, backend: str, mode: str, batch_size: int):
     return train_step
 
 
-def measure(args) -> dict:
+def _data_parallel_worker(args, result_path: str) -> None:
+    """One of ``args.nproc`` spawned processes; the first writes the images/s of all of them."""
+    import paddle.distributed as dist
+    dist.init_parallel_env()
+    args.child = 'dygraph'
+    result = measure(args, processes=args.nproc)
+    if dist.get_rank() == 0:
+        result.update(backend='dygraph_ddp', images_per_sec=result['images_per_sec'] * args.nproc)
+        with open(result_path, 'w') as f:
+            json.dump(result, f)
+
+
+def measure_data_parallel(args) -> dict:
+    """In the child process: the dygraph step on ``args.nproc`` processes (DataParallel, gloo on CPU)."""
+    import paddle.distributed as dist
+    with tempfile.TemporaryDirectory() as folder:
+        result_path = os.path.join(folder, 'result.json')
+        dist.spawn(_data_parallel_worker, args=(args, result_path), nprocs=args.nproc)
+        with open(result_path) as f:
+            return json.load(f)
+
+
+def measure(args, processes: int = 1) -> dict:
     """In the child process: one backend, one mode."""
     from config import get_config
     config = get_config(args.cfg)
@@ -140,7 +165,7 @@ def measure(args) -> dict:
         import beit  # noqa: F401
         build = paddle_step
     framework_mb = start_peak_memory()  # counted out: the frameworks' own import footprints differ
-    step = build(config, args.child, args.mode, args.batch_size)
+    step = build(config, args.child, args.mode, args.batch_size, processes)
     rate = median_images_per_second(step, args.batch_size, args.warmup, args.steps)
     return {'backend': args.child, 'images_per_sec': rate, 'peak_mb': peak_memory_mb() - framework_mb}
 
@@ -149,7 +174,7 @@ def available_backends(mode: str) -> list:
     import paddle
 
     from inference import bf16_supported
-    backends = [b for b in PADDLE_BACKENDS if not (mode == 'train' and b in EVAL_ONLY)]
+    backends = [b for b in PADDLE_BACKENDS if not (mode == 'train' and b in EVAL_ONLY) and b != 'dygraph_ddp']
     if not paddle.device.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
         backends = [b for b in backends if b not in GPU_ONLY]
     if not bf16_supported():
@@ -164,7 +189,8 @@ def available_backends(mode: str) -> list:
 
 def run_child(args, backend: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), '-cfg', args.cfg, '-batch_size', str(args.batch_size),
-               '-mode', args.mode, '-warmup', str(args.warmup), '-steps', str(args.steps), '-child', backend]
+               '-mode', args.mode, '-warmup', str(args.warmup), '-steps', str(args.steps), '-nproc', str(args.nproc),
+               '-child', backend]
     result = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith('{')]
     if result.returncode or not lines:
@@ -184,6 +210,14 @@ def print_table(rows: list, args) -> None:
         speed = row['images_per_sec'] / reference['images_per_sec'] if reference else float('nan')
         memory = row['peak_mb'] / reference['peak_mb'] if reference else float('nan')
         print(f'{row["backend"]:<16}{row["images_per_sec"]:>9.2f}{speed:>8.2f}{row["peak_mb"]:>10.0f}{memory:>8.2f}')
+    _print_scaling(rows, args)
+
+
+def _print_scaling(rows: list, args) -> None:
+    measured = {row['backend']: row['images_per_sec'] for row in rows if 'error' not in row}
+    if 'dygraph' in measured and 'dygraph_ddp' in measured:
+        print(f'dygraph_ddp: {args.nproc} processes give {measured["dygraph_ddp"] / measured["dygraph"]:.2f}x the '
+              'images/s of one dygraph process')
 
 
 def main() -> None:
@@ -194,13 +228,15 @@ def main() -> None:
     parser.add_argument('-backend', nargs='+', default=None, help='paths to measure (default: all available)')
     parser.add_argument('-warmup', type=int, default=3)
     parser.add_argument('-steps', type=int, default=10)
+    parser.add_argument('-nproc', type=int, default=2, help='processes of the dygraph_ddp path')
     parser.add_argument('-child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child == 'dygraph_ddp':
+        print(json.dumps(measure_data_parallel(args)))
+    elif args.child:
         print(json.dumps(measure(args)))
-        return
-    rows = [run_child(args, backend) for backend in (args.backend or available_backends(args.mode))]
-    print_table(rows, args)
+    else:
+        print_table([run_child(args, backend) for backend in (args.backend or available_backends(args.mode))], args)
 
 
 if __name__ == '__main__':

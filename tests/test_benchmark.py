@@ -8,10 +8,12 @@ from conftest import ROOT
 def test_every_path_runs_and_is_reported():
     result = subprocess.run([sys.executable, str(ROOT / 'benchmark.py'), '-cfg', 'configs/beit_tiny_patch4_32.yaml',
                              '-batch_size', '2', '-warmup', '1', '-steps', '2', '-mode', 'train',
-                             '-backend', 'dygraph', 'static', 'timm', 'timm_bf16'],
+                             '-backend', 'dygraph', 'static', 'dygraph_ddp', 'timm', 'timm_bf16'],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
-    assert sorted(rows) == ['dygraph', 'static', 'timm', 'timm_bf16'], result.stdout
+    *table, scaling = result.stdout.splitlines()[2:]
+    rows = {line.split()[0]: line.split()[1:] for line in table}
+    assert sorted(rows) == ['dygraph', 'dygraph_ddp', 'static', 'timm', 'timm_bf16'], result.stdout
+    assert scaling.startswith('dygraph_ddp: 2 processes give'), result.stdout
     assert all(len(values) == 4 and float(values[0]) > 0 for values in rows.values()), result.stdout
     assert float(rows['timm'][1]) == 1.0
