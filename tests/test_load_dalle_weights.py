@@ -104,6 +104,9 @@ BAD_SOURCES = {
     'wrong shape': (lambda tmp: _torch_save(tmp / 'w.pkl', {**_tiny_state_dict(),
                                                             'blocks.output.conv.b': torch.ones(7)}),
                     r'{src}: blocks.output.conv.b has shape \[7\], the encoder it describes needs \[512\]'),
+    'no groups': (lambda tmp: _torch_save(tmp / 'g.pkl', {
+        name: value for name, value in _tiny_state_dict().items() if not name.startswith('blocks.group_')}),
+        r'{src}: not a DALL-E encoder \(group_count, .* must be at least 1, got 0, 0, 3, 512\)'),
     'missing tensor': (lambda tmp: _torch_save(tmp / 'm.pkl', {
         name: value for name, value in _tiny_state_dict().items() if name != 'blocks.group_4.block_1.id_path.w'}),
         r"{src}: not the tensors of a DALL-E encoder: 1 missing \['blocks.group_4.block_1.id_path.w'\]"),
