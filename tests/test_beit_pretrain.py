@@ -5,7 +5,9 @@ import paddle
 import pytest
 import torch
 import torch.nn.functional as TF
-from timm_reference import TINY, config_for, random_batch, timm_model, torch_state_dict
+from timm_reference import PRETRAIN_SPEC as SPEC
+from timm_reference import PRETRAIN_VOCAB as VOCAB
+from timm_reference import TINY, config_for, pretraining_checkpoint, random_batch
 
 from beit import adapt_state_dict, build_beit
 from beit_pretrain import BeitForMaskedImageModeling, MaskedImageModelingObjective, build_beit_pretrain
@@ -13,8 +15,6 @@ from engine import Amp
 from load_pytorch_weights import convert_state_dict
 from optim import param_settings
 
-VOCAB = 50
-SPEC = {**TINY, 'USE_REL_POS_BIAS': False, 'USE_SHARED_REL_POS_BIAS': True, 'USE_MEAN_POOLING': False}
 GRID = TINY['IMAGE_SIZE'] // TINY['PATCH_SIZE']  # 4x4 patches
 UNILM_PRETRAIN_KEYS = {'cls_token', 'mask_token', 'patch_embed.proj.weight', 'patch_embed.proj.bias',
                        'rel_pos_bias.relative_position_bias_table', 'norm.weight', 'norm.bias', 'lm_head.weight',
@@ -28,17 +28,6 @@ def pretrain_config(spec=SPEC):
     config = config_for(spec)
     config.PRETRAIN.VOCAB_SIZE = VOCAB
     return config
-
-
-def unilm_pretraining_checkpoint(seed=0):
-    """timm's encoder with random weights plus unilm's MIM tensors: (timm model, torch state dict)."""
-    reference = timm_model(SPEC, seed)
-    state = {name: value for name, value in torch_state_dict(reference).items() if not name.startswith('head.')}
-    generator = torch.Generator().manual_seed(seed)
-    state['mask_token'] = torch.randn(1, 1, TINY['EMBED_DIM'], generator=generator)
-    state['lm_head.weight'] = torch.randn(VOCAB, TINY['EMBED_DIM'], generator=generator) * 0.2
-    state['lm_head.bias'] = torch.randn(VOCAB, generator=generator) * 0.2
-    return reference, state
 
 
 def loaded_model(state):
@@ -80,7 +69,7 @@ class FixedTokenizer:
 
 
 def test_loss_and_accuracy_equal_torch_cross_entropy_on_masked_positions():
-    reference, state = unilm_pretraining_checkpoint()
+    reference, state = pretraining_checkpoint()
     model = loaded_model(state)
     images, masks = random_batch(3, TINY['IMAGE_SIZE']), random_masks(3)
     ids = np.random.default_rng(1).integers(0, VOCAB, (3, GRID * GRID))
@@ -103,7 +92,7 @@ def test_loss_and_accuracy_equal_torch_cross_entropy_on_masked_positions():
 
 
 def test_masked_patches_are_invisible_and_unmasked_ones_are_not():
-    _, state = unilm_pretraining_checkpoint()
+    _, state = pretraining_checkpoint()
     model = loaded_model(state)
     images, masks = random_batch(2, TINY['IMAGE_SIZE']), random_masks(2)
     patch = TINY['PATCH_SIZE']
@@ -127,7 +116,7 @@ def test_masked_patches_are_invisible_and_unmasked_ones_are_not():
 def test_unmasked_encoder_equals_the_fine_tuning_encoder(per_block):
     """Same weights, nothing masked: the fine-tuning model (cls pooling keeps ``norm``) gives the same tokens,
     with the shared table kept or spread into every block."""
-    _, state = unilm_pretraining_checkpoint()
+    _, state = pretraining_checkpoint()
     model = loaded_model(state)
     spec = {**SPEC, 'USE_REL_POS_BIAS': per_block, 'USE_SHARED_REL_POS_BIAS': not per_block}
     fine_tuning = build_beit(config_for(spec))
