@@ -355,8 +355,9 @@ def build_arg_parser(description: str = 'BEiT') -> argparse.ArgumentParser:
         parser.add_argument(f'-{flag}', type=int, default=None)
     parser.add_argument('-eval', action='store_true', help='evaluate only')
     parser.add_argument('-amp', action='store_true', help='mixed precision (AMP_LEVEL, AMP_DTYPE)')
-    parser.add_argument('-opts', nargs='+', default=[], metavar='KEY VALUE',
-                        help='override config keys, e.g. -opts TRAIN.BASE_LR 1e-3 MODEL.DROPPATH 0.2')
+    parser.add_argument('-opts', nargs='+', action='extend', default=[], metavar='KEY VALUE',
+                        help='override config keys, e.g. -opts TRAIN.BASE_LR 1e-3 MODEL.DROPPATH 0.2 (given twice, '
+                             'both apply in order)')
     return parser
 
 

@@ -139,6 +139,13 @@ def test_bad_opts_name_the_key(opts, message):
         update_config(get_config(), parse('-opts', *opts))
 
 
+def test_opts_given_twice_both_apply():
+    """run_*_multi.sh pass -opts of their own before the user's."""
+    config = update_config(get_config(), parse('-opts', 'TRAIN.BASE_LR', '1', 'SEED', '3', '-eval',
+                                               '-opts', 'TRAIN.BASE_LR', '2'))
+    assert (config.TRAIN.BASE_LR, config.SEED, config.EVAL) == (2.0, 3, True)
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match='config file not found: .*nope.yaml'):
         update_config(get_config(), parse('-cfg', 'nope.yaml'))
