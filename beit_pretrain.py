@@ -47,8 +47,8 @@ def build_beit_pretrain(config) -> BeitForMaskedImageModeling:
 
 
 def build_tokenizer_for(config) -> nn.Layer:
-    """The DALL-E encoder of ``config.PRETRAIN`` in eval mode: converted weights, or random ones (seeded by SEED,
-    so every process and every resumed run has the same) when PRETRAIN.RANDOM_TOKENIZER allows it."""
+    """The frozen DALL-E encoder of ``config.PRETRAIN``: converted weights, or random ones (seeded by SEED, so every
+    process and every resumed run has the same) when PRETRAIN.RANDOM_TOKENIZER allows it."""
     pretrain = config.PRETRAIN
     path = pretrain.TOKENIZER_WEIGHTS or None
     if path is not None and not os.path.isfile(path):
@@ -64,10 +64,7 @@ def build_tokenizer_for(config) -> nn.Layer:
                               f'TOKENIZER_HIDDEN {pretrain.TOKENIZER_HIDDEN}, TOKENIZER_BLOCKS_PER_GROUP '
                               f'{pretrain.TOKENIZER_BLOCKS_PER_GROUP}, VOCAB_SIZE {pretrain.VOCAB_SIZE}: '
                               f'{err}') from err
-    tokenizer.eval()
-    for param in tokenizer.parameters():
-        param.stop_gradient = True
-    return tokenizer
+    return tokenizer  # frozen, in eval mode
 
 
 class MaskedImageModelingObjective:

@@ -113,16 +113,6 @@ def test_fine_tuning_starts_from_the_pretraining_checkpoint(pretrain_run, demo_s
     assert val['num_samples'] == 125 and np.isfinite(val['loss'])
 
 
-@pytest.fixture()
-def used_output(tmp_path):
-    """An output folder holding an earlier run's files, which no refused run may touch."""
-    folder = tmp_path / 'run'
-    folder.mkdir()
-    (folder / 'log.txt').write_text('earlier log\n')
-    (folder / 'metrics.jsonl').write_text('{"split": "train", "epoch": 1}\n')
-    return folder
-
-
 BAD_INPUTS = {
     'tokenizer weights not given': (['PRETRAIN.RANDOM_TOKENIZER', 'False'], 'PRETRAIN.TOKENIZER_WEIGHTS is not set'),
     'tokenizer weights missing': (['PRETRAIN.TOKENIZER_WEIGHTS', 'nowhere/dall_e_encoder.pdparams'],
@@ -139,10 +129,11 @@ BAD_INPUTS = {
 @pytest.mark.parametrize('ngpus', ['1', '2'])
 @pytest.mark.parametrize('case', sorted(BAD_INPUTS))
 def test_bad_input_exits_2_naming_the_key_and_writes_nothing(case, ngpus, demo_subset, used_output, capsys):
+    """The earlier run's checkpoint-epoch-2 lies beyond this 1-epoch run: only the bad input stops it."""
     opts, message = BAD_INPUTS[case]
     before = {path.name: path.read_bytes() for path in used_output.iterdir()}
     code = main_pretrain.main(['-cfg', PRETRAIN_CONFIG, '-data_path', str(demo_subset), '-output', str(used_output),
-                               '-ngpus', ngpus, '-opts', 'DATA.NUM_WORKERS', '0', *opts])
+                               '-ngpus', ngpus, '-opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.NUM_EPOCHS', '1', *opts])
     assert code == 2
     assert message in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in used_output.iterdir()} == before
