@@ -5,12 +5,19 @@ import paddle
 import pytest
 import torch
 import torch.nn.functional as TF
+from conftest import ROOT
 from timm_reference import PRETRAIN_SPEC as SPEC
 from timm_reference import PRETRAIN_VOCAB as VOCAB
 from timm_reference import TINY, config_for, pretraining_checkpoint, random_batch
 
 from beit import adapt_state_dict, build_beit
-from beit_pretrain import BeitForMaskedImageModeling, MaskedImageModelingObjective, build_beit_pretrain
+from beit_pretrain import (
+    BeitForMaskedImageModeling,
+    MaskedImageModelingObjective,
+    build_beit_pretrain,
+    build_tokenizer_for,
+)
+from config import get_config
 from engine import Amp
 from load_pytorch_weights import convert_state_dict
 from optim import param_settings
@@ -165,3 +172,25 @@ def test_optimizer_rules_cover_the_pretraining_tensors():
     assert settings['lm_head.weight'] == {'lr_scale': 1.0, 'weight_decay': 0.05}
     assert settings['lm_head.bias']['weight_decay'] == 0.0
     assert settings['rel_pos_bias.relative_position_bias_table']['lr_scale'] == 1.0
+
+
+def test_tokenizer_from_config_is_reproducible_and_loads_converted_weights(tmp_path):
+    """A random tokenizer must be the same in every process and after -resume: it is seeded by SEED."""
+    config = get_config(str(ROOT / 'configs' / 'beit_tiny_pretrain_fashion_mnist.yaml'))
+    first = build_tokenizer_for(config)
+    paddle.seed(123)  # whatever the generator's state, the same tokenizer
+    second = build_tokenizer_for(config)
+    config.SEED = 1
+    other = build_tokenizer_for(config)
+    names = list(first.state_dict())
+    for name in names:
+        np.testing.assert_array_equal(first.state_dict()[name].numpy(), second.state_dict()[name].numpy())
+    assert any(not np.array_equal(first.state_dict()[n].numpy(), other.state_dict()[n].numpy()) for n in names)
+    paddle.save(first.state_dict(), str(tmp_path / 'tokenizer.pdparams'))
+    config.PRETRAIN.TOKENIZER_WEIGHTS = str(tmp_path / 'tokenizer.pdparams')
+    config.PRETRAIN.RANDOM_TOKENIZER = False
+    loaded = build_tokenizer_for(config)
+    views = paddle.rand([2, 3, 32, 32]) * 0.8 + 0.1
+    ids = loaded.get_codebook_indices(views)
+    assert ids.shape == [2, 16] and ids.dtype == paddle.int64
+    np.testing.assert_array_equal(ids.numpy(), first.get_codebook_indices(views).numpy())
