@@ -8,10 +8,14 @@ Reads unilm ``.pth`` files (a dict holding ``model``, ``module`` or a bare state
 written only when the whole checkpoint fits the config.
 """
 import argparse
+import collections
 import json
 import os
+import pickle
+import re
 import struct
 import sys
+import warnings
 
 import numpy as np
 import paddle
@@ -31,6 +35,10 @@ _WRAPPER_KEYS = ('model', 'module', 'state_dict', 'model_ema')
 
 class ConversionError(ValueError):
     """The source file is missing, unreadable or not a checkpoint."""
+
+
+class RefusedPickleError(ConversionError):
+    """The file pickles a class that the weights-only unpickler does not rebuild (-trust_pickle would)."""
 
 
 def read_safetensors(path: str) -> dict:
@@ -63,27 +71,79 @@ def read_safetensors(path: str) -> dict:
     return tensors
 
 
-def read_torch_checkpoint(path: str, trust_pickle: bool = False) -> dict:
-    """The (possibly wrapped) object saved by ``torch.save``, with tensors as numpy arrays."""
+def read_torch_checkpoint(path: str, trust_pickle: bool = False, module_classes: tuple[str, ...] = ()) -> dict:
+    """The (possibly wrapped) object saved by ``torch.save``, with tensors as numpy arrays and a module pickled
+    whole as its state dict.
+
+    ``module_classes``: qualified names of the nn.Module classes of a file that pickles a whole module (such as
+    ``dall_e.encoder.Encoder``); such files are read by ``_ModuleUnpickling`` instead of torch's weights-only
+    unpickler, in the zip and the legacy format alike, without importing the classes' package.
+    """
     try:
         import torch
     except ImportError:
         raise ConversionError(f'{path}: reading .pth/.bin files needs PyTorch (pip install torch); '
                               '.safetensors files convert without it') from None
     try:
-        # unilm checkpoints also hold their argparse Namespace: allow it, but no other code objects.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+        if module_classes:
+            with warnings.catch_warnings():  # the legacy format compares the classes' source with the stand-ins'
+                warnings.simplefilter('ignore', torch.serialization.SourceChangeWarning)
+                obj = torch.load(path, map_location='cpu', weights_only=False,
+                                 pickle_module=_ModuleUnpickling(module_classes, torch))
+        else:
+            # unilm checkpoints also hold their argparse Namespace: allow it, but no other code objects.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
     except Exception as err:  # torch raises many types for corrupt or foreign files
-        hint = ' (if you trust the file, add -trust_pickle)' if 'weights_only' in str(err) else ''
-        raise ConversionError(f'{path}: not a readable PyTorch checkpoint: {str(err).splitlines()[0]}{hint}') from err
+        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+        if refused:
+            raise RefusedPickleError(f'{path}: not a readable PyTorch checkpoint: it pickles {refused.group(1)}, '
+                                     'which is not unpickled here') from err
+        raise ConversionError(f'{path}: not a readable PyTorch checkpoint: {_load_failure(err)}') from err
     return _tensors_to_numpy(obj, torch)
+
+
+class _ModuleUnpickling:
+    """A pickle module for ``torch.load`` that rebuilds tensors, their containers and the named nn.Module
+    classes (as plain ``torch.nn.Module``, parameters intact) and refuses every other global, so no code from the
+    file runs. torch's weights-only unpickler cannot read a module pickled in the legacy format (it also records
+    the classes' source code there), which OpenAI's files from 2021 may use."""
+
+    def __init__(self, module_classes: tuple[str, ...], torch):
+        allowed = {('collections', 'OrderedDict'): collections.OrderedDict,
+                   ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+                   ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+                   ('torch', 'device'): torch.device, ('builtins', 'set'): set, ('__builtin__', 'set'): set}
+        allowed.update({tuple(name.rsplit('.', 1)): torch.nn.Module for name in module_classes})
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if (module, name) not in allowed:
+                    raise pickle.UnpicklingError(f'Unsupported global: GLOBAL {module}.{name}')
+                return allowed[(module, name)]
+
+        self.Unpickler = Unpickler
+        self.__name__ = 'module_unpickling'
+
+    def load(self, file, **kwargs):
+        return self.Unpickler(file, **kwargs).load()
+
+
+def _load_failure(err: Exception) -> str:
+    """torch's reason in one line (its weights-only errors bury it in a paragraph; an empty file has none)."""
+    text = str(err)
+    detail = re.search(r'WeightsUnpickler error:\s*(.+)', text)
+    if detail:
+        return detail.group(1).strip()
+    return text.strip().splitlines()[0] if text.strip() else f'{type(err).__name__} (empty or truncated file?)'
 
 
 def _tensors_to_numpy(obj, torch):
     if isinstance(obj, torch.Tensor):
         tensor = obj.detach()
         return tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+    if isinstance(obj, torch.nn.Module):
+        return _tensors_to_numpy(obj.state_dict(), torch)
     if isinstance(obj, dict):
         return {key: _tensors_to_numpy(value, torch) for key, value in obj.items()}
     return obj
@@ -102,13 +162,13 @@ def unwrap_state_dict(obj, path: str) -> dict:
     return {key[len('module.'):] if key.startswith('module.') else key: value for key, value in obj.items()}
 
 
-def read_checkpoint(path: str, trust_pickle: bool = False) -> dict:
-    """name -> numpy array in PyTorch layout, from any supported file."""
+def read_checkpoint(path: str, trust_pickle: bool = False, module_classes: tuple[str, ...] = ()) -> dict:
+    """name -> numpy array in PyTorch layout, from any supported file (see read_torch_checkpoint)."""
     if not os.path.isfile(path):
         raise ConversionError(f'checkpoint not found: {path}')
     if path.endswith('.safetensors'):
         return unwrap_state_dict(read_safetensors(path), path)
-    return unwrap_state_dict(read_torch_checkpoint(path, trust_pickle), path)
+    return unwrap_state_dict(read_torch_checkpoint(path, trust_pickle, module_classes), path)
 
 
 def linear_weight_names(model: nn.Layer) -> set:
@@ -200,7 +260,8 @@ def main(argv=None) -> int:
     try:
         convert_file(args.cfg, args.src, args.dst, args.opts, args.check, args.trust_pickle, args.mim)
     except (ConversionError, CheckpointMismatchError, ConfigError) as err:
-        print(f'error: {err}', file=sys.stderr)
+        hint = ' (if you trust the file, add -trust_pickle)' if isinstance(err, RefusedPickleError) else ''
+        print(f'error: {err}{hint}', file=sys.stderr)
         return 2
     return 0
 

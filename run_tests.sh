@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q -r requirements-test.txt
+python -m pip install -q --no-deps DALL-E==0.1  # the tokenizer oracle (see requirements-test.txt)
 have_photos() { ls tests/photos/*.jpg >/dev/null 2>&1; }
 have_fashion_mnist() { [ -d /usr/share/datasets/fashion-mnist ]; }
 if [ "$(id -u)" = 0 ] && ! { have_photos && have_fashion_mnist; }; then

@@ -49,3 +49,24 @@ def used_output(tmp_path):
     (folder / 'param_groups.json').write_text('{}')
     (folder / 'checkpoint-epoch-2.pdparams').write_bytes(b'earlier checkpoint')
     return folder
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def truncated(path: Path) -> Path:
+    """``path`` cut to half its size, like a download that stopped."""
+    return write_file(path, path.read_bytes()[: path.stat().st_size // 2])
+
+
+def existing_output(folder: Path) -> Path:
+    """An output file that an earlier run left in ``folder``: a failed run must leave it as it is."""
+    return write_file(folder / 'out.pdparams', b'previous result')
+
+
+def assert_output_untouched(output: Path) -> None:
+    """``existing_output`` unchanged, and no other (temporary) output next to it."""
+    assert output.read_bytes() == b'previous result'
+    assert sorted(p.name for p in output.parent.iterdir() if p.name.startswith(output.name)) == [output.name]

@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_output_untouched, existing_output, truncated, write_file
 from timm.models.beit import checkpoint_filter_fn
 from timm_reference import (
     CHECKPOINT_FORMATS,
@@ -196,31 +196,24 @@ def test_cli_converts_and_checks_against_timm(tmp_path, tiny_cfg):
     assert (tmp_path / 'out.pdparams').is_file()
 
 
-def _truncated(path):
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
-
-
 BAD_SOURCES = {
     'missing file': (lambda tmp: tmp / 'nope.pth', 'checkpoint not found'),
-    'text file': (lambda tmp: _write(tmp / 'notes.pth', b'these are not weights\n'), 'not a readable PyTorch'),
-    'truncated pth': (lambda tmp: _truncated(_saved(tmp, TINY, 'c.pth', 'unilm.pth')), 'not a readable PyTorch'),
-    'truncated safetensors': (lambda tmp: _truncated(_saved(tmp, TINY, 'c.safetensors', 'timm.safetensors')),
+    'text file': (lambda tmp: write_file(tmp / 'notes.pth', b'these are not weights\n'), 'not a readable PyTorch'),
+    'truncated pth': (lambda tmp: truncated(_saved(tmp, TINY, 'c.pth', 'unilm.pth')), 'not a readable PyTorch'),
+    'truncated safetensors': (lambda tmp: truncated(_saved(tmp, TINY, 'c.safetensors', 'timm.safetensors')),
                               'truncated'),
-    'text safetensors': (lambda tmp: _write(tmp / 'x.safetensors', b'{"a": 1}' * 3), 'not a safetensors'),
+    'text safetensors': (lambda tmp: write_file(tmp / 'x.safetensors', b'{"a": 1}' * 3), 'not a safetensors'),
     'wider model': (lambda tmp: _saved(tmp, {**TINY, 'EMBED_DIM': 64}, 'w.pth', 'timm.pth'),
                     'does not fit the model shape'),
     'deeper model': (lambda tmp: _saved(tmp, {**TINY, 'DEPTH': 3}, 'd.pth', 'timm.pth'), 'no place in the model'),
     'shallower model': (lambda tmp: _saved(tmp, {**TINY, 'DEPTH': 1}, 's.pth', 'timm.pth'),
                         'missing from the checkpoint'),
     'not a state dict': (lambda tmp: _torch_save(tmp / 'n.pth', {'epoch': 3}), 'no state dict of tensors'),
+    'empty file': (lambda tmp: write_file(tmp / 'e.pth', b''), 'not a readable PyTorch checkpoint: EOFError'),
+    'whole pickled model': (lambda tmp: _torch_save(tmp / 'm.pth', timm_model(TINY)),
+                            'it pickles timm.models.beit.Beit, which is not unpickled here (if you trust the file, '
+                            'add -trust_pickle)'),
 }
-
-
-def _write(path, data):
-    path.write_bytes(data)
-    return path
 
 
 def _saved(tmp, spec, name, fmt):
@@ -237,14 +230,12 @@ def _torch_save(path, obj):
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, tiny_cfg, case):
     make_source, message = BAD_SOURCES[case]
     src = make_source(tmp_path)
-    dst = tmp_path / 'out.pdparams'
-    dst.write_bytes(b'previous result')
+    dst = existing_output(tmp_path)
     result = run_cli('-cfg', tiny_cfg, '-src', src, '-dst', dst)
     assert result.returncode != 0
     assert message in result.stderr
     assert 'Traceback' not in result.stderr
-    assert dst.read_bytes() == b'previous result'
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('out')) == ['out.pdparams']
+    assert_output_untouched(dst)
 
 
 def test_mismatch_error_names_the_tensor(tmp_path):
@@ -288,3 +279,12 @@ def test_unilm_pretraining_checkpoint_round_trips_into_the_mim_model_and_fine_tu
         np.testing.assert_array_equal(block.attn.relative_position_bias_table.numpy(), shared)
     np.testing.assert_array_equal(fine_tuning.blocks[1].mlp.fc2.weight.numpy(), state['blocks.1.mlp.fc2.weight'].T)
     assert any('fc_norm' in note for note in notes) and any('ignored norm.weight' in note for note in notes)
+
+
+def test_whole_pickled_model_converts_when_trusted(tmp_path, tiny_cfg):
+    reference = timm_model(TINY)
+    torch.save(reference, tmp_path / 'model.pth')
+    convert_file(str(tiny_cfg), str(tmp_path / 'model.pth'), str(tmp_path / 'out.pdparams'), trust_pickle=True)
+    model = build_beit(config_for(TINY))
+    model.set_state_dict(paddle.load(str(tmp_path / 'out.pdparams')))
+    assert logits_difference(reference, model, random_batch(2, 32)) <= TOLERANCE

@@ -1,0 +1,198 @@
+"""The encoder of OpenAI's DALL-E discrete VAE (arXiv 2102.12092) in Paddle: BEiT's image tokenizer.
+
+BEiT's targets are the ids this encoder gives the 14x14 cells of a 112 px view (``get_codebook_indices``).
+Parameter names and layouts are those of the ``dall_e`` package's Encoder state dict (``blocks.input.w``,
+``blocks.group_1.block_1.res_path.conv_1.b``, ...: convolution kernels [out, in, k, k] in both frameworks),
+so a converted file is that state dict unchanged; ``load_dalle_weights.py`` writes it.
+
+This module's name shadows the ``dall_e`` package inside this repository; nothing here needs that package.
+"""
+import math
+import os
+import re
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+LOGIT_LAPLACE_EPS = 0.1
+_GROUP_NAME = re.compile(r'blocks\.group_(\d+)\.')
+_FIRST_GROUP_BLOCK_NAME = re.compile(r'blocks\.group_1\.block_(\d+)\.')
+
+
+class TokenizerWeightsError(ValueError):
+    """Tokenizer weights that are missing, unreadable or not a DALL-E encoder of the asked size."""
+
+
+def map_pixels(x, eps: float = LOGIT_LAPLACE_EPS):
+    """Pixels in [0, 1] into [eps, 1 - eps], the range the dVAE was trained on (numpy arrays or tensors)."""
+    return (1 - 2 * eps) * x + eps
+
+
+def unmap_pixels(x, eps: float = LOGIT_LAPLACE_EPS):
+    """The inverse of ``map_pixels``, clipped to [0, 1]."""
+    return ((x - eps) / (1 - 2 * eps)).clip(0, 1)
+
+
+class Conv2d(nn.Layer):
+    """A size-preserving convolution whose parameters are named ``w`` and ``b``, as in OpenAI's files."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__()
+        self.padding = (kernel_size - 1) // 2
+        fan_in = in_channels * kernel_size ** 2
+        self.w = self.create_parameter([out_channels, in_channels, kernel_size, kernel_size],
+                                       default_initializer=nn.initializer.Normal(std=1 / math.sqrt(fan_in)))
+        self.b = self.create_parameter([out_channels], is_bias=True,
+                                       default_initializer=nn.initializer.Constant(0.0))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return F.conv2d(x, self.w, self.b, padding=self.padding)
+
+
+class EncoderBlock(nn.Layer):
+    """Residual block: identity (a 1x1 projection where the width changes) plus ``post_gain`` times four
+    ReLU-conv layers (3x3, 3x3, 3x3, 1x1) through a bottleneck of a quarter of the output width."""
+
+    def __init__(self, in_channels: int, out_channels: int, post_gain: float):
+        super().__init__()
+        hidden = out_channels // 4
+        self.id_path = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.res_path = nn.Sequential(
+            ('relu_1', nn.ReLU()), ('conv_1', Conv2d(in_channels, hidden, 3)),
+            ('relu_2', nn.ReLU()), ('conv_2', Conv2d(hidden, hidden, 3)),
+            ('relu_3', nn.ReLU()), ('conv_3', Conv2d(hidden, hidden, 3)),
+            ('relu_4', nn.ReLU()), ('conv_4', Conv2d(hidden, out_channels, 1)))
+        self.post_gain = post_gain
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class Encoder(nn.Layer):
+    """Mapped pixels [B, C, H, W] -> logits [B, vocab_size, H / 2**(group_count - 1), W / 2**(group_count - 1)].
+
+    A 7x7 input convolution to ``n_hid`` channels, then ``group_count`` groups of ``n_blk_per_group`` blocks;
+    group g (from 1) is n_hid * 2**(g-1) wide and all but the last end with a 2x2 max pool; then ReLU and a
+    1x1 convolution to the vocabulary. OpenAI's encoder has group_count 4 (so H / 8) and defaults elsewhere.
+    """
+
+    def __init__(self, group_count: int = 4, n_hid: int = 256, n_blk_per_group: int = 2, input_channels: int = 3,
+                 vocab_size: int = 8192):
+        super().__init__()
+        _check_encoder_arguments(group_count, n_hid, n_blk_per_group, input_channels, vocab_size)
+        self.input_channels = input_channels
+        self.vocab_size = vocab_size
+        self.downsampling = 2 ** (group_count - 1)
+        post_gain = 1 / (group_count * n_blk_per_group) ** 2
+        layers = [('input', Conv2d(input_channels, n_hid, 7))]
+        width = n_hid
+        for group in range(1, group_count + 1):
+            group_width = n_hid * 2 ** (group - 1)
+            blocks = [(f'block_{i + 1}', EncoderBlock(width if i == 0 else group_width, group_width, post_gain))
+                      for i in range(n_blk_per_group)]
+            if group < group_count:
+                blocks.append(('pool', nn.MaxPool2D(kernel_size=2)))
+            layers.append((f'group_{group}', nn.Sequential(*blocks)))
+            width = group_width
+        layers.append(('output', nn.Sequential(('relu', nn.ReLU()), ('conv', Conv2d(width, vocab_size, 1)))))
+        self.blocks = nn.Sequential(*layers)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.input_channels:
+            raise ValueError(f'the DALL-E encoder takes [B, {self.input_channels}, H, W] images, got {list(x.shape)}')
+        return self.blocks(x)
+
+    @paddle.no_grad()
+    def get_codebook_indices(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Token ids int64 [B, h * w]: the most likely code of each cell, cells in row-major order."""
+        return self(x).argmax(axis=1).flatten(1)
+
+
+def _check_encoder_arguments(group_count, n_hid, n_blk_per_group, input_channels, vocab_size) -> None:
+    if min(group_count, n_blk_per_group, input_channels, vocab_size) < 1:
+        raise ValueError('group_count, n_blk_per_group, input_channels and vocab_size must be at least 1, got '
+                         f'{group_count}, {n_blk_per_group}, {input_channels}, {vocab_size}')
+    if n_hid < 4 or n_hid % 4:
+        raise ValueError(f'n_hid must be a positive multiple of 4 (blocks narrow to a quarter), got {n_hid}')
+
+
+def encoder_kwargs_from_state_dict(state_dict: dict, source: str) -> dict:
+    """The Encoder arguments that ``state_dict`` was made with: the tensor shapes tell them all, so files of
+    any size load without a config (and a tiny random encoder converts like OpenAI's)."""
+    if 'blocks.input.w' not in state_dict or 'blocks.output.conv.w' not in state_dict:
+        raise TokenizerWeightsError(f'{source}: not a DALL-E encoder (no blocks.input.w / blocks.output.conv.w '
+                                    f'among its {len(state_dict)} tensors, e.g. {", ".join(list(state_dict)[:3])})')
+    input_shape = [int(size) for size in state_dict['blocks.input.w'].shape]
+    if len(input_shape) != 4 or input_shape[2:] != [7, 7]:
+        hint = ' (the shape of the DALL-E decoder: convert encoder.pkl)' if input_shape[2:] == [1, 1] else ''
+        raise TokenizerWeightsError(f'{source}: blocks.input.w has shape {input_shape}, the DALL-E encoder has '
+                                    f'[n_hid, channels, 7, 7]{hint}')
+    n_hid, input_channels = input_shape[:2]
+    return {'group_count': _count_indices(_GROUP_NAME, state_dict),
+            'n_hid': n_hid,
+            'n_blk_per_group': _count_indices(_FIRST_GROUP_BLOCK_NAME, state_dict),
+            'input_channels': input_channels,
+            'vocab_size': int(state_dict['blocks.output.conv.w'].shape[0])}
+
+
+def _count_indices(pattern: re.Pattern, names) -> int:
+    return len({match.group(1) for name in names if (match := pattern.match(name))})
+
+
+def check_state_dict_fits(state_dict: dict, model: Encoder, source: str) -> None:
+    """Same tensor names and shapes as ``model``, or an error naming the first difference."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    missing = [name for name in expected if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in expected]
+    if missing or unexpected:
+        raise TokenizerWeightsError(f'{source}: not the tensors of a DALL-E encoder: {len(missing)} missing '
+                                    f'{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}')
+    for name, shape in expected.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise TokenizerWeightsError(f'{source}: {name} has shape {list(state_dict[name].shape)}, '
+                                        f'the encoder it describes needs {list(shape)}')
+
+
+def encoder_from_state_dict(state_dict: dict, source: str, **expected_kwargs) -> Encoder:
+    """An Encoder of the size ``state_dict`` describes, holding its tensors; ``expected_kwargs`` (any Encoder
+    arguments) must agree with that size."""
+    found = encoder_kwargs_from_state_dict(state_dict, source)
+    unknown = set(expected_kwargs) - set(found)
+    if unknown:
+        raise TypeError(f'unknown Encoder arguments: {sorted(unknown)}')
+    differing = {key: value for key, value in expected_kwargs.items() if found[key] != value}
+    if differing:
+        raise TokenizerWeightsError(
+            f'{source} holds an encoder with {", ".join(f"{key}={found[key]}" for key in differing)}, '
+            f'not {", ".join(f"{key}={value}" for key, value in differing.items())}')
+    model = Encoder(**found)
+    check_state_dict_fits(state_dict, model, source)
+    model.set_state_dict(state_dict)
+    return model
+
+
+def build_tokenizer(weights_path: str | None = None, **encoder_kwargs) -> Encoder:
+    """The frozen tokenizer in eval mode: converted weights from ``weights_path`` (size read from the file),
+    or random weights of the given size when it is None (tests, dry runs)."""
+    if weights_path is None:
+        model = Encoder(**encoder_kwargs)
+    else:
+        model = encoder_from_state_dict(_read_pdparams(weights_path), weights_path, **encoder_kwargs)
+    for param in model.parameters():
+        param.stop_gradient = True
+    return model.eval()
+
+
+def _read_pdparams(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise TokenizerWeightsError(f'tokenizer weights not found: {path} (convert encoder.pkl with '
+                                    'load_dalle_weights.py)')
+    try:
+        state_dict = paddle.load(path)
+    except Exception as err:  # paddle raises many types for foreign or truncated files
+        raise TokenizerWeightsError(f'{path}: not a readable .pdparams file ({type(err).__name__}: '
+                                    f'{str(err).splitlines()[0] if str(err) else ""})') from err
+    if not isinstance(state_dict, dict):
+        raise TokenizerWeightsError(f'{path}: holds a {type(state_dict).__name__}, not a state dict')
+    return state_dict
