@@ -6,8 +6,6 @@ tokenizer gives that patch. Parameter names are unilm's, so its ``*_pt22k.pth`` 
 load_pytorch_weights.py (``-mim``) load with ``set_state_dict``, and this model's checkpoints start fine-tuning
 through ``-pretrained`` (beit.adapt_state_dict drops the MIM-only tensors and spreads the shared bias).
 """
-import os
-
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -51,19 +49,16 @@ def build_tokenizer_for(config) -> nn.Layer:
     process and every resumed run has the same) when PRETRAIN.RANDOM_TOKENIZER allows it."""
     pretrain = config.PRETRAIN
     path = pretrain.TOKENIZER_WEIGHTS or None
-    if path is not None and not os.path.isfile(path):
-        raise ConfigError(f'PRETRAIN.TOKENIZER_WEIGHTS: file not found: {path}')
     if path is None:
         paddle.seed(config.SEED)
     try:
         tokenizer = build_tokenizer(path, n_hid=pretrain.TOKENIZER_HIDDEN,
                                     n_blk_per_group=pretrain.TOKENIZER_BLOCKS_PER_GROUP,
                                     vocab_size=pretrain.VOCAB_SIZE)
-    except (ValueError, KeyError, OSError, RuntimeError) as err:
+    except ValueError as err:  # dall_e.TokenizerWeightsError: missing, unreadable or another size
         raise ConfigError(f'PRETRAIN.TOKENIZER_WEIGHTS: cannot load {path} as a DALL-E encoder with '
-                              f'TOKENIZER_HIDDEN {pretrain.TOKENIZER_HIDDEN}, TOKENIZER_BLOCKS_PER_GROUP '
-                              f'{pretrain.TOKENIZER_BLOCKS_PER_GROUP}, VOCAB_SIZE {pretrain.VOCAB_SIZE}: '
-                              f'{err}') from err
+                          f'TOKENIZER_HIDDEN {pretrain.TOKENIZER_HIDDEN}, TOKENIZER_BLOCKS_PER_GROUP '
+                          f'{pretrain.TOKENIZER_BLOCKS_PER_GROUP}, VOCAB_SIZE {pretrain.VOCAB_SIZE}: {err}') from err
     return tokenizer  # frozen, in eval mode
 
 
