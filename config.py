@@ -314,7 +314,7 @@ def validate_pretraining_config(config: CN) -> None:
     if not pretrain.TOKENIZER_WEIGHTS and not pretrain.RANDOM_TOKENIZER:
         raise ConfigError('PRETRAIN.TOKENIZER_WEIGHTS is not set: pre-training predicts the tokens of the DALL-E '
                           'tokenizer, convert its encoder with `python load_dalle_weights.py -src encoder.pkl -dst '
-                          'dall_e_encoder.pdparams` and give that file (PRETRAIN.RANDOM_TOKENIZER True runs with '
+                          'dalle_encoder.pdparams` and give that file (PRETRAIN.RANDOM_TOKENIZER True runs with '
                           'random tokenizer weights, for tests and demos only)')
     if pretrain.TOKENIZER_WEIGHTS and not os.path.isfile(pretrain.TOKENIZER_WEIGHTS):
         raise ConfigError(f'PRETRAIN.TOKENIZER_WEIGHTS: file not found: {pretrain.TOKENIZER_WEIGHTS}')

@@ -1,7 +1,7 @@
 """Pre-train BEiT with masked image modeling: one process, or one per GPU, through the fine-tuning engine.
 
     python main_pretrain.py -cfg configs/beit_base_patch16_224_pt22k.yaml -data_path /dataset/imagenet \
-        -batch_size 128 -opts PRETRAIN.TOKENIZER_WEIGHTS dall_e_encoder.pdparams [-amp] [-resume ./output]
+        -batch_size 128 -opts PRETRAIN.TOKENIZER_WEIGHTS dalle_encoder.pdparams [-amp] [-resume ./output]
 
 With one visible GPU (or on a CPU without -ngpus) it runs in-process; with several GPUs, or -ngpus N, one process
 each (paddle.distributed.spawn); under ``python -m paddle.distributed.launch`` it is one of the launched processes.

@@ -171,7 +171,7 @@ def test_pretraining_config_holds_unilms_pt22k_recipe(tmp_path):
     assert config.DATA.IMAGENET_MEAN == config.DATA.IMAGENET_STD == [0.5, 0.5, 0.5]
     with pytest.raises(ConfigError, match='PRETRAIN.TOKENIZER_WEIGHTS is not set: .*load_dalle_weights.py'):
         validate_pretraining_config(config)  # no random tokenizer in the real recipe
-    config.PRETRAIN.TOKENIZER_WEIGHTS = write(tmp_path / 'dall_e_encoder.pdparams', 'weights')
+    config.PRETRAIN.TOKENIZER_WEIGHTS = write(tmp_path / 'dalle_encoder.pdparams', 'weights')
     validate_pretraining_config(config)
     validate_pretraining_config(get_config(str(ROOT / 'configs' / 'beit_tiny_pretrain_fashion_mnist.yaml')))
 

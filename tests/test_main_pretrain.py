@@ -115,8 +115,8 @@ def test_fine_tuning_starts_from_the_pretraining_checkpoint(pretrain_run, demo_s
 
 BAD_INPUTS = {
     'tokenizer weights not given': (['PRETRAIN.RANDOM_TOKENIZER', 'False'], 'PRETRAIN.TOKENIZER_WEIGHTS is not set'),
-    'tokenizer weights missing': (['PRETRAIN.TOKENIZER_WEIGHTS', 'nowhere/dall_e_encoder.pdparams'],
-                                  'PRETRAIN.TOKENIZER_WEIGHTS: file not found: nowhere/dall_e_encoder.pdparams'),
+    'tokenizer weights missing': (['PRETRAIN.TOKENIZER_WEIGHTS', 'nowhere/dalle_encoder.pdparams'],
+                                  'PRETRAIN.TOKENIZER_WEIGHTS: file not found: nowhere/dalle_encoder.pdparams'),
     'tokenizer weights unreadable': (['PRETRAIN.TOKENIZER_WEIGHTS', str(ROOT / 'README.md')],
                                      f'PRETRAIN.TOKENIZER_WEIGHTS: cannot load {ROOT / "README.md"}'),
     'second size off the patch grid': (['PRETRAIN.SECOND_INPUT_SIZE', '64'],
