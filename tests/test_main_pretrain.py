@@ -1,6 +1,6 @@
 """main_pretrain.py as users run it, on the embedded Fashion-MNIST set: a tiny pre-training run whose MIM loss
 falls and whose MLM accuracy beats the best constant guess, fine-tuning started from its checkpoint, bad input
-refused with nothing written, two processes through run_pretrain_multi.sh."""
+refused with nothing written, two processes (with -amp and an EMA) through run_pretrain_multi.sh."""
 import json
 import os
 import subprocess
@@ -147,11 +147,14 @@ def test_eval_is_refused(capsys):
 def test_two_processes_through_the_script(demo_subset, tmp_path):
     output = tmp_path / 'two'
     run(['sh', 'run_pretrain_multi.sh', '-ngpus', '2', '-output', str(output),
-         '-opts', *FAST, 'TRAIN.NUM_EPOCHS', '2'],
+         '-opts', *FAST, 'TRAIN.NUM_EPOCHS', '2', 'TRAIN.MODEL_EMA', 'True', 'TRAIN.MODEL_EMA_DECAY', '0.9'],
         GPUS='', CONFIG=PRETRAIN_CONFIG, DATA_PATH=str(demo_subset), BATCH_SIZE='16', TOKENIZER='')
     train = records(output)
     assert [r['epoch'] for r in train] == [1, 2]
     assert all(r['num_samples'] == 19 * 16 * 2 for r in train)  # 625 images: 19 batches of 16 per process
     assert train[-1]['loss'] < train[0]['loss']
-    assert 'masked image modeling pre-training: 2 process(es)' in (output / 'log.txt').read_text()
-    assert (output / 'checkpoint-epoch-2.pdparams').is_file()
+    log = (output / 'log.txt').read_text()
+    assert 'masked image modeling pre-training: 2 process(es)' in log and 'AMP requested' in log  # the script's -amp
+    checkpoint = paddle.load(str(output / 'checkpoint-epoch-2.pdparams'))
+    assert set(checkpoint['model_ema']) == set(checkpoint['model'])  # the EMA of the MIM model, mask token too
+    assert not np.array_equal(checkpoint['model_ema']['mask_token'].numpy(), checkpoint['model']['mask_token'].numpy())
