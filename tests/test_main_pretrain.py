@@ -1,5 +1,5 @@
 """main_pretrain.py as users run it, on the embedded Fashion-MNIST set: a tiny pre-training run whose MIM loss
-falls and whose MLM accuracy beats the best constant guess, fine-tuning started from its checkpoint, bad input
+and MLM accuracy beat the best guess blind to the image, fine-tuning started from its checkpoint, bad input
 refused with nothing written, two processes (with -amp and an EMA) through run_pretrain_multi.sh."""
 import json
 import os
@@ -17,7 +17,7 @@ from beit_pretrain import build_tokenizer_for
 from config import get_config, merge_opts
 from datasets import get_pretraining_dataset
 from engine import World
-from utils import start_logger
+from utils import seed_everything, start_logger
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / 'data' / 'fashion_mnist'
@@ -25,8 +25,8 @@ PRETRAIN_CONFIG = str(ROOT / 'configs' / 'beit_tiny_pretrain_fashion_mnist.yaml'
 FINE_TUNE_CONFIG = str(ROOT / 'configs' / 'beit_tiny_fashion_mnist.yaml')
 EPOCHS = 10
 FAST = ['DATA.NUM_WORKERS', '0', 'REPORT_FREQ', '5', 'SAVE_FREQ', '5', 'TRAIN.WARMUP_EPOCHS', '1']
-# 190 steps learn more than the commonest token only with a higher LR and no drop path (~65 s on 2 cores)
-QUICK_LEARNING = ['TRAIN.BASE_LR', '3e-3', 'MODEL.DROPPATH', '0.0']
+# 190 steps learn more than the code frequencies with a higher LR that stays high, no drop path (~65 s, 2 cores)
+QUICK_LEARNING = ['TRAIN.BASE_LR', '3e-3', 'TRAIN.END_LR', '1e-3', 'MODEL.DROPPATH', '0.0']
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PATH': f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'}
 
 
@@ -63,16 +63,19 @@ def pretrain_run(demo_subset, tmp_path_factory):
     return output
 
 
-def most_frequent_token_rate(data, samples=320) -> float:
-    """How often the commonest visual token sits under a mask: the MLM accuracy of the best constant guess,
-    measured with the run's tokenizer (random weights seeded by SEED) on freshly augmented samples."""
+def best_constant_guess(data, samples=320) -> tuple[float, float]:
+    """What a model blind to the image reaches: (MLM accuracy of always naming the commonest visual token, loss of
+    always predicting the token frequencies, i.e. their entropy), measured with the run's tokenizer (random
+    weights seeded by SEED) on freshly augmented samples."""
     config = get_config(PRETRAIN_CONFIG)
     merge_opts(config, ['DATA.DATA_PATH', str(data)])
     dataset, tokenizer = get_pretraining_dataset(config), build_tokenizer_for(config)
-    np.random.seed(1)
+    seed_everything(1)
     _, tokenizer_views, masks = (np.stack(part) for part in zip(*(dataset[i] for i in range(samples))))
     ids = tokenizer.get_codebook_indices(paddle.to_tensor(tokenizer_views)).numpy()
-    return np.bincount(ids[masks]).max() / masks.sum()
+    frequencies = np.bincount(ids[masks]) / masks.sum()
+    frequencies = frequencies[frequencies > 0]
+    return frequencies.max(), -(frequencies * np.log(frequencies)).sum()
 
 
 def test_pretraining_loss_falls_and_mlm_accuracy_beats_the_best_constant_guess(pretrain_run, demo_subset):
@@ -81,8 +84,9 @@ def test_pretraining_loss_falls_and_mlm_accuracy_beats_the_best_constant_guess(p
     assert all(r['num_samples'] == 19 * 32 and r['num_masked'] == 19 * 32 * 6 for r in train)
     losses = [r['loss'] for r in train]
     assert losses[-1] < 0.6 * losses[0] and losses[-1] < np.log(512)  # below a uniform guess over the vocabulary
-    baseline = most_frequent_token_rate(demo_subset)
-    assert train[-1]['mlm_acc'] > baseline + 0.03 > 1 / 512
+    constant_accuracy, constant_loss = best_constant_guess(demo_subset)
+    assert train[-1]['mlm_acc'] > constant_accuracy + 0.05 > 1 / 512  # (measured: 0.549 vs 0.438)
+    assert losses[-1] < constant_loss - 0.1  # the context of the visible patches is used (1.20 vs 1.40)
     log = (pretrain_run / 'log.txt').read_text()
     assert 'masked image modeling pre-training: 1 process(es)' in log and f'epoch {EPOCHS}/{EPOCHS} step 19/19' in log
     assert 'mlm_acc' in log and records(pretrain_run, 'val') == []  # pre-training has no evaluation
