@@ -37,6 +37,8 @@ def _no_extra_checks(config) -> None:
 
 @dataclass(frozen=True)
 class Task:
+    """One kind of training run; module-level functions only, so that spawn can pickle it."""
+
     name: str
     build_model: Callable[..., paddle.nn.Layer]
     build_train_set: Callable
