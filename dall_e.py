@@ -129,11 +129,16 @@ def encoder_kwargs_from_state_dict(state_dict: dict, source: str) -> dict:
         raise TokenizerWeightsError(f'{source}: blocks.input.w has shape {input_shape}, the DALL-E encoder has '
                                     f'[n_hid, channels, 7, 7]{hint}')
     n_hid, input_channels = input_shape[:2]
-    return {'group_count': _count_indices(_GROUP_NAME, state_dict),
-            'n_hid': n_hid,
-            'n_blk_per_group': _count_indices(_FIRST_GROUP_BLOCK_NAME, state_dict),
-            'input_channels': input_channels,
-            'vocab_size': int(state_dict['blocks.output.conv.w'].shape[0])}
+    kwargs = {'group_count': _count_indices(_GROUP_NAME, state_dict),
+              'n_hid': n_hid,
+              'n_blk_per_group': _count_indices(_FIRST_GROUP_BLOCK_NAME, state_dict),
+              'input_channels': input_channels,
+              'vocab_size': int(state_dict['blocks.output.conv.w'].shape[0])}
+    try:
+        _check_encoder_arguments(**kwargs)
+    except ValueError as err:
+        raise TokenizerWeightsError(f'{source}: not a DALL-E encoder ({err})') from None
+    return kwargs
 
 
 def _count_indices(pattern: re.Pattern, names) -> int:

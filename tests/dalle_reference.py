@@ -20,7 +20,7 @@ SMALL = {'n_hid': 64, 'n_blk_per_group': 1, 'vocab_size': 1024, 'input_channels'
 TOKENIZER_SIZE = 112  # BEiT tokenizes a 112 px view: 14x14 ids
 
 
-def _openai_module(name: str):
+def openai_module(name: str):
     if name not in sys.modules:
         path = importlib.metadata.distribution('DALL-E').locate_file(name.replace('.', '/') + '.py')
         spec = importlib.util.spec_from_file_location(name, path)
@@ -33,8 +33,8 @@ def _openai_module(name: str):
 def openai_encoder(seed: int = 0, bias_std: float = 0.1, **kwargs) -> torch.nn.Module:
     """The package's Encoder with its own random init, plus random biases (it starts them at zero, which would
     hide a bias mapped to the wrong place)."""
-    _openai_module('dall_e.utils')
-    encoder_class = _openai_module('dall_e.encoder').Encoder
+    openai_module('dall_e.utils')
+    encoder_class = openai_module('dall_e.encoder').Encoder
     torch.manual_seed(seed)
     with attr.validators.disabled():
         encoder = encoder_class(**kwargs)
@@ -43,6 +43,14 @@ def openai_encoder(seed: int = 0, bias_std: float = 0.1, **kwargs) -> torch.nn.M
             if name.endswith('.b'):
                 param.add_(torch.randn_like(param) * bias_std)
     return encoder.eval()
+
+
+def openai_decoder(**kwargs) -> torch.nn.Module:
+    """The package's Decoder (random weights): converting decoder.pkl by mistake must be caught."""
+    openai_module('dall_e.utils')
+    decoder_class = openai_module('dall_e.decoder').Decoder
+    with attr.validators.disabled():
+        return decoder_class(**kwargs)
 
 
 def photo_batch(paths, size: int = TOKENIZER_SIZE, channels: int = 3) -> np.ndarray:

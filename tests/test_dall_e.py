@@ -8,10 +8,10 @@ from conftest import write_file
 from dalle_reference import (
     SMALL,
     TINY,
-    _openai_module,
     compare_with_openai,
     numpy_state_dict,
     openai_encoder,
+    openai_module,
     photo_batch,
     random_batch,
 )
@@ -52,7 +52,7 @@ def test_logits_and_ids_match_the_package(photo_paths, size):
 
 
 def test_map_pixels_matches_the_package_on_arrays_and_tensors():
-    utils = _openai_module('dall_e.utils')
+    utils = openai_module('dall_e.utils')
     pixels = np.random.default_rng(0).random((2, 3, 5, 5), dtype=np.float32)
     expected = utils.map_pixels(torch.from_numpy(pixels)).numpy()
     assert utils.logit_laplace_eps == LOGIT_LAPLACE_EPS

@@ -12,9 +12,9 @@ import torch
 from conftest import ROOT, assert_output_untouched, existing_output, truncated, write_file
 from dalle_reference import (
     TINY,
-    _openai_module,
     compare_with_openai,
     numpy_state_dict,
+    openai_decoder,
     openai_encoder,
     photo_batch,
     random_batch,
@@ -76,14 +76,6 @@ def _tiny_state_dict():
     return openai_encoder(**TINY).state_dict()
 
 
-def _openai_decoder():
-    _openai_module('dall_e.utils')
-    decoder_class = _openai_module('dall_e.decoder').Decoder
-    import attr
-    with attr.validators.disabled():
-        return decoder_class(n_hid=16, n_init=32, vocab_size=512)
-
-
 def _torch_save(path, obj, zipped=True):
     torch.save(obj, path, _use_new_zipfile_serialization=zipped)
     return path
@@ -104,7 +96,7 @@ BAD_SOURCES = {
                        '{src}: not a readable PyTorch checkpoint: it pickles torch.nn.modules.conv.Conv2d'),
     'another legacy module': (lambda tmp: _torch_save(tmp / 'm.pkl', torch.nn.Linear(3, 4), zipped=False),
                               'it pickles torch.nn.modules.linear.Linear'),
-    'the decoder': (lambda tmp: _torch_save(tmp / 'decoder.pkl', _openai_decoder()),
+    'the decoder': (lambda tmp: _torch_save(tmp / 'decoder.pkl', openai_decoder(n_hid=16, n_init=32, vocab_size=512)),
                     r'{src}: blocks.input.w has shape \[32, 512, 1, 1\].*the DALL-E decoder: convert encoder.pkl'),
     'not a state dict': (lambda tmp: _torch_save(tmp / 'n.pkl', {'epoch': 3}), '{src}: no state dict of tensors'),
     'another state dict': (lambda tmp: _torch_save(tmp / 's.pkl', torch.nn.Conv2d(3, 4, 7).state_dict()),
@@ -112,6 +104,9 @@ BAD_SOURCES = {
     'wrong shape': (lambda tmp: _torch_save(tmp / 'w.pkl', {**_tiny_state_dict(),
                                                             'blocks.output.conv.b': torch.ones(7)}),
                     r'{src}: blocks.output.conv.b has shape \[7\], the encoder it describes needs \[512\]'),
+    'no groups': (lambda tmp: _torch_save(tmp / 'g.pkl', {
+        name: value for name, value in _tiny_state_dict().items() if not name.startswith('blocks.group_')}),
+        r'{src}: not a DALL-E encoder \(group_count, .* must be at least 1, got 0, 0, 3, 512\)'),
     'missing tensor': (lambda tmp: _torch_save(tmp / 'm.pkl', {
         name: value for name, value in _tiny_state_dict().items() if name != 'blocks.group_4.block_1.id_path.w'}),
         r"{src}: not the tensors of a DALL-E encoder: 1 missing \['blocks.group_4.block_1.id_path.w'\]"),
