@@ -229,23 +229,18 @@ class Block(nn.Layer):
         return x + self.drop_path(mlp)
 
 
-class Beit(nn.Layer):
-    """BEiT encoder with a classification head.
+class BeitEncoder(nn.Layer):
+    """What the fine-tuning and the pre-training model share: patch embedding, cls token, position embedding
+    or biases, the blocks and the final ``norm`` (LayerNorm, or the identity with ``final_norm`` off).
 
-    ``use_mean_pooling`` averages the patch tokens and applies ``fc_norm`` (the zoo default; ``norm``
-    is then the identity); otherwise the cls token after ``norm`` is classified.
+    Subclasses add their outputs, then call ``_init_weights`` once every layer exists.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 init_values: float | None = 0.1, use_abs_pos_emb: bool = False,
-                 use_rel_pos_bias: bool = True, use_shared_rel_pos_bias: bool = False,
-                 use_mean_pooling: bool = True, init_scale: float = 0.001,
-                 fused_attn: bool = True, recompute: bool = False):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float, qkv_bias: bool, drop_rate: float, attn_drop_rate: float, drop_path_rate: float,
+                 init_values: float | None, use_abs_pos_emb: bool, use_rel_pos_bias: bool,
+                 use_shared_rel_pos_bias: bool, final_norm: bool, fused_attn: bool, recompute: bool):
         super().__init__()
-        self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.recompute = recompute
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -261,13 +256,10 @@ class Beit(nn.Layer):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rate, init_values,
                   grid if use_rel_pos_bias else None, fused_attn)
             for rate in drop_path_rates])
-        self.norm = nn.Identity() if use_mean_pooling else LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS)
-        self.fc_norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS) if use_mean_pooling else None
-        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights(init_scale)
+        self.norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS) if final_norm else nn.Identity()
 
-    def _init_weights(self, init_scale: float) -> None:
-        """unilm's initialisation: trunc-normal Linears, depth-scaled residual outputs, a tiny head."""
+    def _init_weights(self) -> None:
+        """unilm's initialisation: trunc-normal Linears (every output layer too), depth-scaled residual outputs."""
         for layer in self.sublayers():
             if isinstance(layer, nn.Linear):
                 trunc_normal_(layer.weight)
@@ -280,9 +272,6 @@ class Beit(nn.Layer):
         for layer_id, block in enumerate(self.blocks, start=1):
             for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
                 weight.set_value(weight / math.sqrt(2.0 * layer_id))
-        if isinstance(self.head, nn.Linear):
-            self.head.weight.set_value(self.head.weight * init_scale)
-            self.head.bias.set_value(self.head.bias * init_scale)
 
     def get_num_layers(self) -> int:
         return len(self.blocks)
@@ -290,10 +279,10 @@ class Beit(nn.Layer):
     def no_weight_decay(self) -> set:
         return {'pos_embed', 'cls_token'}
 
-    def forward_tokens(self, x: paddle.Tensor) -> paddle.Tensor:
-        """All tokens after the last block (and ``norm``), shape [B, N+1, D]."""
-        x = self.patch_embed(x)
-        x = paddle.concat([self.cls_token.expand([x.shape[0], -1, -1]).astype(x.dtype), x], axis=1)
+    def encode(self, patch_tokens: paddle.Tensor) -> paddle.Tensor:
+        """Patch tokens [B, N, D] -> all tokens after the last block (and ``norm``), [B, N+1, D]; token 0 is cls."""
+        x = paddle.concat([self.cls_token.expand([patch_tokens.shape[0], -1, -1]).astype(patch_tokens.dtype),
+                           patch_tokens], axis=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.pos_drop(x)
@@ -304,6 +293,37 @@ class Beit(nn.Layer):
             else:
                 x = block(x, shared_bias)
         return self.norm(x)
+
+
+class Beit(BeitEncoder):
+    """BEiT encoder with a classification head.
+
+    ``use_mean_pooling`` averages the patch tokens and applies ``fc_norm`` (the zoo default; ``norm``
+    is then the identity); otherwise the cls token after ``norm`` is classified.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 init_values: float | None = 0.1, use_abs_pos_emb: bool = False,
+                 use_rel_pos_bias: bool = True, use_shared_rel_pos_bias: bool = False,
+                 use_mean_pooling: bool = True, init_scale: float = 0.001,
+                 fused_attn: bool = True, recompute: bool = False):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
+                         drop_rate, attn_drop_rate, drop_path_rate, init_values, use_abs_pos_emb, use_rel_pos_bias,
+                         use_shared_rel_pos_bias, not use_mean_pooling, fused_attn, recompute)
+        self.num_classes = num_classes
+        self.fc_norm = LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS) if use_mean_pooling else None
+        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+        if isinstance(self.head, nn.Linear):  # a tiny head: the pre-trained features dominate at first
+            self.head.weight.set_value(self.head.weight * init_scale)
+            self.head.bias.set_value(self.head.bias * init_scale)
+
+    def forward_tokens(self, x: paddle.Tensor) -> paddle.Tensor:
+        """All tokens after the last block (and ``norm``), shape [B, N+1, D]."""
+        return self.encode(self.patch_embed(x))
 
     def forward_features(self, x: paddle.Tensor) -> paddle.Tensor:
         """Pre-logits features [B, D]: normalised mean of the patch tokens, or the cls token."""
@@ -319,15 +339,13 @@ class Beit(nn.Layer):
         return self.forward_head(self.forward_features(x))
 
 
-def build_beit(config) -> Beit:
-    """The model described by ``config.MODEL`` (plus the input size and channels from ``config.DATA``),
-    compiled by ``paddle.jit.to_static`` when MODEL.TO_STATIC is set."""
+def encoder_kwargs(config) -> dict:
+    """The ``BeitEncoder`` arguments that ``config`` describes (``config.MODEL`` plus the input from ``DATA``)."""
     model_cfg = config.MODEL
-    model = Beit(
+    return dict(
         img_size=config.DATA.IMAGE_SIZE,
         patch_size=model_cfg.PATCH_SIZE,
         in_chans=config.DATA.IMAGE_CHANNELS,
-        num_classes=model_cfg.NUM_CLASSES,
         embed_dim=model_cfg.EMBED_DIM,
         depth=model_cfg.DEPTH,
         num_heads=model_cfg.NUM_HEADS,
@@ -340,12 +358,21 @@ def build_beit(config) -> Beit:
         use_abs_pos_emb=model_cfg.USE_ABS_POS_EMB,
         use_rel_pos_bias=model_cfg.USE_REL_POS_BIAS,
         use_shared_rel_pos_bias=model_cfg.USE_SHARED_REL_POS_BIAS,
-        use_mean_pooling=model_cfg.USE_MEAN_POOLING,
-        init_scale=model_cfg.INIT_SCALE,
         fused_attn=model_cfg.FUSED_ATTN,
         recompute=model_cfg.RECOMPUTE,
     )
-    return paddle.jit.to_static(model, full_graph=True) if model_cfg.TO_STATIC else model
+
+
+def compiled_if_asked(model: nn.Layer, config) -> nn.Layer:
+    """``model`` compiled by ``paddle.jit.to_static`` (whole graph) when MODEL.TO_STATIC is set."""
+    return paddle.jit.to_static(model, full_graph=True) if config.MODEL.TO_STATIC else model
+
+
+def build_beit(config) -> Beit:
+    """The fine-tuning model described by ``config.MODEL`` (plus the input size and channels from ``config.DATA``)."""
+    model_cfg = config.MODEL
+    return compiled_if_asked(Beit(num_classes=model_cfg.NUM_CLASSES, use_mean_pooling=model_cfg.USE_MEAN_POOLING,
+                                  init_scale=model_cfg.INIT_SCALE, **encoder_kwargs(config)), config)
 
 
 def layer_id_for_lr_decay(param_name: str, depth: int) -> int:
@@ -365,18 +392,18 @@ class CheckpointMismatchError(ValueError):
     """A state dict that cannot be made to fit the model."""
 
 
-# Tensors that only the pre-training model or an old buffer layout carries.
+# Tensors that only the pre-training model or an old buffer layout carries: dropped where the model has no place.
 _DROPPABLE_SUFFIXES = ('relative_position_index',)
 _DROPPABLE_PREFIXES = ('mask_token', 'lm_head.')
 
 
-def adapt_state_dict(state_dict: dict, model: Beit, rel_pos_interp: str = 'cubic') -> tuple[dict, list]:
-    """Fit a Paddle-layout state dict (name -> numpy array) to ``model``.
+def adapt_state_dict(state_dict: dict, model: BeitEncoder, rel_pos_interp: str = 'cubic') -> tuple[dict, list]:
+    """Fit a Paddle-layout state dict (name -> numpy array) to ``model``, a fine-tuning or pre-training BEiT.
 
     Copies a shared relative position bias into every block that needs one, resamples bias tables and
-    the absolute position embedding to the model's grid, drops MIM-only tensors and a head of another
-    class count. Returns the fitted dict and human-readable notes; raises CheckpointMismatchError when
-    the checkpoint describes another architecture.
+    the absolute position embedding to the model's grid, drops MIM-only tensors the model has no place for
+    and a head of another class count. Returns the fitted dict and human-readable notes; raises
+    CheckpointMismatchError when the checkpoint describes another architecture.
     """
     target = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     source = {name: np.asarray(value) for name, value in state_dict.items()}
@@ -384,9 +411,9 @@ def adapt_state_dict(state_dict: dict, model: Beit, rel_pos_interp: str = 'cubic
     _spread_shared_rel_pos_bias(source, target, notes)
     fitted, unexpected = {}, []
     for name, value in source.items():
-        if name.endswith(_DROPPABLE_SUFFIXES) or name.startswith(_DROPPABLE_PREFIXES):
-            continue
         if name not in target:
+            if name.endswith(_DROPPABLE_SUFFIXES) or name.startswith(_DROPPABLE_PREFIXES):
+                continue
             unexpected.append(name)
             continue
         fitted[name] = _fit_tensor(name, value, target[name], rel_pos_interp, notes)
@@ -442,7 +469,7 @@ def _drop_mismatched_head(fitted: dict, target: dict, notes: list) -> None:
                          f'{list(target[name]) if name in target else "no head"}; it keeps its fresh init')
 
 
-def _check_complete(fitted: dict, target: dict, unexpected: Sequence[str], model: Beit, notes: list) -> None:
+def _check_complete(fitted: dict, target: dict, unexpected: Sequence[str], model: BeitEncoder, notes: list) -> None:
     """Missing heads and fc_norm (a pre-training checkpoint) are fine; anything else is not."""
     uses_final_norm = not isinstance(model.norm, nn.Identity)
     harmless = [name for name in unexpected if name.startswith('norm.') and not uses_final_norm]

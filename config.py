@@ -96,6 +96,19 @@ _C.TRAIN.OPTIMIZER.NAME = 'AdamW'
 _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.999]
 
+# masked image modeling pre-training (main_pretrain.py)
+_C.PRETRAIN = CN()
+_C.PRETRAIN.VOCAB_SIZE = 8192  # visual tokens: the tokenizer's codebook size and lm_head's outputs
+_C.PRETRAIN.SECOND_INPUT_SIZE = 112  # tokenizer view in pixels; 8 px per token, so its grid must be the patch grid
+_C.PRETRAIN.SECOND_INTERPOLATION = 'lanczos'  # resize of the tokenizer view (the patch view uses DATA.INTERPOLATION)
+_C.PRETRAIN.NUM_MASK_PATCHES = 75  # masked patches per image
+_C.PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK = 16
+_C.PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK = 0  # 0: no limit below NUM_MASK_PATCHES
+_C.PRETRAIN.TOKENIZER_WEIGHTS = ''  # DALL-E encoder .pdparams (load_dalle_weights.py)
+_C.PRETRAIN.RANDOM_TOKENIZER = False  # no TOKENIZER_WEIGHTS: allow a random-weight tokenizer (tests and demos only)
+_C.PRETRAIN.TOKENIZER_HIDDEN = 256  # DALL-E encoder width (n_hid)
+_C.PRETRAIN.TOKENIZER_BLOCKS_PER_GROUP = 2  # DALL-E encoder depth (n_blk_per_group)
+
 # mixed precision
 _C.AMP = False
 _C.AMP_LEVEL = 'O1'
@@ -117,6 +130,7 @@ _C.NGPUS = -1  # processes for main_multi_gpu.py; -1 uses every visible GPU
 _CHOICES = {
     'EVAL_BACKEND': ('dygraph', 'inference', 'inference_bf16'),
     'DATA.INTERPOLATION': ('bilinear', 'bicubic'),
+    'PRETRAIN.SECOND_INTERPOLATION': ('bilinear', 'bicubic', 'lanczos'),
     'DATA.BAD_IMAGE_POLICY': ('error', 'skip'),
     'DATA.DATASET': ('imagenet2012', 'imagefolder'),
     'MODEL.REL_POS_INTERP': ('cubic', 'linear'),
@@ -128,10 +142,12 @@ _CHOICES = {
 }
 _POSITIVE = ('DATA.BATCH_SIZE', 'DATA.BATCH_SIZE_EVAL', 'DATA.IMAGE_SIZE', 'DATA.IMAGE_CHANNELS',
              'MODEL.PATCH_SIZE', 'MODEL.EMBED_DIM', 'MODEL.DEPTH', 'MODEL.NUM_HEADS', 'MODEL.MLP_RATIO',
-             'TRAIN.ACCUM_ITER', 'SAVE_FREQ', 'REPORT_FREQ', 'VALIDATE_FREQ')
+             'TRAIN.ACCUM_ITER', 'SAVE_FREQ', 'REPORT_FREQ', 'VALIDATE_FREQ', 'PRETRAIN.VOCAB_SIZE',
+             'PRETRAIN.SECOND_INPUT_SIZE', 'PRETRAIN.NUM_MASK_PATCHES', 'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK',
+             'PRETRAIN.TOKENIZER_HIDDEN', 'PRETRAIN.TOKENIZER_BLOCKS_PER_GROUP')
 _NON_NEGATIVE = ('DATA.NUM_WORKERS', 'MODEL.NUM_CLASSES', 'TRAIN.NUM_EPOCHS', 'TRAIN.WARMUP_EPOCHS',
                  'TRAIN.WEIGHT_DECAY', 'TRAIN.BASE_LR', 'TRAIN.LINEAR_SCALED_LR', 'TRAIN.GRAD_CLIP',
-                 'TRAIN.LAST_EPOCH')
+                 'TRAIN.LAST_EPOCH', 'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK')
 _PROBABILITIES = ('DATA.CROP_PCT', 'MODEL.DROPOUT', 'MODEL.ATTENTION_DROPOUT', 'MODEL.DROPPATH',
                   'TRAIN.LAYER_DECAY', 'TRAIN.MODEL_EMA_DECAY', 'TRAIN.SMOOTHING', 'TRAIN.MIXUP_PROB',
                   'TRAIN.MIXUP_SWITCH_PROB', 'TRAIN.RANDOM_ERASE_PROB', 'TRAIN.HFLIP_PROB')
@@ -272,6 +288,41 @@ def validate_config(config: CN) -> None:
         raise ConfigError(f'TRAIN.CUTMIX_MINMAX needs [min, max] or [], got {list(config.TRAIN.CUTMIX_MINMAX)}')
 
 
+TOKENIZER_PATCH_PIXELS = 8  # the DALL-E encoder gives one token per 8x8 pixels
+
+
+def validate_pretraining_config(config: CN) -> None:
+    """What pre-training needs beyond validate_config: token grid = patch grid, a mask that fits, the tokenizer's
+    weights (or an explicit choice of a random tokenizer), no -eval."""
+    pretrain = config.PRETRAIN
+    if config.EVAL:
+        raise ConfigError('pre-training has no evaluation: -eval (EVAL) is for fine-tuned models (main_single_gpu.py)')
+    grid = config.DATA.IMAGE_SIZE // config.MODEL.PATCH_SIZE
+    second = pretrain.SECOND_INPUT_SIZE
+    if second != grid * TOKENIZER_PATCH_PIXELS:
+        raise ConfigError(
+            f'PRETRAIN.SECOND_INPUT_SIZE {second} gives the tokenizer {second / TOKENIZER_PATCH_PIXELS:g} tokens per '
+            f'side ({TOKENIZER_PATCH_PIXELS} px each), but the model has a {grid}x{grid} patch grid (DATA.IMAGE_SIZE '
+            f'{config.DATA.IMAGE_SIZE} / MODEL.PATCH_SIZE {config.MODEL.PATCH_SIZE}): '
+            f'use {grid * TOKENIZER_PATCH_PIXELS}')
+    num_masked = pretrain.NUM_MASK_PATCHES
+    if grid * grid < num_masked:
+        raise ConfigError(f'PRETRAIN.NUM_MASK_PATCHES {num_masked} is more than the {grid * grid} patches of a '
+                          f'{grid}x{grid} grid')
+    largest_block = min(pretrain.MAX_MASK_PATCHES_PER_BLOCK or num_masked, num_masked)
+    if largest_block < pretrain.MIN_MASK_PATCHES_PER_BLOCK:
+        raise ConfigError(f'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK {pretrain.MIN_MASK_PATCHES_PER_BLOCK} is more than a '
+                          f'block may hold (PRETRAIN.NUM_MASK_PATCHES {num_masked}, '
+                          f'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK {pretrain.MAX_MASK_PATCHES_PER_BLOCK})')
+    if not pretrain.TOKENIZER_WEIGHTS and not pretrain.RANDOM_TOKENIZER:
+        raise ConfigError('PRETRAIN.TOKENIZER_WEIGHTS is not set: pre-training predicts the tokens of the DALL-E '
+                          'tokenizer, convert its encoder with `python load_dalle_weights.py -src encoder.pkl -dst '
+                          'dalle_encoder.pdparams` and give that file (PRETRAIN.RANDOM_TOKENIZER True runs with '
+                          'random tokenizer weights, for tests and demos only)')
+    if pretrain.TOKENIZER_WEIGHTS and not os.path.isfile(pretrain.TOKENIZER_WEIGHTS):
+        raise ConfigError(f'PRETRAIN.TOKENIZER_WEIGHTS: file not found: {pretrain.TOKENIZER_WEIGHTS}')
+
+
 def get_config(cfg_file: str | None = None) -> CN:
     """Defaults merged with ``cfg_file`` (and the files it inherits from); not frozen."""
     config = get_default_config()
@@ -307,8 +358,9 @@ def build_arg_parser(description: str = 'BEiT') -> argparse.ArgumentParser:
         parser.add_argument(f'-{flag}', type=int, default=None)
     parser.add_argument('-eval', action='store_true', help='evaluate only')
     parser.add_argument('-amp', action='store_true', help='mixed precision (AMP_LEVEL, AMP_DTYPE)')
-    parser.add_argument('-opts', nargs='+', default=[], metavar='KEY VALUE',
-                        help='override config keys, e.g. -opts TRAIN.BASE_LR 1e-3 MODEL.DROPPATH 0.2')
+    parser.add_argument('-opts', nargs='+', action='extend', default=[], metavar='KEY VALUE',
+                        help='override config keys, e.g. -opts TRAIN.BASE_LR 1e-3 MODEL.DROPPATH 0.2 (given twice, '
+                             'both apply in order)')
     return parser
 
 

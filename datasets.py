@@ -1,5 +1,5 @@
-"""ImageNet-style data for fine-tuning: samples from list files or class folders, RGB decoding, the bad-image
-policy, and the paddle.io loaders (shuffled shards for training, exact unpadded shards for evaluation).
+"""ImageNet-style data for fine-tuning and pre-training: samples from list files or class folders, RGB decoding, the
+bad-image policy, and the paddle.io loaders (shuffled shards for training, exact unpadded shards for evaluation).
 
 List files (``DATA.DATASET: imagenet2012``): ``DATA_PATH/train_list.txt`` and ``val_list.txt`` hold one
 ``relative/path label`` per line. The label is the last whitespace-separated field, so paths may contain spaces
@@ -9,6 +9,9 @@ later in a line is part of the path. Line numbers in messages count every line o
 
 Class folders (``DATA.DATASET: imagefolder``): ``DATA_PATH/train/<class>/...`` and ``DATA_PATH/val/<class>/...``;
 a class's index is its position among the sorted class-folder names.
+
+Pre-training (``get_pretraining_dataset``) reads the train split the same way and ignores the labels: a list file
+still needs its label field, but any integer is accepted, and an image folder may hold any number of classes.
 
 ``get_train_transforms`` and ``get_val_transforms`` (from transforms.py) are available here too.
 """
@@ -25,7 +28,8 @@ import paddle.distributed as dist
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from PIL import Image, ImageFile
 
-from transforms import get_train_transforms, get_val_transforms, to_rgb
+from masking_generator import MaskingGenerator
+from transforms import get_pretrain_transforms, get_train_transforms, get_val_transforms, to_rgb
 
 # A truncated file must fail to decode, not become a picture with a grey bottom.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -71,8 +75,8 @@ def _numbered_entries(list_path: str) -> list[tuple[int, str]]:
     return [(number, text) for number, text in lines if text and not text.startswith('#')]
 
 
-def _parse_entry(text: str, number: int, root: str, num_classes: int) -> tuple[Sample | None, str]:
-    """The sample on one list line, or the reason it cannot be used."""
+def _parse_entry(text: str, number: int, root: str, num_classes: int | None) -> tuple[Sample | None, str]:
+    """The sample on one list line, or the reason it cannot be used; ``num_classes`` None accepts any label."""
     fields = text.rsplit(None, 1)
     if len(fields) < 2:
         return None, f'no label after the path: {text!r}'
@@ -80,7 +84,7 @@ def _parse_entry(text: str, number: int, root: str, num_classes: int) -> tuple[S
     if not _INTEGER.fullmatch(label_text):
         return None, f'label {label_text!r} is not an integer'
     label = int(label_text)
-    if not 0 <= label < num_classes:
+    if num_classes is not None and not 0 <= label < num_classes:
         return None, f'label {label} outside [0, {num_classes}) (MODEL.NUM_CLASSES)'
     path = os.path.join(root, relative_path)
     if not os.path.isfile(path):
@@ -88,7 +92,7 @@ def _parse_entry(text: str, number: int, root: str, num_classes: int) -> tuple[S
     return Sample(path, label, number), ''
 
 
-def validate_list_file(list_path: str, root: str, num_classes: int) -> list[Sample]:
+def validate_list_file(list_path: str, root: str, num_classes: int | None) -> list[Sample]:
     """The samples of a list file, checked line by line before training starts.
 
     All lines are checked, so one DatasetError reports the total and the first offenders with their line numbers
@@ -119,17 +123,17 @@ def _image_files(folder: str) -> list[str]:
     return found
 
 
-def scan_image_folder(folder: str, num_classes: int) -> list[Sample]:
+def scan_image_folder(folder: str, num_classes: int | None) -> list[Sample]:
     """The samples of ``folder/<class>/...``, labelled by the sorted position of the class name.
 
     The number of class folders must equal ``num_classes`` (a class may have an empty folder): otherwise a class
-    missing from one split would shift every later index and train and val would disagree silently. Hidden
-    folders (``.name``) are not classes.
+    missing from one split would shift every later index and train and val would disagree silently. None (labels
+    unused) accepts any number. Hidden folders (``.name``) are not classes.
     """
     if not os.path.isdir(folder):
         raise DatasetError(f'image folder not found: {folder}')
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith('.'))
-    if len(classes) != num_classes:
+    if num_classes is not None and len(classes) != num_classes:
         raise DatasetError(f'{folder}: {len(classes)} class folders, but MODEL.NUM_CLASSES is {num_classes}')
     samples = [Sample(path, label)
                for label, name in enumerate(classes) for path in _image_files(os.path.join(folder, name))]
@@ -165,11 +169,16 @@ class LabeledImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
+        image, sample = self._first_decodable(index)
+        return self.transform(image), np.int64(sample.label)
+
+    def _first_decodable(self, index: int) -> tuple[Image.Image, Sample]:
+        """Sample ``index``'s image, or under policy 'skip' that of the next decodable sample in list order."""
         for offset in range(len(self.samples)):
             candidate = (index + offset) % len(self.samples)
             image = self._decode(candidate)
             if image is not None:
-                return self.transform(image), np.int64(self.samples[candidate].label)
+                return image, self.samples[candidate]
         raise DatasetError(f'{self.source or "dataset"}: none of the {len(self)} images decodes')
 
     @property
@@ -199,13 +208,31 @@ class LabeledImageDataset(Dataset):
             return None
 
 
+class MaskedImageDataset(LabeledImageDataset):
+    """Pre-training samples: (patch view float32 CHW, tokenizer view float32 CHW, mask bool [N]); labels unused.
+
+    ``transform`` gives the two views of one crop (transforms.get_pretrain_transforms), ``mask_generator`` a new
+    (H, W) 0/1 mask of the patch grid per sample, flattened in the row-major order of the patch tokens.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, mask_generator: Callable,
+                 bad_image_policy: str = 'error', source: str = ''):
+        super().__init__(samples, transform, bad_image_policy, source)
+        self.mask_generator = mask_generator
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image, _ = self._first_decodable(index)
+        patch_view, tokenizer_view = self.transform(image)
+        return patch_view, tokenizer_view, np.asarray(self.mask_generator(), dtype=bool).reshape(-1)
+
+
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f'mode must be one of {list(MODES)}, got {mode!r}')
 
 
-def get_dataset(config, mode: str) -> LabeledImageDataset:
-    """The checked train or val dataset of ``config`` with its transforms (from transforms.py)."""
+def _checked_samples(config, mode: str, num_classes: int | None) -> tuple[list[Sample], str]:
+    """The samples of ``mode`` in ``config``'s data and where they were listed (list file or folder)."""
     _check_mode(mode)
     root = config.DATA.DATA_PATH
     if not root:
@@ -214,14 +241,34 @@ def get_dataset(config, mode: str) -> LabeledImageDataset:
         raise DatasetError(f'DATA.DATA_PATH not found: {root}')
     if config.DATA.DATASET == 'imagenet2012':
         source = os.path.join(root, f'{mode}_list.txt')
-        samples = validate_list_file(source, root, config.MODEL.NUM_CLASSES)
-    elif config.DATA.DATASET == 'imagefolder':
+        return validate_list_file(source, root, num_classes), source
+    if config.DATA.DATASET == 'imagefolder':
         source = os.path.join(root, mode)
-        samples = scan_image_folder(source, config.MODEL.NUM_CLASSES)
-    else:
-        raise DatasetError(f'DATA.DATASET must be one of {list(SUPPORTED_DATASETS)}, got {config.DATA.DATASET!r}')
+        return scan_image_folder(source, num_classes), source
+    raise DatasetError(f'DATA.DATASET must be one of {list(SUPPORTED_DATASETS)}, got {config.DATA.DATASET!r}')
+
+
+def get_dataset(config, mode: str) -> LabeledImageDataset:
+    """The checked train or val dataset of ``config`` with its transforms (from transforms.py)."""
+    samples, source = _checked_samples(config, mode, config.MODEL.NUM_CLASSES)
     transform = get_train_transforms(config) if mode == 'train' else get_val_transforms(config)
     return LabeledImageDataset(samples, transform, config.DATA.BAD_IMAGE_POLICY, source)
+
+
+def build_mask_generator(config) -> MaskingGenerator:
+    """Blockwise masking of the patch grid with the PRETRAIN.* counts (unilm's defaults for the block shapes)."""
+    grid = config.DATA.IMAGE_SIZE // config.MODEL.PATCH_SIZE
+    pretrain = config.PRETRAIN
+    return MaskingGenerator((grid, grid), pretrain.NUM_MASK_PATCHES,
+                            min_num_patches=pretrain.MIN_MASK_PATCHES_PER_BLOCK,
+                            max_num_patches=pretrain.MAX_MASK_PATCHES_PER_BLOCK or None)
+
+
+def get_pretraining_dataset(config) -> MaskedImageDataset:
+    """The checked train split of ``config`` as pre-training samples (labels unused)."""
+    samples, source = _checked_samples(config, 'train', num_classes=None)
+    return MaskedImageDataset(samples, get_pretrain_transforms(config), build_mask_generator(config),
+                              config.DATA.BAD_IMAGE_POLICY, source)
 
 
 class ShardedEvalBatchSampler:
@@ -273,12 +320,12 @@ class _FailureAsSampleDataset(Dataset):
 
 
 def _collate_or_failure(samples: list):
-    """[images NCHW, int64 labels], or the first failure in the batch as a dict of plain values, which Paddle
-    passes to the main process as they are (the array only keeps its queue from being empty)."""
+    """Each field of the samples stacked ([images NCHW, int64 labels]; for pre-training [patch views, tokenizer
+    views, masks]), or the first failure in the batch as a dict of plain values, which Paddle passes to the main
+    process as they are (the array only keeps its queue from being empty)."""
     failure = next((sample for sample in samples if isinstance(sample, _LoadFailure)), None)
     if failure is None:
-        images, labels = zip(*samples)
-        return [np.stack(images), np.array(labels, dtype=np.int64)]
+        return [np.stack(field) for field in zip(*samples)]
     return {'failure': failure.message, 'is_dataset_error': failure.is_dataset_error, 'marker': np.zeros(1)}
 
 

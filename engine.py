@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import paddle
@@ -52,6 +53,22 @@ class Amp:
         return paddle.amp.auto_cast(enable=self.enabled, level=self.level, dtype=self.dtype)
 
 
+class Objective(Protocol):
+    """What a task trains for: one batch from the loader -> (loss to minimise, float64 counts of the batch).
+
+    Counts add up over micro-batches and processes; ``summarise`` turns their totals into the logged metrics
+    (``loss``, ``metric``, ``num_samples`` and any others). ``reseed`` re-seeds its own randomness at each epoch."""
+
+    metric: str
+    num_counts: int
+
+    def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]: ...
+
+    def summarise(self, totals: np.ndarray) -> dict: ...
+
+    def reseed(self, seed: int) -> None: ...
+
+
 @dataclass
 class Trainer:
     """What a training step needs. ``model`` is what runs forward (paddle.DataParallel with several processes),
@@ -62,10 +79,9 @@ class Trainer:
     optimizer: paddle.optimizer.Optimizer
     lr_scheduler: paddle.optimizer.lr.LRScheduler
     grad_scaler: paddle.amp.GradScaler
-    criterion: nn.Layer
+    objective: Objective
     world: World
     amp: Amp = field(default_factory=Amp)
-    mixup: Mixup | None = None
     model_ema: ModelEma | None = None
     accum_iter: int = 1
     global_step: int = 0
@@ -99,20 +115,43 @@ def summarise(totals: np.ndarray) -> dict:
             'num_samples': int(totals[3])}
 
 
-def _forward_backward(trainer: Trainer, images: paddle.Tensor, labels: paddle.Tensor, sync: bool) -> paddle.Tensor:
+class ClassificationObjective:
+    """Fine-tuning: (images, labels) -> ``criterion`` of the logits (against Mixup/CutMix targets when ``mixup``);
+    counts [loss sum, correct@1, correct@5, images], the accuracies measured against the un-mixed labels."""
+
+    metric = 'acc1'
+    num_counts = 4
+
+    def __init__(self, criterion: nn.Layer, mixup: Mixup | None = None):
+        self.criterion = criterion
+        self.mixup = mixup
+
+    def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]:
+        images, labels = batch
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        with amp.autocast():
+            logits = model(images)
+        logits = logits.astype('float32')
+        loss = self.criterion(logits, targets)
+        with paddle.no_grad():
+            return loss, batch_counts(loss.detach() * labels.shape[0], logits.detach(), labels)
+
+    summarise = staticmethod(summarise)
+
+    def reseed(self, seed: int) -> None:
+        if self.mixup is not None:
+            self.mixup.rng = np.random.default_rng(seed)
+
+
+def _forward_backward(trainer: Trainer, batch, sync: bool) -> paddle.Tensor:
     """Add one micro-batch's gradients (scaled by 1/ACCUM_ITER); returns its counts."""
-    targets = labels
-    if trainer.mixup is not None:
-        images, targets = trainer.mixup(images, labels)
     defer_sync = trainer.world.size > 1 and not sync
     with trainer.model.no_sync() if defer_sync else contextlib.nullcontext():
-        with trainer.amp.autocast():
-            logits = trainer.model(images)
-        logits = logits.astype('float32')
-        loss = trainer.criterion(logits, targets)
+        loss, counts = trainer.objective(trainer.model, batch, trainer.amp)
         trainer.grad_scaler.scale(loss / trainer.accum_iter).backward()
-    with paddle.no_grad():
-        return batch_counts(loss.detach() * labels.shape[0], logits.detach(), labels)
+    return counts
 
 
 def _gradients_finite(parameters) -> bool:
@@ -148,23 +187,23 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, num_epochs: int, steps
     """``steps`` optimizer steps of ACCUM_ITER micro-batches each; micro-batches left over at the end of the
     loader are read but not used. Returns the epoch's global averages, throughput and skipped-step count."""
     trainer.model.train()
-    k = trainer.accum_iter
-    epoch_totals = np.zeros(4)
-    group = paddle.zeros([4], dtype='float64')
+    objective, k = trainer.objective, trainer.accum_iter
+    epoch_totals = np.zeros(objective.num_counts)
+    group = paddle.zeros([objective.num_counts], dtype='float64')
     skipped, lr = 0, trainer.optimizer.get_lr()
     progress = ProgressBar(steps, f'epoch {epoch}', trainer.world.is_main)
     start = time.time()
-    for micro, (images, labels) in enumerate(loader):
+    for micro, batch in enumerate(loader):
         if micro >= steps * k:
             continue
-        group += _forward_backward(trainer, images, labels, sync=(micro + 1) % k == 0)
+        group += _forward_backward(trainer, batch, sync=(micro + 1) % k == 0)
         if (micro + 1) % k:
             continue
         step = (micro + 1) // k
         totals = all_reduce_sum(group, trainer.world)
-        group = paddle.zeros([4], dtype='float64')
+        group = paddle.zeros([objective.num_counts], dtype='float64')
         lr = trainer.optimizer.get_lr()
-        current = summarise(totals)
+        current = objective.summarise(totals)
         _stop_on_non_finite(current['loss'], trainer, f'epoch {epoch} step {step} (global step '
                                                       f'{trainer.global_step + 1})')
         skipped += not _optimizer_step(trainer)
@@ -172,14 +211,15 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, num_epochs: int, steps
         progress.show(step)
         if step % report_freq == 0 or step == steps:
             progress.clear()
-            average = summarise(epoch_totals)
+            average = objective.summarise(epoch_totals)
+            metric = objective.metric
             logger.info(f'epoch {epoch}/{num_epochs} step {step}/{steps} lr {lr:.6e} '
                         f'loss {current["loss"]:.4f} (avg {average["loss"]:.4f}) '
-                        f'acc1 {current["acc1"]:.4f} (avg {average["acc1"]:.4f}) '
+                        f'{metric} {current[metric]:.4f} (avg {average[metric]:.4f}) '
                         f'skipped {skipped}')
     progress.clear()
     elapsed = time.time() - start
-    result = summarise(epoch_totals)
+    result = objective.summarise(epoch_totals)
     result.update(lr=lr, time=elapsed, images_per_sec=result['num_samples'] / max(elapsed, 1e-9),
                   skipped_steps=skipped)
     return result

@@ -1,4 +1,5 @@
-"""One process's share of a training or evaluation run, the code path of every entry point.
+"""One process's share of a training or evaluation run, the code path of every entry point, for fine-tuning and
+pre-training alike (tasks.py holds what differs).
 
 ``prepare`` checks every input and builds everything in memory (data, model, weights, optimizer, resumed state)
 before the output folder is touched, so bad input ends the run with a clear error and nothing written.
@@ -10,12 +11,11 @@ import os
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import paddle
 import paddle.distributed as dist
 from paddle.utils import unique_name
 
-from beit import CheckpointMismatchError, build_beit
+from beit import CheckpointMismatchError
 from checkpoint import (
     CheckpointError,
     check_exact_fit,
@@ -31,10 +31,9 @@ from config import ConfigError, build_arg_parser, get_config, update_config
 from datasets import DatasetError, get_dataloader, get_dataset
 from engine import Amp, NonFiniteLossError, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
 from inference import PredictorAsModel, WeightsError
-from losses import build_criterion
-from mixup import build_mixup
 from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer
+from tasks import FINE_TUNING, Task
 from utils import (
     LOGGER_NAME,
     append_jsonl,
@@ -55,15 +54,16 @@ EXIT_TRAINING_FAILED = 1
 class Job:
     """A checked run, built in memory: ``model`` is the bare BEiT (for -eval with EVAL_BACKEND inference*, its
     Paddle Inference copy), ``trainer`` (training only) holds what the optimizer steps need;
-    ``last_checkpoint`` is the newest checkpoint this run can fall back on."""
+    ``last_checkpoint`` is the newest checkpoint this run can fall back on. A task without evaluation
+    (pre-training) has no val set."""
 
     config: object
     world: World
     logger: logging.Logger
     amp: Amp
     model: object
-    val_set: object
-    val_loader: object
+    val_set: object = None
+    val_loader: object = None
     train_set: object = None
     train_loader: object = None
     trainer: Trainer | None = None
@@ -141,8 +141,8 @@ def _restore_training_state(trainer: Trainer, checkpoint: dict, logger: logging.
 
 
 def _build_trainer(config, model, world: World, amp: Amp, steps_per_epoch: int, checkpoint: dict | None,
-                   logger: logging.Logger) -> tuple[Trainer, dict]:
-    """Optimizer, schedule, scaler, EMA (from the loaded weights), mixup and loss around ``model``."""
+                   logger: logging.Logger, task: Task) -> tuple[Trainer, dict]:
+    """Optimizer, schedule, scaler, EMA (from the loaded weights) and the task's objective around ``model``."""
     model_ema = ModelEma(model, config.TRAIN.MODEL_EMA_DECAY) if config.TRAIN.MODEL_EMA else None
     lr_scheduler = build_lr_scheduler(config, steps_per_epoch, world.size)
     optimizer, settings = build_optimizer(config, model, lr_scheduler)
@@ -152,10 +152,9 @@ def _build_trainer(config, model, world: World, amp: Amp, steps_per_epoch: int, 
     if amp.enabled and amp.level == 'O2':
         model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2', dtype=amp.dtype,
                                                save_dtype='float32')
-    mixup = build_mixup(config, rng=np.random.default_rng(config.SEED + world.rank))
     trainer = Trainer(model=paddle.DataParallel(model) if world.size > 1 else model, module=model,
                       optimizer=optimizer, lr_scheduler=lr_scheduler, grad_scaler=grad_scaler,
-                      criterion=build_criterion(config, mixup is not None), world=world, amp=amp, mixup=mixup,
+                      objective=task.build_objective(config, world), world=world, amp=amp,
                       model_ema=model_ema, accum_iter=config.TRAIN.ACCUM_ITER,
                       global_step=config.TRAIN.LAST_EPOCH * steps_per_epoch)
     if checkpoint is not None:
@@ -174,24 +173,25 @@ def _evaluation_model(config, model):
     return PredictorAsModel(model, config, 'bf16' if backend == 'inference_bf16' else 'fp32')
 
 
-def prepare(config, world: World, logger: logging.Logger) -> Job:
+def prepare(config, world: World, logger: logging.Logger, task: Task = FINE_TUNING) -> Job:
     """Check every input and build the run in memory; raises one of INPUT_ERRORS, having written nothing."""
     if config.EVAL and config.MODEL.RESUME:
         raise ConfigError('-eval evaluates the -pretrained weights (a training checkpoint works there); '
                           '-resume continues training')
+    task.check_config(config)
     amp = amp_for(config, logger)
     multi_process = world.size > 1
-    val_set = get_dataset(config, 'val')
-    val_loader = get_dataloader(config, val_set, 'val', multi_process)
+    val_set = get_dataset(config, 'val') if task.evaluates else None
+    val_loader = get_dataloader(config, val_set, 'val', multi_process) if task.evaluates else None
     seed_everything(config.SEED)
-    model = build_beit(config)
+    model = task.build_model(config)
     if config.EVAL:
         epoch = _load_starting_weights(config, model, logger)
         if amp.enabled and amp.level == 'O2':
             model = paddle.amp.decorate(models=model, level='O2', dtype=amp.dtype, save_dtype='float32')
         return Job(config, world, logger, amp, _evaluation_model(config, model), val_set, val_loader,
                    start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch)
-    train_set = get_dataset(config, 'train')
+    train_set = task.build_train_set(config)
     train_loader = get_dataloader(config, train_set, 'train', multi_process)
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
     if steps_per_epoch == 0:
@@ -205,7 +205,7 @@ def prepare(config, world: World, logger: logging.Logger) -> Job:
         raise ConfigError(f'{start_epoch} epochs are already done and TRAIN.NUM_EPOCHS is '
                           f'{config.TRAIN.NUM_EPOCHS}: nothing to train')
     _refuse_to_overwrite(config.SAVE, start_epoch + 1, config.TRAIN.NUM_EPOCHS)
-    trainer, settings = _build_trainer(config, model, world, amp, steps_per_epoch, checkpoint, logger)
+    trainer, settings = _build_trainer(config, model, world, amp, steps_per_epoch, checkpoint, logger, task)
     return Job(config, world, logger, amp, model, val_set, val_loader, train_set, train_loader, trainer, settings,
                start_epoch, steps_per_epoch, resume_path)
 
@@ -254,7 +254,8 @@ def _validate(job: Job, epoch: int, lr: float) -> dict:
 
 
 def _metric_fields(result: dict) -> dict:
-    return {key: result[key] for key in ('loss', 'acc1', 'acc5', 'num_samples', 'images_per_sec')}
+    """What metrics.jsonl records of a result: its metrics, sample count and throughput (not the seconds)."""
+    return {key: value for key, value in result.items() if key != 'time'}
 
 
 def _save(job: Job, epoch: int) -> None:
@@ -278,8 +279,7 @@ def _start_epoch(job: Job, epoch: int) -> None:
     resumed from an epoch's checkpoint repeats exactly what an uninterrupted run does."""
     seed = derived_seed(job.config.SEED, epoch, job.world.rank)
     seed_everything(seed)
-    if job.trainer.mixup is not None:
-        job.trainer.mixup.rng = np.random.default_rng(seed)
+    job.trainer.objective.reseed(seed)
     job.train_loader.batch_sampler.set_epoch(epoch)
 
 
@@ -297,12 +297,13 @@ def train(job: Job) -> None:
         except NonFiniteLossError as err:
             kept = job.last_checkpoint or 'none was saved yet'
             raise NonFiniteLossError(f'{err}. The last good checkpoint: {kept}') from None
-        logger.info(f'epoch {epoch} train: loss {result["loss"]:.4f} acc1 {result["acc1"]:.4f} '
+        metric = job.trainer.objective.metric
+        logger.info(f'epoch {epoch} train: loss {result["loss"]:.4f} {metric} {result[metric]:.4f} '
                     f'time {result["time"]:.1f}s ({result["images_per_sec"]:.1f} images/s), '
                     f'{result["skipped_steps"]} steps skipped for inf/nan gradients')
-        _record(job, {'split': 'train', 'epoch': epoch, **_metric_fields(result), 'lr': result['lr'],
-                      'skipped_steps': result['skipped_steps'], 'bad_images': _bad_images(job, job.train_set)})
-        if _due(epoch, config.VALIDATE_FREQ, num_epochs):
+        _record(job, {'split': 'train', 'epoch': epoch, **_metric_fields(result),
+                      'bad_images': _bad_images(job, job.train_set)})
+        if job.val_loader is not None and _due(epoch, config.VALIDATE_FREQ, num_epochs):
             acc1 = _validate(job, epoch, result['lr'])['acc1']
             best_acc1 = acc1 if best_acc1 is None else max(best_acc1, acc1)
             logger.info(f'best val acc1 so far {best_acc1:.4f}')
@@ -321,14 +322,14 @@ def evaluate_weights(job: Job) -> dict:
     return record
 
 
-def _run(config, multi_process: bool) -> None:
+def _run(config, multi_process: bool, task: Task) -> None:
     world = init_world(multi_process)
     logger = start_logger(world.is_main)
     threads = use_all_cpu_cores(world.local_size) if paddle.get_device().startswith('cpu') else None
     with unique_name.guard():  # the same parameter names on every run: optimizer state is saved by them
-        job = prepare(config, world, logger)
+        job = prepare(config, world, logger, task)
         open_output(job)
-        logger.info(f'{world.size} process(es), device {paddle.get_device()}'
+        logger.info(f'{task.name}: {world.size} process(es), device {paddle.get_device()}'
                     + (f', {threads} CPU threads each' if threads else '') + '\nconfig:\n' + config.dump())
         if config.EVAL:
             evaluate_weights(job)
@@ -336,11 +337,11 @@ def _run(config, multi_process: bool) -> None:
             train(job)
 
 
-def run(config, multi_process: bool) -> int:
+def run(config, multi_process: bool, task: Task = FINE_TUNING) -> int:
     """Run this process's part and return the exit code, after printing a clear message for a failure the user
     can fix (bad input: EXIT_BAD_INPUT) or a diverged training (EXIT_TRAINING_FAILED)."""
     try:
-        _run(config, multi_process)
+        _run(config, multi_process, task)
     except INPUT_ERRORS as err:
         logging.getLogger(LOGGER_NAME).error(f'error: {err}')
         return EXIT_BAD_INPUT
@@ -350,7 +351,7 @@ def run(config, multi_process: bool) -> int:
     return 0
 
 
-def check_inputs(config) -> int:
+def check_inputs(config, task: Task = FINE_TUNING) -> int:
     """What ``run`` would refuse, found before processes are started: 0, or EXIT_BAD_INPUT after the message.
 
     The check runs on the CPU, so that the starting process holds no GPU memory while the run goes on."""
@@ -359,7 +360,7 @@ def check_inputs(config) -> int:
     paddle.set_device('cpu')
     try:
         with unique_name.guard():
-            prepare(config, World(), logger)
+            prepare(config, World(), logger, task)
     except INPUT_ERRORS as err:
         logger.error(f'error: {err}')
         return EXIT_BAD_INPUT

@@ -22,6 +22,7 @@ import paddle
 import paddle.nn as nn
 
 from beit import CheckpointMismatchError, adapt_state_dict, build_beit
+from beit_pretrain import build_beit_pretrain
 from config import ConfigError, get_config, merge_opts, validate_config
 from utils import save_atomically
 
@@ -190,48 +191,54 @@ def convert_state_dict(torch_state_dict: dict, model: nn.Layer, rel_pos_interp: 
     return adapt_state_dict(to_paddle_layout(torch_state_dict, model), model, rel_pos_interp)
 
 
-def timm_kwargs_from_config(config) -> dict:
-    """Arguments of timm's ``Beit`` for the architecture in ``config`` (for -check)."""
+def timm_kwargs_from_config(config, mim: bool = False) -> dict:
+    """Arguments of timm's ``Beit`` for the architecture in ``config`` (for -check); with ``mim`` the encoder of
+    the pre-training model (no head, final norm on all tokens)."""
     m = config.MODEL
     return dict(img_size=config.DATA.IMAGE_SIZE, patch_size=m.PATCH_SIZE, in_chans=config.DATA.IMAGE_CHANNELS,
-                num_classes=m.NUM_CLASSES, embed_dim=m.EMBED_DIM, depth=m.DEPTH, num_heads=m.NUM_HEADS,
+                num_classes=0 if mim else m.NUM_CLASSES, embed_dim=m.EMBED_DIM, depth=m.DEPTH, num_heads=m.NUM_HEADS,
                 mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS, init_values=m.INIT_VALUES,
                 use_abs_pos_emb=m.USE_ABS_POS_EMB, use_rel_pos_bias=m.USE_REL_POS_BIAS,
                 use_shared_rel_pos_bias=m.USE_SHARED_REL_POS_BIAS,
-                global_pool='avg' if m.USE_MEAN_POOLING else 'token', head_init_scale=m.INIT_SCALE)
+                global_pool='avg' if m.USE_MEAN_POOLING and not mim else 'token', head_init_scale=m.INIT_SCALE)
 
 
-def compare_with_timm(config, torch_state_dict: dict, model: nn.Layer, batch_size: int = 2) -> float:
-    """Max abs logit difference between ``model`` and timm's Beit loading the same checkpoint."""
+def compare_with_timm(config, torch_state_dict: dict, model: nn.Layer, batch_size: int = 2, mim: bool = False) -> float:
+    """Max abs difference of the logits (``mim``: of the encoder tokens) between ``model`` and timm's Beit loading
+    the same checkpoint."""
     import torch
     from timm.models.beit import Beit, checkpoint_filter_fn
-    reference = Beit(**timm_kwargs_from_config(config)).eval()
+    reference = Beit(**timm_kwargs_from_config(config, mim)).eval()
     tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in torch_state_dict.items()}
     reference.load_state_dict(checkpoint_filter_fn(tensors, reference), strict=False)
     size = config.DATA.IMAGE_SIZE
     images = np.random.default_rng(0).standard_normal((batch_size, config.DATA.IMAGE_CHANNELS, size, size))
     images = images.astype(np.float32)
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(images)).numpy()
+    with torch.no_grad():  # the pre-training model is compared with no patch masked
+        inputs = torch.from_numpy(images)
+        expected = (reference.forward_features(inputs) if mim else reference(inputs)).numpy()
     model.eval()
     with paddle.no_grad():
-        actual = model(paddle.to_tensor(images)).numpy()
+        actual = (model.forward_tokens if mim else model)(paddle.to_tensor(images)).numpy()
     return float(np.abs(actual - expected).max())
 
 
-def convert_file(cfg_file: str, src: str, dst: str, opts=(), check: bool = False, trust_pickle: bool = False):
+def convert_file(cfg_file: str, src: str, dst: str, opts=(), check: bool = False, trust_pickle: bool = False,
+                 mim: bool = False):
+    """Convert ``src`` for the fine-tuning model of ``cfg_file``, or with ``mim`` for its pre-training model (which
+    keeps mask_token, lm_head, the final norm and the shared relative position bias)."""
     config = get_config(cfg_file)
     merge_opts(config, list(opts))
     validate_config(config)
-    model = build_beit(config)
+    model = (build_beit_pretrain if mim else build_beit)(config)
     torch_state_dict = read_checkpoint(src, trust_pickle)
     state_dict, notes = convert_state_dict(torch_state_dict, model, config.MODEL.REL_POS_INTERP)
     model.set_state_dict({name: paddle.to_tensor(value) for name, value in state_dict.items()})
     for note in notes:
         print(f'note: {note}')
     if check:
-        diff = compare_with_timm(config, torch_state_dict, model)
-        print(f'max abs logit difference to timm: {diff:.3g} (tolerance {CHECK_TOLERANCE:g})')
+        diff = compare_with_timm(config, torch_state_dict, model, mim=mim)
+        print(f'max abs {"token" if mim else "logit"} difference to timm: {diff:.3g} (tolerance {CHECK_TOLERANCE:g})')
         if diff > CHECK_TOLERANCE:
             raise ConversionError(f'outputs differ from timm by {diff:.3g}; {dst} not written')
     save_atomically({name: paddle.to_tensor(value) for name, value in state_dict.items()}, dst)
@@ -245,10 +252,13 @@ def main(argv=None) -> int:
     parser.add_argument('-dst', required=True, help='output .pdparams')
     parser.add_argument('-check', action='store_true', help='compare outputs with timm (needs torch, timm)')
     parser.add_argument('-trust_pickle', action='store_true', help='allow arbitrary objects in a .pth file')
+    parser.add_argument('-mim', action='store_true',
+                        help='convert for the pre-training (masked image modeling) model of the config: keeps '
+                             'mask_token, lm_head, norm and the shared relative position bias')
     parser.add_argument('-opts', nargs='+', default=[], metavar='KEY VALUE', help='config overrides')
     args = parser.parse_args(argv)
     try:
-        convert_file(args.cfg, args.src, args.dst, args.opts, args.check, args.trust_pickle)
+        convert_file(args.cfg, args.src, args.dst, args.opts, args.check, args.trust_pickle, args.mim)
     except (ConversionError, CheckpointMismatchError, ConfigError) as err:
         hint = ' (if you trust the file, add -trust_pickle)' if isinstance(err, RefusedPickleError) else ''
         print(f'error: {err}{hint}', file=sys.stderr)

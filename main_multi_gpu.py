@@ -15,6 +15,7 @@ import paddle.distributed as dist
 
 from config import ConfigError
 from job import EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, check_inputs, parse_config, run
+from tasks import FINE_TUNING, Task
 
 
 def launched_by_paddle() -> bool:
@@ -32,30 +33,31 @@ def process_count(config) -> int:
     return max(1, visible)
 
 
-def _spawned_process(config) -> None:
-    code = run(config, multi_process=True)
+def _spawned_process(config, task: Task) -> None:
+    code = run(config, multi_process=True, task=task)
     if code:
         sys.exit(code)
 
 
-def main(argv=None) -> int:
-    config = parse_config(argv, 'Train or evaluate BEiT in several processes')
+def main(argv=None, task: Task = FINE_TUNING, description: str = 'Train or evaluate BEiT in several processes') -> int:
+    """Run ``task`` (fine-tuning or evaluation; main_pretrain.py passes pre-training) as the command line says."""
+    config = parse_config(argv, description)
     if config is None:
         return EXIT_BAD_INPUT
     if launched_by_paddle():
-        return run(config, multi_process=True)
+        return run(config, multi_process=True, task=task)
     try:
         nprocs = process_count(config)
     except ConfigError as err:
         print(f'error: {err}', file=sys.stderr)
         return EXIT_BAD_INPUT
     if nprocs == 1:
-        return run(config, multi_process=False)
-    code = check_inputs(config)
+        return run(config, multi_process=False, task=task)
+    code = check_inputs(config, task)
     if code:
         return code
     try:
-        dist.spawn(_spawned_process, args=(config,), nprocs=nprocs)
+        dist.spawn(_spawned_process, args=(config, task), nprocs=nprocs)
     except Exception as err:  # spawn re-raises a failed process's exit or traceback as a plain Exception
         print(f'error: a training process failed: {err}', file=sys.stderr)
         return EXIT_TRAINING_FAILED

@@ -1,4 +1,4 @@
-"""Loss and accuracy curves of a run, from its metrics.jsonl, as a PNG.
+"""Loss and accuracy curves of a run (fine-tuning, or pre-training's MLM accuracy), from its metrics.jsonl, as a PNG.
 
     python plot_metrics.py -output ./output        # writes ./output/curves.png
 """
@@ -37,13 +37,16 @@ def series(records: list, split: str, key: str) -> tuple:
 def plot_curves(records: list, png_path: str) -> None:
     figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(10, 4))
     for split, key, label in (('train', 'loss', 'train'), ('val', 'loss', 'val'), ('val', 'ema_loss', 'val EMA')):
-        loss_axes.plot(*series(records, split, key), marker='.', label=label)
-    for split, key, label in (('train', 'acc1', 'train (mixed targets)'), ('val', 'acc1', 'val'),
-                              ('val', 'ema_acc1', 'val EMA')):
         epochs, values = series(records, split, key)
-        acc_axes.plot(epochs, [100 * v for v in values], marker='.', label=label)
+        if epochs:  # a run without evaluation (pre-training) or EMA has no such line
+            loss_axes.plot(epochs, values, marker='.', label=label)
+    for split, key, label in (('train', 'acc1', 'train (mixed targets)'), ('val', 'acc1', 'val'),
+                              ('val', 'ema_acc1', 'val EMA'), ('train', 'mlm_acc', 'train MLM (masked patches)')):
+        epochs, values = series(records, split, key)
+        if epochs:
+            acc_axes.plot(epochs, [100 * v for v in values], marker='.', label=label)
     loss_axes.set(xlabel='epoch', ylabel='loss', title='loss')
-    acc_axes.set(xlabel='epoch', ylabel='top-1 accuracy (%)', title='top-1 accuracy')
+    acc_axes.set(xlabel='epoch', ylabel='accuracy (%)', title='top-1 accuracy (pre-training: MLM accuracy)')
     for axes in (loss_axes, acc_axes):
         axes.grid(alpha=0.3)
         axes.legend()

@@ -1,18 +1,21 @@
-"""Image pipelines for BEiT fine-tuning, with timm's semantics.
+"""Image pipelines for BEiT fine-tuning, with timm's semantics, and the two-view pipeline of pre-training.
 
 ``get_train_transforms`` and ``get_val_transforms`` return callables that take a PIL image of any mode and
 return a normalised float32 CHW numpy array (numpy rather than a Paddle tensor keeps DataLoader workers light).
 Paddle's vision transforms do the crops, flips, resizes, colour jitter and normalisation; RandAugment and
-AutoAugment come from auto_augment.py.
+AutoAugment come from auto_augment.py. ``get_pretrain_transforms`` returns the pair (patch view, tokenizer view)
+of one random crop, as unilm's pre-training does.
 """
 import math
 from collections.abc import Callable
 
 import numpy as np
 from paddle.vision import transforms as T
+from paddle.vision.transforms import functional as F
 from PIL import Image
 
 from auto_augment import auto_augment_from_string, rand_augment_from_string
+from dall_e import map_pixels
 from random_erasing import RandomErasing
 
 _PIL_FILTERS = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC}
@@ -98,3 +101,46 @@ def get_val_transforms(config) -> Callable[[Image.Image], np.ndarray]:
     steps = [to_rgb, T.Resize(math.floor(size / config.DATA.CROP_PCT), interpolation=config.DATA.INTERPOLATION),
              T.CenterCrop(size)]
     return T.Compose(steps + _normalise(config))
+
+
+class TwoViewResizedCrop(T.RandomResizedCrop):
+    """One random box (RandomResizedCrop's draw), resized twice: to ``size`` with ``interpolation`` for the
+    patches and to ``second_size`` with ``second_interpolation`` for the tokenizer. Returns the two PIL images."""
+
+    def __init__(self, size: int, second_size: int, scale, ratio, interpolation: str, second_interpolation: str):
+        super().__init__(size, scale=scale, ratio=ratio, interpolation=interpolation)
+        self.second_size = (second_size, second_size)
+        self.second_interpolation = second_interpolation
+
+    def _apply_image(self, img: Image.Image) -> tuple[Image.Image, Image.Image]:
+        box = F.crop(img, *self._dynamic_get_param(img))
+        return (F.resize(box, self.size, self.interpolation),
+                F.resize(box, self.second_size, self.second_interpolation))
+
+
+class TwoViewTransform:
+    """PIL image -> (patch view, tokenizer view): the shared steps, then each view's own."""
+
+    def __init__(self, shared: Callable, first: Callable, second: Callable):
+        self.shared = shared
+        self.first = first
+        self.second = second
+
+    def __call__(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        patch_view, tokenizer_view = self.shared(img)
+        return self.first(patch_view), self.second(tokenizer_view)
+
+
+def get_pretrain_transforms(config) -> TwoViewTransform:
+    """unilm's pre-training pipeline: colour augmentation and flip of the whole image, one random resized crop
+    seen at DATA.IMAGE_SIZE (DATA.INTERPOLATION, normalised) and at PRETRAIN.SECOND_INPUT_SIZE
+    (PRETRAIN.SECOND_INTERPOLATION, scaled to [0, 1] then dall_e.map_pixels, the tokenizer's input range)."""
+    train = config.TRAIN
+    steps = [to_rgb, *_colour_augmentation(config)]
+    if train.HFLIP_PROB > 0:
+        steps.append(T.RandomHorizontalFlip(train.HFLIP_PROB))
+    steps.append(TwoViewResizedCrop(config.DATA.IMAGE_SIZE, config.PRETRAIN.SECOND_INPUT_SIZE,
+                                    scale=tuple(train.RRC_SCALE), ratio=tuple(train.RRC_RATIO),
+                                    interpolation=config.DATA.INTERPOLATION,
+                                    second_interpolation=config.PRETRAIN.SECOND_INTERPOLATION))
+    return TwoViewTransform(T.Compose(steps), T.Compose(_normalise(config)), T.Compose([to_chw_float, map_pixels]))

@@ -39,6 +39,18 @@ def small_photos(photos):
     return small
 
 
+@pytest.fixture()
+def used_output(tmp_path):
+    """An output folder holding an earlier run's files, which no refused run may touch."""
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    (folder / 'log.txt').write_text('earlier log\n')
+    (folder / 'metrics.jsonl').write_text('{"split": "val", "epoch": 1}\n')
+    (folder / 'param_groups.json').write_text('{}')
+    (folder / 'checkpoint-epoch-2.pdparams').write_bytes(b'earlier checkpoint')
+    return folder
+
+
 def write_file(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

@@ -4,9 +4,11 @@ import random
 import numpy as np
 import paddle
 import pytest
+from conftest import ROOT
 from tiny_data import TINY_CONFIG
 
 from beit import CheckpointMismatchError, build_beit
+from beit_pretrain import build_beit_pretrain
 from checkpoint import (
     CheckpointError,
     check_exact_fit,
@@ -131,3 +133,30 @@ def test_pretrained_drops_a_head_of_another_class_count_and_refuses_other_models
         load_pretrained(model, str(path), use_ema=True, rel_pos_interp='cubic')
     with pytest.raises(CheckpointError, match='not found'):
         load_pretrained(model, str(tmp_path / 'missing.pdparams'), use_ema=False, rel_pos_interp='cubic')
+
+
+def test_a_pretraining_checkpoint_starts_fine_tuning(tmp_path):
+    """Our MIM training checkpoint as -pretrained: MIM-only tensors dropped, the shared table in every block."""
+    pretrain_config = get_config(str(ROOT / 'configs' / 'beit_tiny_pretrain_fashion_mnist.yaml'))
+    paddle.seed(0)
+    pretrained = build_beit_pretrain(pretrain_config)
+    table = pretrained.rel_pos_bias.relative_position_bias_table
+    table.set_value(paddle.randn(table.shape))  # a trained-looking table (it starts at zero)
+    scheduler = build_lr_scheduler(pretrain_config, steps_per_epoch=4, world_size=1)
+    optimizer, _ = build_optimizer(pretrain_config, pretrained, scheduler)
+    path = checkpoint_path(str(tmp_path), 20)
+    save_checkpoint(path, model=pretrained, optimizer=optimizer, lr_scheduler=scheduler,
+                    grad_scaler=paddle.amp.GradScaler(enable=False), model_ema=None, epoch=20, global_step=80,
+                    config=pretrain_config)
+    model = build_beit(get_config(str(ROOT / 'configs' / 'beit_tiny_fashion_mnist.yaml')))
+    fresh_fc_norm = model.fc_norm.weight.numpy().copy()
+    notes, epoch = load_pretrained(model, path, use_ema=False, rel_pos_interp='cubic')
+    assert epoch == 20
+    assert notes[0] == 'copied the shared relative position bias into 4 blocks'
+    assert 'ignored norm.weight, norm.bias (the model pools with fc_norm)' in notes
+    assert 'not in the checkpoint, freshly initialised: fc_norm.weight, fc_norm.bias, head.weight, head.bias' in notes
+    for block, trained in zip(model.blocks, pretrained.blocks):
+        np.testing.assert_array_equal(block.attn.relative_position_bias_table.numpy(), table.numpy())
+        np.testing.assert_array_equal(block.mlp.fc1.weight.numpy(), trained.mlp.fc1.weight.numpy())
+    np.testing.assert_array_equal(model.fc_norm.weight.numpy(), fresh_fc_norm)
+    assert not any(name.startswith(('mask_token', 'lm_head', 'rel_pos_bias')) for name in model.state_dict())

@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT
 
 from beit import build_beit
-from config import ConfigError, build_arg_parser, get_config, update_config
+from config import ConfigError, build_arg_parser, get_config, update_config, validate_pretraining_config
 
 CONFIGS = sorted(glob.glob(str(ROOT / 'configs' / '*.yaml')))
 
@@ -139,6 +139,13 @@ def test_bad_opts_name_the_key(opts, message):
         update_config(get_config(), parse('-opts', *opts))
 
 
+def test_opts_given_twice_both_apply():
+    """run_*_multi.sh pass -opts of their own before the user's."""
+    config = update_config(get_config(), parse('-opts', 'TRAIN.BASE_LR', '1', 'SEED', '3', '-eval',
+                                               '-opts', 'TRAIN.BASE_LR', '2'))
+    assert (config.TRAIN.BASE_LR, config.SEED, config.EVAL) == (2.0, 3, True)
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match='config file not found: .*nope.yaml'):
         update_config(get_config(), parse('-cfg', 'nope.yaml'))
@@ -147,3 +154,50 @@ def test_missing_config_file():
 def test_bad_flag_value_names_the_key():
     with pytest.raises(ConfigError, match='DATA.BATCH_SIZE_EVAL must be positive, got 0'):
         update_config(get_config(), parse('-batch_size_eval', '0'))
+
+
+def test_pretraining_config_holds_unilms_pt22k_recipe(tmp_path):
+    config = get_config(str(ROOT / 'configs' / 'beit_base_patch16_224_pt22k.yaml'))
+    model, train, pretrain = config.MODEL, config.TRAIN, config.PRETRAIN
+    assert (model.USE_SHARED_REL_POS_BIAS, model.USE_REL_POS_BIAS, model.USE_ABS_POS_EMB) == (True, False, False)
+    assert (model.INIT_VALUES, model.DROPPATH, model.QKV_BIAS, model.DEPTH) == (0.1, 0.1, True, 12)
+    assert (pretrain.VOCAB_SIZE, pretrain.SECOND_INPUT_SIZE, pretrain.SECOND_INTERPOLATION) == (8192, 112, 'lanczos')
+    assert (pretrain.NUM_MASK_PATCHES, pretrain.MIN_MASK_PATCHES_PER_BLOCK) == (75, 16)
+    assert (train.BASE_LR, train.LINEAR_SCALED_LR, train.WARMUP_EPOCHS, train.NUM_EPOCHS) == (1.5e-3, 2048, 10, 150)
+    assert (train.WEIGHT_DECAY, train.GRAD_CLIP, train.LAYER_DECAY, train.OPTIMIZER.BETAS) == (0.05, 3.0, 1.0,
+                                                                                              [0.9, 0.999])
+    assert (train.RRC_SCALE, train.HFLIP_PROB, train.RAND_AUGMENT, train.COLOR_JITTER) == ([0.08, 1.0], 0.5, False,
+                                                                                          0.4)
+    assert config.DATA.IMAGENET_MEAN == config.DATA.IMAGENET_STD == [0.5, 0.5, 0.5]
+    with pytest.raises(ConfigError, match='PRETRAIN.TOKENIZER_WEIGHTS is not set: .*load_dalle_weights.py'):
+        validate_pretraining_config(config)  # no random tokenizer in the real recipe
+    config.PRETRAIN.TOKENIZER_WEIGHTS = write(tmp_path / 'dalle_encoder.pdparams', 'weights')
+    validate_pretraining_config(config)
+    validate_pretraining_config(get_config(str(ROOT / 'configs' / 'beit_tiny_pretrain_fashion_mnist.yaml')))
+
+
+@pytest.mark.parametrize('opts, message', [
+    (['PRETRAIN.SECOND_INPUT_SIZE', '96'], 'PRETRAIN.SECOND_INPUT_SIZE 96 gives the tokenizer 12 tokens per side '
+                                           '(8 px each), but the model has a 14x14 patch grid (DATA.IMAGE_SIZE 224 / '
+                                           'MODEL.PATCH_SIZE 16): use 112'),
+    (['DATA.IMAGE_SIZE', '384'], 'model has a 24x24 patch grid'),
+    (['PRETRAIN.NUM_MASK_PATCHES', '197'], 'PRETRAIN.NUM_MASK_PATCHES 197 is more than the 196 patches'),
+    (['PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK', '80'], 'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK 80 is more than a block'),
+    (['PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK', '10'], 'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK 16 is more than a block'),
+    (['PRETRAIN.TOKENIZER_WEIGHTS', 'missing/dall_e.pdparams'],
+     'PRETRAIN.TOKENIZER_WEIGHTS: file not found: missing/dall_e.pdparams'),
+    (['EVAL', 'True'], 'pre-training has no evaluation'),
+])
+def test_unusable_pretraining_values_name_the_key(opts, message):
+    config = update_config(get_config(), parse('-cfg', str(ROOT / 'configs' / 'beit_base_patch16_224_pt22k.yaml'),
+                                               '-opts', 'PRETRAIN.RANDOM_TOKENIZER', 'True', *opts))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_pretraining_config(config)
+
+
+def test_fine_tuning_configs_need_no_pretraining_values():
+    """The grid check is pre-training's: a 384 px fine-tuning config keeps the 112 px default."""
+    config = get_config(str(ROOT / 'configs' / 'beit_base_patch16_384.yaml'))
+    assert config.PRETRAIN.SECOND_INPUT_SIZE == 112
+    with pytest.raises(ConfigError, match='PRETRAIN.VOCAB_SIZE must be positive'):
+        update_config(get_config(), parse('-opts', 'PRETRAIN.VOCAB_SIZE', '0'))

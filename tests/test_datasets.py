@@ -454,3 +454,49 @@ def test_real_jpeg_list_set_loads_through_the_loaders(tiny_jpegs, stub_transform
     assert [x.shape for x, _ in train_batches] == [(3, 3, 8, 8)] * 2
     assert (np.concatenate([x for x, _ in train_batches]) <= 0).all()  # the train transform (negated) was used
     assert val_set.bad_images == train_set.bad_images == 0
+
+
+# ---- pre-training -----------------------------------------------------------------------------------------------
+
+def pretraining_config(root, **data):
+    config = make_config(root, IMAGE_SIZE=16, **data)
+    config.MODEL.PATCH_SIZE = 4  # a 4x4 patch grid
+    config.PRETRAIN.SECOND_INPUT_SIZE = 32  # 4x4 tokens of 8 px
+    config.PRETRAIN.NUM_MASK_PATCHES = 6
+    config.PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK = 2
+    return config
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_pretraining_set_gives_two_views_and_a_mask_and_ignores_labels(tmp_path, tiny_jpegs, num_workers):
+    paths = tiny_jpegs[1]
+    bad = _write_bad_files(tmp_path, paths[0])['text']
+    lines = [f'{path} {label}' for path, label in zip(paths, (0, 7, 21841, 2, 1, 0, 5))] + [f'{bad} 0']
+    write_list(tmp_path / 'train_list.txt', lines)  # labels beyond MODEL.NUM_CLASSES 3: not used
+    config = pretraining_config(tmp_path, BATCH_SIZE=4, NUM_WORKERS=num_workers, BAD_IMAGE_POLICY='skip')
+    dataset = datasets.get_pretraining_dataset(config)
+    assert len(dataset) == 8
+    batches = [[part.numpy() for part in batch] for batch in datasets.get_dataloader(config, dataset, 'train')]
+    assert len(batches) == 2
+    for patch_views, tokenizer_views, masks in batches:
+        assert patch_views.shape == (4, 3, 16, 16) and tokenizer_views.shape == (4, 3, 32, 32)
+        assert patch_views.dtype == tokenizer_views.dtype == np.float32
+        assert masks.shape == (4, 16) and masks.dtype == np.bool_
+        assert (masks.sum(axis=1) == 6).all()
+        assert tokenizer_views.min() >= 0.1 - 1e-6 and tokenizer_views.max() <= 0.9 + 1e-6
+    masks = np.concatenate([batch[2] for batch in batches])
+    assert len({mask.tobytes() for mask in masks}) > 4  # a new mask per sample
+    assert dataset.bad_images == 1
+
+
+def test_pretraining_reads_image_folders_with_any_class_count(tmp_path, tiny_jpegs):
+    folder, _ = tiny_jpegs
+    (tmp_path / 'train').symlink_to(folder)  # 3 class folders; MODEL.NUM_CLASSES says 5
+    config = pretraining_config(tmp_path, DATASET='imagefolder')
+    config.MODEL.NUM_CLASSES = 5
+    dataset = datasets.get_pretraining_dataset(config)
+    assert len(dataset) == 7
+    patch_view, tokenizer_view, mask = dataset[0]
+    assert patch_view.shape == (3, 16, 16) and tokenizer_view.shape == (3, 32, 32) and mask.sum() == 6
+    with pytest.raises(DatasetError, match='3 class folders, but MODEL.NUM_CLASSES is 5'):
+        datasets.get_dataset(config, 'train')

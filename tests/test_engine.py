@@ -9,7 +9,16 @@ from tiny_data import TINY_CONFIG
 
 from beit import build_beit
 from config import get_config
-from engine import Amp, NonFiniteLossError, Trainer, World, evaluate, topk_correct, train_one_epoch
+from engine import (
+    Amp,
+    ClassificationObjective,
+    NonFiniteLossError,
+    Trainer,
+    World,
+    evaluate,
+    topk_correct,
+    train_one_epoch,
+)
 from optim import build_lr_scheduler, build_optimizer
 
 LOGGER = logging.getLogger('test_engine')
@@ -29,7 +38,8 @@ def make_trainer(config, steps_per_epoch):
     scheduler = build_lr_scheduler(config, steps_per_epoch, world_size=1)
     optimizer, _ = build_optimizer(config, model, scheduler)
     return Trainer(model=model, module=model, optimizer=optimizer, lr_scheduler=scheduler,
-                   grad_scaler=paddle.amp.GradScaler(enable=False), criterion=paddle.nn.CrossEntropyLoss(),
+                   grad_scaler=paddle.amp.GradScaler(enable=False),
+                   objective=ClassificationObjective(paddle.nn.CrossEntropyLoss()),
                    world=World(), accum_iter=config.TRAIN.ACCUM_ITER)
 
 

@@ -32,18 +32,6 @@ def snapshot(folder):
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
-@pytest.fixture()
-def used_output(tmp_path):
-    """An output folder holding an earlier run's files, which no refused run may touch."""
-    folder = tmp_path / 'run'
-    folder.mkdir()
-    (folder / 'log.txt').write_text('earlier log\n')
-    (folder / 'metrics.jsonl').write_text('{"split": "val", "epoch": 1}\n')
-    (folder / 'param_groups.json').write_text('{}')
-    (folder / 'checkpoint-epoch-2.pdparams').write_bytes(b'earlier checkpoint')
-    return folder
-
-
 def other_architecture_checkpoint(path):
     config = get_config(TINY_CONFIG)
     config.MODEL.DEPTH = 2

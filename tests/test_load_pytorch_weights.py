@@ -1,4 +1,5 @@
 """Conversion of PyTorch checkpoints, proved by comparing logits with timm's BEiT loading the same file."""
+import re
 import subprocess
 import sys
 
@@ -10,10 +11,13 @@ from conftest import ROOT, assert_output_untouched, existing_output, truncated, 
 from timm.models.beit import checkpoint_filter_fn
 from timm_reference import (
     CHECKPOINT_FORMATS,
+    PRETRAIN_SPEC,
+    PRETRAIN_VOCAB,
     TINY,
     config_for,
     logits_difference,
     photo_batch,
+    pretraining_checkpoint,
     random_batch,
     save_checkpoint,
     timm_model,
@@ -22,6 +26,8 @@ from timm_reference import (
 
 import load_pytorch_weights
 from beit import CheckpointMismatchError, build_beit
+from beit_pretrain import build_beit_pretrain
+from checkpoint import load_pretrained
 from load_pytorch_weights import ConversionError, convert_file, read_checkpoint
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
@@ -238,6 +244,41 @@ def test_mismatch_error_names_the_tensor(tmp_path):
     expected = r'blocks.0.attn.relative_position_bias_table: checkpoint shape \[52, 4\] does not fit .*\[52, 2\]'
     with pytest.raises(CheckpointMismatchError, match=expected):
         load_pytorch_weights.convert_state_dict({k: v.numpy() for k, v in tensors.items()}, model)
+
+
+# unilm's Linear weights ([out, in]); everything else keeps its layout (patch_embed.proj is a convolution)
+LINEAR_WEIGHTS = ('attn.qkv.weight', 'attn.proj.weight', 'mlp.fc1.weight', 'mlp.fc2.weight', 'lm_head.weight')
+
+
+def test_unilm_pretraining_checkpoint_round_trips_into_the_mim_model_and_fine_tuning(tmp_path):
+    """unilm names -> -mim conversion (checked against timm's encoder) -> our pre-training model, tensor for
+    tensor; the same file -> -pretrained start of fine-tuning with the shared table in every block."""
+    _, state = pretraining_checkpoint()
+    save_checkpoint(state, tmp_path / 'pt22k.pth', 'unilm.pth')
+    config = config_for(PRETRAIN_SPEC)
+    config.PRETRAIN.VOCAB_SIZE = PRETRAIN_VOCAB
+    (tmp_path / 'pretrain.yaml').write_text(config.dump())
+    result = run_cli('-mim', '-check', '-cfg', tmp_path / 'pretrain.yaml', '-src', tmp_path / 'pt22k.pth',
+                     '-dst', tmp_path / 'pt22k.pdparams')
+    assert result.returncode == 0, result.stderr
+    difference = float(re.search(r'max abs token difference to timm: (\S+)', result.stdout).group(1))
+    assert difference <= TOLERANCE
+    model = build_beit_pretrain(config)
+    model.set_state_dict(paddle.load(str(tmp_path / 'pt22k.pdparams')))
+    ours = {name: value.numpy() for name, value in model.state_dict().items()}
+    assert set(ours) == {name for name in state if not name.endswith('relative_position_index')}
+    for name, value in ours.items():
+        expected = state[name].numpy()
+        np.testing.assert_array_equal(value, expected.T if name.endswith(LINEAR_WEIGHTS) else expected, name)
+
+    fine_tuning = build_beit(config_for(TINY))
+    notes, _ = load_pretrained(fine_tuning, str(tmp_path / 'pt22k.pdparams'), use_ema=False, rel_pos_interp='cubic')
+    assert 'copied the shared relative position bias into 2 blocks' in notes
+    shared = state['rel_pos_bias.relative_position_bias_table'].numpy()
+    for block in fine_tuning.blocks:
+        np.testing.assert_array_equal(block.attn.relative_position_bias_table.numpy(), shared)
+    np.testing.assert_array_equal(fine_tuning.blocks[1].mlp.fc2.weight.numpy(), state['blocks.1.mlp.fc2.weight'].T)
+    assert any('fc_norm' in note for note in notes) and any('ignored norm.weight' in note for note in notes)
 
 
 def test_whole_pickled_model_converts_when_trusted(tmp_path, tiny_cfg):

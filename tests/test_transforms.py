@@ -214,3 +214,67 @@ def test_train_transform_survives_pickling(small_photos):
     """DataLoader workers started by spawn receive the pipeline pickled."""
     pipeline = pickle.loads(pickle.dumps(tr.get_train_transforms(_small_config(RANDOM_ERASE_PROB=1.0))))
     assert pipeline(small_photos[0]).shape == (3, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------------- pre-training
+
+LANCZOS = Image.Resampling.LANCZOS
+
+
+def _pretrain_config(**train):
+    config = _small_config(**{'RAND_AUGMENT': False, 'COLOR_JITTER': 0.0, **train})
+    config.PRETRAIN.SECOND_INPUT_SIZE = 32
+    return config
+
+
+def _position_image(width=90, height=70) -> Image.Image:
+    """Red rises with x, green with y: a view's pixels tell where in the image they came from."""
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], axis=-1).round().astype(np.uint8))
+
+
+def test_two_view_crop_resizes_one_box_to_both_sizes(small_photos):
+    crop = tr.TwoViewResizedCrop(64, 32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation='bicubic',
+                                 second_interpolation='lanczos')
+    for seed, photo in enumerate(small_photos):
+        seed_all(seed)
+        top, left, height, width = crop._dynamic_get_param(photo)  # the draw the crop will make
+        seed_all(seed)
+        patch_view, tokenizer_view = crop(photo)
+        box = photo.crop((left, top, left + width, top + height))
+        assert (patch_view.size, tokenizer_view.size) == ((64, 64), (32, 32))
+        np.testing.assert_array_equal(np.asarray(patch_view), np.asarray(box.resize((64, 64), BICUBIC)))
+        np.testing.assert_array_equal(np.asarray(tokenizer_view), np.asarray(box.resize((32, 32), LANCZOS)))
+
+
+@pytest.mark.parametrize('flip', [0.0, 1.0])
+def test_pretrain_views_show_the_same_flipped_region_in_their_ranges(flip):
+    transform = tr.get_pretrain_transforms(_pretrain_config(HFLIP_PROB=flip))
+    image = _position_image()
+    for seed in range(5):
+        seed_all(seed)
+        patch_view, tokenizer_view = transform(image)
+        assert patch_view.shape == (3, 64, 64) and tokenizer_view.shape == (3, 32, 32)
+        assert patch_view.dtype == tokenizer_view.dtype == np.float32
+        pixels = patch_view * 0.5 + 0.5  # normalised with mean = std = 0.5
+        tokenizer_pixels = (tokenizer_view - 0.1) / 0.8  # dall_e.map_pixels: (1 - 2 * 0.1) x + 0.1
+        assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+        assert tokenizer_view.min() >= 0.1 - 1e-6 and tokenizer_view.max() <= 0.9 + 1e-6
+        np.testing.assert_allclose(pixels[2], 128 / 255, atol=1e-6)
+        np.testing.assert_allclose(tokenizer_pixels[2], 128 / 255, atol=1e-6)
+        # the same region: the 32 px view equals the 64 px view shrunk (up to the two filters' differences)
+        shrunk = np.asarray(Image.fromarray(np.rint(pixels.transpose(1, 2, 0) * 255).astype(np.uint8))
+                            .resize((32, 32), BICUBIC), dtype=np.float32).transpose(2, 0, 1) / 255
+        assert np.abs(shrunk - tokenizer_pixels).max() < 0.03
+        for view in (pixels, tokenizer_pixels):  # red runs against x when flipped, green always down y
+            assert np.sign(view[0, :, -1] - view[0, :, 0]).mean() == (-1 if flip else 1)
+            assert (view[1, -1, :] > view[1, 0, :]).all()
+
+
+def test_pretrain_transform_uses_colour_jitter_and_survives_pickling(small_photos):
+    config = _pretrain_config(COLOR_JITTER=0.4)
+    pipeline = pickle.loads(pickle.dumps(tr.get_pretrain_transforms(config)))
+    jitter = [step for step in pipeline.shared.transforms if isinstance(step, tr.T.ColorJitter)]
+    assert len(jitter) == 1 and jitter[0].hue == 0
+    patch_view, tokenizer_view = pipeline(small_photos[0].convert('L'))
+    assert patch_view.shape == (3, 64, 64) and tokenizer_view.shape == (3, 32, 32)

@@ -15,6 +15,9 @@ TINY = {'IMAGE_SIZE': 32, 'PATCH_SIZE': 8, 'EMBED_DIM': 32, 'DEPTH': 2, 'NUM_HEA
         'NUM_CLASSES': 7, 'QKV_BIAS': True, 'INIT_VALUES': 0.1, 'USE_ABS_POS_EMB': False,
         'USE_REL_POS_BIAS': True, 'USE_SHARED_REL_POS_BIAS': False, 'USE_MEAN_POOLING': True}
 DATA_KEYS = ('IMAGE_SIZE',)
+# unilm's pre-training layout: one shared relative position bias, the final norm on all tokens.
+PRETRAIN_SPEC = {**TINY, 'USE_REL_POS_BIAS': False, 'USE_SHARED_REL_POS_BIAS': True, 'USE_MEAN_POOLING': False}
+PRETRAIN_VOCAB = 50
 CHECKPOINT_FORMATS = ('unilm.pth', 'module.pth', 'timm.pth', 'timm.bin', 'timm.safetensors')
 
 
@@ -54,6 +57,21 @@ def config_for(spec: dict, cfg_file=None, **extra):
 def torch_state_dict(model: torch.nn.Module) -> dict:
     """What a checkpoint file holds: parameters and persistent buffers, as unilm would also add the index."""
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def pretraining_checkpoint(seed: int = 0) -> tuple[TimmBeit, dict]:
+    """A unilm pre-training state dict with random weights: timm's encoder of PRETRAIN_SPEC (no head) plus
+    ``mask_token``, ``lm_head`` over PRETRAIN_VOCAB tokens and the shared table's index buffer, as unilm saves
+    them. Returns (timm model, torch state dict)."""
+    reference = timm_model(PRETRAIN_SPEC, seed)
+    state = {name: value for name, value in torch_state_dict(reference).items() if not name.startswith('head.')}
+    generator = torch.Generator().manual_seed(seed)
+    dim, grid = PRETRAIN_SPEC['EMBED_DIM'], PRETRAIN_SPEC['IMAGE_SIZE'] // PRETRAIN_SPEC['PATCH_SIZE']
+    state['mask_token'] = torch.randn(1, 1, dim, generator=generator)
+    state['lm_head.weight'] = torch.randn(PRETRAIN_VOCAB, dim, generator=generator) * 0.2
+    state['lm_head.bias'] = torch.randn(PRETRAIN_VOCAB, generator=generator) * 0.2
+    state['rel_pos_bias.relative_position_index'] = torch.zeros((grid * grid + 1,) * 2, dtype=torch.long)
+    return reference, state
 
 
 def save_checkpoint(state_dict: dict, path, fmt: str) -> None:
