@@ -164,15 +164,24 @@ class Attention(nn.Layer):
     def _explicit_attention(self, qkv: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:
         """Softmax(q k^T * scale + bias) v with two GEMMs, in [B, heads, N, head_dim] layout.
 
-        einsum does the layout changes with a real transpose kernel; a transposed view would be copied by
-        Paddle's strided-copy kernel, which is ~40x slower on CPU.
+        In dygraph, einsum does the layout changes with a real transpose kernel (a transposed view would be
+        copied by Paddle's strided-copy kernel, ~40x slower on CPU) and the scale goes on q, the smaller tensor.
+        A static graph (export, TO_STATIC) gets transposes and the scale on the logits: the pattern Paddle
+        Inference's oneDNN passes fuse (bf16 inference ~1.3x faster than with the einsum layout).
         """
-        q, k, v = paddle.unbind(paddle.einsum('bnshd->sbhnd', qkv), axis=0)
-        logits = paddle.matmul(q * self.scale, k, transpose_y=True)
+        if paddle.in_dynamic_mode():
+            q, k, v = paddle.unbind(paddle.einsum('bnshd->sbhnd', qkv), axis=0)
+            logits = paddle.matmul(q * self.scale, k, transpose_y=True)
+        else:
+            q, k, v = paddle.unbind(qkv.transpose([2, 0, 3, 1, 4]), axis=0)
+            logits = paddle.matmul(q, k, transpose_y=True) * self.scale
         if bias is not None:
             logits = cpu_ops.add_broadcast(logits, bias)
         weights = F.dropout(F.softmax(logits, axis=-1), self._dropout_rate(), training=self.training)
-        return paddle.einsum('bhnd->bnhd', paddle.matmul(weights, v))
+        out = paddle.matmul(weights, v)
+        if paddle.in_dynamic_mode():
+            return paddle.einsum('bhnd->bnhd', out)
+        return out.transpose([0, 2, 1, 3])
 
 
 class LayerNorm(nn.LayerNorm):
