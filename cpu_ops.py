@@ -3,8 +3,9 @@
 Measured on Paddle 3.3.1 (2 cores, BEiT-B shapes): the CPU kernels that sum a gradient over broadcast axes
 are slow (the bias gradient of a [1576, 3072] activation, a column sum, takes ~60 ms; the GEMM producing it
 ~25 ms), and so is the add that broadcasts a bias. A column sum is a GEMM with a ones row (< 1 ms), so each
-function here computes its parameter gradients that way. LayerNorm keeps Paddle's kernel for the
-normalisation (its input gradient is fast) and applies the affine weight and bias here. (A hand-written GELU
+function here computes its parameter gradients that way. LayerNorm keeps Paddle's kernels for the
+normalisation and its input gradient (fast without the affine parameters), recomputing the normalised input in
+the backward pass rather than keeping it. (A hand-written GELU
 backward built from Paddle ops was measured too: slower than Paddle's own, so GELU stays Paddle's.)
 
 The autograd versions run only in dygraph on CPU. On GPU, and in static graphs (``paddle.jit.to_static``,
@@ -93,21 +94,53 @@ def add_broadcast(x: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     return x + bias
 
 
-class _ScaleShift(PyLayer):
+class _LayerNorm(PyLayer):
     @staticmethod
-    def forward(ctx, x, scale, shift):
-        ctx.save_for_backward(x, scale)
-        return x * scale + shift
+    def forward(ctx, x, weight, bias, epsilon):
+        ctx.save_for_backward(x, weight)
+        ctx.epsilon = epsilon
+        return F.layer_norm(x, x.shape[-1:], weight, bias, epsilon)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale = ctx.saved_tensor()
-        return (grad * scale, sum_over_leading_axes(x * grad).reshape([-1]),
+        x, weight = ctx.saved_tensor()
+        with paddle.enable_grad():  # Paddle's kernels for the normalisation and its input gradient
+            x = x.detach()
+            x.stop_gradient = False
+            normed = F.layer_norm(x, x.shape[-1:], epsilon=ctx.epsilon)
+            grad_x, = paddle.grad(normed, x, grad * weight)
+        return (grad_x, sum_over_leading_axes(grad * normed.detach()).reshape([-1]),
                 sum_over_leading_axes(grad).reshape([-1]))
 
 
 def layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, epsilon: float) -> paddle.Tensor:
     """LayerNorm over the last axis with an affine weight and bias."""
     if _on_cpu_dygraph(x):
-        return _ScaleShift.apply(F.layer_norm(x, x.shape[-1:], epsilon=epsilon), weight, bias)
+        return _LayerNorm.apply(x, weight, bias, epsilon)
     return F.layer_norm(x, x.shape[-1:], weight, bias, epsilon)
+
+
+class _Permute(PyLayer):
+    @staticmethod
+    def forward(ctx, x, perm):
+        ctx.inverse = [perm.index(axis) for axis in range(len(perm))]
+        return _transpose_copy(x, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _transpose_copy(grad, ctx.inverse)
+
+
+def _transpose_copy(x: paddle.Tensor, perm: list) -> paddle.Tensor:
+    """A contiguous transpose by einsum's transpose kernel (no autograd here: PyLayer runs it without)."""
+    axes = 'abcdefgh'[:x.ndim]
+    return paddle.einsum(f'{axes}->{"".join(axes[axis] for axis in perm)}', x)
+
+
+def permute(x: paddle.Tensor, perm: list) -> paddle.Tensor:
+    """``x.transpose(perm)`` as a contiguous tensor: Paddle's transpose gives a strided view, which the next op
+    copies with a strided-copy kernel ~40x slower than a transpose kernel on CPU; einsum under autograd keeps a
+    cache of its operands (~360 MB more for a BEiT-B training step), this keeps nothing."""
+    if _on_cpu_dygraph(x):
+        return _Permute.apply(x, perm)
+    return x.transpose(perm)
