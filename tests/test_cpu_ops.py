@@ -28,6 +28,7 @@ CASES = {  # name -> (function under test, Paddle's op, input shapes)
     'add_broadcast': (cpu_ops.add_broadcast, lambda x, b: x + b, [(3, 2, 5, 5), (1, 2, 5, 5)]),
     'layer_norm': (lambda x, w, b: cpu_ops.layer_norm(x, w, b, 1e-6),
                    lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-6), [(2, 5, 6), (6,), (6,)]),
+    'permute': (lambda x: cpu_ops.permute(x, [2, 0, 3, 1]), lambda x: x.transpose([2, 0, 3, 1]), [(2, 3, 4, 5)]),
 }
 
 
