@@ -5,8 +5,8 @@ are slow (the bias gradient of a [1576, 3072] activation, a column sum, takes ~6
 ~25 ms), and so is the add that broadcasts a bias. A column sum is a GEMM with a ones row (< 1 ms), so each
 function here computes its parameter gradients that way. LayerNorm keeps Paddle's kernels for the
 normalisation and its input gradient (fast without the affine parameters), recomputing the normalised input in
-the backward pass rather than keeping it. (A hand-written GELU
-backward built from Paddle ops was measured too: slower than Paddle's own, so GELU stays Paddle's.)
+the backward pass rather than keeping it. ``permute`` gives contiguous transposes. (A hand-written GELU backward
+built from Paddle ops was measured too: slower than Paddle's own, so GELU stays Paddle's.)
 
 The autograd versions run only in dygraph on CPU. On GPU, and in static graphs (``paddle.jit.to_static``,
 export), the plain Paddle ops are used, so exported programs keep the patterns Paddle Inference fuses.
