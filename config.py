@@ -293,10 +293,13 @@ TOKENIZER_PATCH_PIXELS = 8  # the DALL-E encoder gives one token per 8x8 pixels
 
 def validate_pretraining_config(config: CN) -> None:
     """What pre-training needs beyond validate_config: token grid = patch grid, a mask that fits, the tokenizer's
-    weights (or an explicit choice of a random tokenizer), no -eval."""
+    weights (or an explicit choice of a random tokenizer), no -eval, no TO_STATIC."""
     pretrain = config.PRETRAIN
     if config.EVAL:
         raise ConfigError('pre-training has no evaluation: -eval (EVAL) is for fine-tuned models (main_single_gpu.py)')
+    if config.MODEL.TO_STATIC:
+        raise ConfigError('MODEL.TO_STATIC compiles the fine-tuning model only: the pre-training model selects the '
+                          'masked patches with a data-dependent shape; run pre-training in dygraph')
     grid = config.DATA.IMAGE_SIZE // config.MODEL.PATCH_SIZE
     second = pretrain.SECOND_INPUT_SIZE
     if second != grid * TOKENIZER_PATCH_PIXELS:

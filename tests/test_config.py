@@ -187,6 +187,7 @@ def test_pretraining_config_holds_unilms_pt22k_recipe(tmp_path):
     (['PRETRAIN.TOKENIZER_WEIGHTS', 'missing/dall_e.pdparams'],
      'PRETRAIN.TOKENIZER_WEIGHTS: file not found: missing/dall_e.pdparams'),
     (['EVAL', 'True'], 'pre-training has no evaluation'),
+    (['MODEL.TO_STATIC', 'True'], 'MODEL.TO_STATIC compiles the fine-tuning model only'),
 ])
 def test_unusable_pretraining_values_name_the_key(opts, message):
     config = update_config(get_config(), parse('-cfg', str(ROOT / 'configs' / 'beit_base_patch16_224_pt22k.yaml'),
