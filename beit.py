@@ -21,10 +21,20 @@ trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
 zeros_ = nn.initializer.Constant(0.0)
 
 
-def fused_attention_kernel_available() -> bool:
-    """Paddle has fused attention kernels on GPU only; on CPU its scaled_dot_product_attention is a slower
+def on_accelerator(x: paddle.Tensor) -> bool:
+    """Where Paddle has fused attention kernels (GPU); on CPU its scaled_dot_product_attention is a slower
     composition of ops than Attention's explicit path."""
-    return not paddle.get_device().startswith('cpu')
+    return x.place.is_gpu_place()
+
+
+def fused_attention_applies(qkv: paddle.Tensor, bias: paddle.Tensor | None) -> bool:
+    """Whether scaled_dot_product_attention computes what the explicit path does, gradients included.
+
+    Under AMP on Ampere or newer, Paddle 3.x sends it to the flash kernel, whose backward gives the mask no
+    gradient: a bias that is being trained takes the explicit path. Static graphs (export, TO_STATIC) take it
+    too, so a traced program does not depend on the device it was traced on.
+    """
+    return paddle.in_dynamic_mode() and on_accelerator(qkv) and (bias is None or bias.stop_gradient)
 
 
 def relative_position_table_size(grid: tuple[int, int]) -> int:
@@ -146,7 +156,7 @@ class Attention(nn.Layer):
         bias = self._attention_bias(shared_bias)
         if bias is not None:
             bias = bias.astype(qkv.dtype)
-        if self.fused and fused_attention_kernel_available():
+        if self.fused and fused_attention_applies(qkv, bias):
             out = self._fused_attention(qkv, bias)
         else:
             out = self._explicit_attention(qkv, bias)
@@ -156,8 +166,11 @@ class Attention(nn.Layer):
         return self.attn_drop if self.training else 0.0
 
     def _fused_attention(self, qkv: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:
-        """Paddle's scaled_dot_product_attention ([B, N, heads, head_dim] layout)."""
+        """Paddle's scaled_dot_product_attention ([B, N, heads, head_dim] layout). The flash kernel takes a mask
+        of q's dtype with one row per sample ([B, heads, N, N]), and sdpa expands only 2-D and 3-D masks."""
         q, k, v = paddle.unbind(qkv, axis=2)
+        if bias is not None:
+            bias = bias.expand([q.shape[0], -1, -1, -1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self._dropout_rate(),
                                               training=self.training)
 
@@ -288,8 +301,8 @@ class BeitEncoder(nn.Layer):
         x = self.pos_drop(x)
         shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         for block in self.blocks:
-            if self.recompute and self.training:
-                x = recompute(block, x, shared_bias)
+            if self.recompute and self.training:  # non-reentrant: the PyLayer version breaks DataParallel's reducer
+                x = recompute(block, x, shared_bias, use_reentrant=False)
             else:
                 x = block(x, shared_bias)
         return self.norm(x)
@@ -309,7 +322,7 @@ class Beit(BeitEncoder):
                  init_values: float | None = 0.1, use_abs_pos_emb: bool = False,
                  use_rel_pos_bias: bool = True, use_shared_rel_pos_bias: bool = False,
                  use_mean_pooling: bool = True, init_scale: float = 0.001,
-                 fused_attn: bool = True, recompute: bool = False):
+                 fused_attn: bool = False, recompute: bool = False):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
                          drop_rate, attn_drop_rate, drop_path_rate, init_values, use_abs_pos_emb, use_rel_pos_bias,
                          use_shared_rel_pos_bias, not use_mean_pooling, fused_attn, recompute)

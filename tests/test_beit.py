@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import paddle
+import paddle.distributed as dist
+import paddle.nn.functional as F
 import pytest
 import torch
 from conftest import ROOT
@@ -80,7 +82,7 @@ MODEL_KEY_EFFECTS = {
     'USE_SHARED_REL_POS_BIAS': (True, lambda m: m.rel_pos_bias is not None),
     'USE_MEAN_POOLING': (False, lambda m: m.fc_norm is None),
     'INIT_SCALE': (1.0, lambda m: m.head.weight.numpy().std() > 0.01),
-    'FUSED_ATTN': (False, lambda m: not m.blocks[0].attn.fused),
+    'FUSED_ATTN': (True, lambda m: m.blocks[0].attn.fused),
     'RECOMPUTE': (True, lambda m: m.recompute),
     'TO_STATIC': (True, lambda m: isinstance(m.forward, StaticFunction)),
 }
@@ -125,14 +127,37 @@ def _plain_paddle_ops(monkeypatch):
     monkeypatch.setattr(cpu_ops, '_on_cpu_dygraph', lambda x: False)
 
 
-def _fused_kernel_on_cpu(monkeypatch):
-    """scaled_dot_product_attention, which the model uses only where Paddle has a fused kernel (GPU)."""
-    monkeypatch.setattr(beit, 'fused_attention_kernel_available', lambda: True)
+def flash_contract_sdpa(calls: list):
+    """A stand-in for F.scaled_dot_product_attention that holds its caller to the contract of Paddle 3.x's flash
+    kernel, which sdpa selects under AMP on Ampere or newer GPUs (paddle/nn/functional/sdpa.py): a 2-D or 3-D mask
+    is expanded but a 4-D one reaches the kernel as it is, which requires one mask row per sample and q's dtype;
+    the backward gives the mask no gradient. Records the batch size of every call in ``calls``."""
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, training=True):
+        calls.append(query.shape[0])
+        if attn_mask is not None:
+            if attn_mask.ndim == 4 and attn_mask.shape[0] != query.shape[0]:
+                raise ValueError(f'flash_attn: mask_dims[0] {attn_mask.shape[0]} != batch_size {query.shape[0]}')
+            if attn_mask.dtype != query.dtype:
+                raise TypeError(f'flash_attn: mask dtype {attn_mask.dtype} != query dtype {query.dtype}')
+            attn_mask = attn_mask.detach()
+        q, k, v = (t.transpose([0, 2, 1, 3]) for t in (query, key, value))
+        logits = paddle.matmul(q, k, transpose_y=True) * query.shape[-1] ** -0.5
+        if attn_mask is not None:
+            logits = logits + attn_mask
+        weights = F.dropout(F.softmax(logits, axis=-1), dropout_p, training=training)
+        return paddle.matmul(weights, v).transpose([0, 2, 1, 3])
+    return sdpa
+
+
+def _fused_kernel_on_cpu(monkeypatch, calls: list | None = None):
+    """The model as on a GPU, where FUSED_ATTN may use sdpa, with the flash kernel's contract enforced."""
+    monkeypatch.setattr(beit, 'on_accelerator', lambda x: True)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', flash_contract_sdpa([] if calls is None else calls))
 
 
 FAST_PATHS = {  # name -> (config keys, what to patch for the run of the fast model)
     'cpu_ops autograd': ({}, None),
-    'fused attention': ({}, _fused_kernel_on_cpu),
+    'fused attention': ({'FUSED_ATTN': True}, _fused_kernel_on_cpu),
     'recompute': ({'RECOMPUTE': True}, None),
     'to_static': ({'TO_STATIC': True}, None),
 }
@@ -157,6 +182,61 @@ def test_fast_paths_compute_the_same_function(path, monkeypatch):
     assert loss_fast == pytest.approx(loss_plain, rel=1e-5)
     for name, grad in grads_plain.items():
         np.testing.assert_allclose(grads_fast[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_fused_attention_runs_where_its_kernel_is_right(monkeypatch):
+    """On a GPU, sdpa computes the model without a trained bias (training) and with a frozen one (evaluation);
+    a bias table being trained stays on the explicit path, which gives it its gradient."""
+    calls = []
+    _fused_kernel_on_cpu(monkeypatch, calls)
+    no_bias = {**TINY, 'USE_REL_POS_BIAS': False, 'USE_ABS_POS_EMB': True, 'DROPPATH': 0.0}
+    plain, fused = _trained_copy_pair(no_bias, FUSED_ATTN=True)
+    images = random_batch(3, 32)
+    loss_plain, grads_plain = _loss_and_grads(plain.train(), images)
+    loss_fused, grads_fused = _loss_and_grads(fused.train(), images)
+    assert calls == [3] * TINY['DEPTH'] and loss_fused == pytest.approx(loss_plain, rel=1e-5)
+    for name, grad in grads_plain.items():
+        np.testing.assert_allclose(grads_fused[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+    plain, fused = _trained_copy_pair({**TINY, 'USE_SHARED_REL_POS_BIAS': True}, FUSED_ATTN=True)
+    calls.clear()
+    with paddle.no_grad():
+        expected = plain.eval()(paddle.to_tensor(images)).numpy()
+        np.testing.assert_allclose(fused.eval()(paddle.to_tensor(images)).numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert calls == [3] * TINY['DEPTH']
+
+
+def _recompute_training_worker(output: str) -> None:
+    dist.init_parallel_env()
+    _train_two_steps(dist.get_rank(), dist.get_world_size(), recompute=True, output=output)
+
+
+def _train_two_steps(rank: int, world_size: int, recompute: bool, output: str) -> None:
+    """Two SGD steps on the same 4-image batches, split over ``world_size`` DataParallel processes."""
+    paddle.seed(0)
+    model = build_beit(config_for({**TINY, 'DROPPATH': 0.0}, RECOMPUTE=recompute)).train()
+    optimizer = paddle.optimizer.SGD(0.5, parameters=model.parameters())
+    network = paddle.DataParallel(model) if world_size > 1 else model
+    rng = np.random.default_rng(1)
+    share = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
+    for _ in range(2):
+        images = rng.standard_normal((4, 3, 32, 32)).astype('float32')
+        labels = rng.integers(0, TINY['NUM_CLASSES'], 4)
+        loss = F.cross_entropy(network(paddle.to_tensor(images[share])), paddle.to_tensor(labels[share]))
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+    if rank == 0:
+        paddle.save(model.state_dict(), output)
+
+
+def test_recompute_with_two_processes_trains_as_one_process(tmp_path):
+    """DataParallel's reducer and reentrant (PyLayer) recompute fail together ("has been ready before")."""
+    _train_two_steps(0, 1, recompute=False, output=str(tmp_path / 'one.pdparams'))
+    dist.spawn(_recompute_training_worker, args=(str(tmp_path / 'two.pdparams'),), nprocs=2)
+    one, two = paddle.load(str(tmp_path / 'one.pdparams')), paddle.load(str(tmp_path / 'two.pdparams'))
+    assert set(one) == set(two)
+    for name, value in one.items():
+        np.testing.assert_allclose(two[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_gradients_match_timm():

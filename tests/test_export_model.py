@@ -1,8 +1,13 @@
-"""export_model.py: any config exports with a dynamic batch, runs in paddle.inference as in dygraph, fails clearly."""
+"""export_model.py: any config exports with a dynamic batch, runs in paddle.inference as in dygraph, traces the same
+program on any device, fails clearly."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
 
+import beit
 import inference
 from config import get_config
 from datasets import load_rgb_image
@@ -94,3 +99,20 @@ def test_bf16_on_a_cpu_without_support_is_refused_clearly(tmp_path, monkeypatch)
     monkeypatch.setattr(inference, 'bf16_supported', lambda: False)
     with pytest.raises(WeightsError, match='bf16 inference needs a CPU with bfloat16 support'):
         ExportedPredictor(prefix, 'bf16')
+
+
+def program_ops(prefix: str) -> list:
+    """The op names of an exported PIR program, in order (parameters aside)."""
+    program = json.loads(Path(prefix + '.json').read_text())['program']
+    ops = program['regions'][0]['blocks'][0]['ops']
+    return [op['#'] for op in ops if op['#'] != 'p']
+
+
+def test_the_export_traces_the_same_program_on_any_device(tmp_path, monkeypatch):
+    """A model exported on a GPU machine must carry the pattern Paddle Inference's oneDNN passes fuse, not sdpa."""
+    weights = save_weights(tmp_path / 'weights.pdparams', trained_like_state(tiny_config()))
+    on_cpu = export(tmp_path / 'cpu', weights, '-opts', 'MODEL.FUSED_ATTN', 'True')
+    monkeypatch.setattr(beit, 'on_accelerator', lambda x: True)
+    on_gpu = export(tmp_path / 'gpu', weights, '-opts', 'MODEL.FUSED_ATTN', 'True')
+    assert {'1.matmul', '1.softmax'} <= set(program_ops(on_cpu))
+    assert program_ops(on_gpu) == program_ops(on_cpu)
