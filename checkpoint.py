@@ -1,18 +1,19 @@
 """Training checkpoints (save, find, load, check) and starting weights for -pretrained.
 
 A checkpoint is one file, written atomically, holding everything a resumed run needs to continue as if it had
-never stopped: model, optimizer, LR scheduler, grad scaler, EMA, finished epochs, global step, the RNG states
-and the config. Files are read and checked completely before a run touches its output folder.
+never stopped: model (float32, the master weights under AMP O2), optimizer, LR scheduler, grad scaler, EMA,
+finished epochs, global step and the config. No RNG state: every epoch seeds every generator from (SEED,
+epoch, rank), so a saved state would be overwritten before its first use (and a GPU's does not fit a CPU).
+Files are read and checked completely before a run touches its output folder.
 """
 import os
-import random
 import re
 
-import numpy as np
 import paddle
 
 from beit import CheckpointMismatchError, adapt_state_dict
 from load_pytorch_weights import ConversionError, unwrap_state_dict
+from optim import float32_weights
 from utils import save_atomically
 
 CHECKPOINT_PATTERN = re.compile(r'^checkpoint-epoch-(\d+)\.pdparams$')
@@ -51,27 +52,16 @@ def resolve_resume_path(path: str) -> str:
     return path
 
 
-def rng_states() -> dict:
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'paddle': paddle.get_rng_state()}
-
-
-def restore_rng_states(states: dict) -> None:
-    random.setstate(states['python'])
-    np.random.set_state(states['numpy'])
-    paddle.set_rng_state(states['paddle'])
-
-
 def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch: int,
                     global_step: int, config) -> None:
     save_atomically({
-        'model': model.state_dict(),
+        'model': float32_weights(model, optimizer),
         'optimizer': optimizer.state_dict(),
         'lr_scheduler': lr_scheduler.state_dict(),
         'grad_scaler': grad_scaler.state_dict(),
         'model_ema': model_ema.state_dict() if model_ema is not None else None,
         'epoch': epoch,
         'global_step': global_step,
-        'rng_states': rng_states(),
         'config': config.dump(),
     }, path)
 

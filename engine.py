@@ -1,8 +1,9 @@
 """The training and evaluation loops, identical for one process and many.
 
-Per optimizer step the processes exchange one small vector (loss sum, correct counts, sample count), so every
-logged number is the global one and a non-finite loss stops all processes at the same step. Evaluation sums the
-same counts over the whole val list (each sample seen once by one process): the exact accuracy.
+Per optimizer step the processes exchange one small vector (the task's counts, e.g. loss sum, correct counts and
+samples, plus the grad scaler's inf/nan flag), so every logged number is the global one and a non-finite loss stops
+all processes at the same step. Reading that vector is the step's one host sync (a GPU waits for nothing else).
+Evaluation sums the same counts over the whole val list (each sample seen once by one process): the exact accuracy.
 """
 import contextlib
 import logging
@@ -19,6 +20,7 @@ import paddle.nn.functional as F
 
 from mixup import Mixup
 from model_ema import ModelEma
+from optim import float32_weights
 from utils import ProgressBar
 
 TOP_K = (1, 5)
@@ -154,26 +156,27 @@ def _forward_backward(trainer: Trainer, batch, sync: bool) -> paddle.Tensor:
     return counts
 
 
-def _gradients_finite(parameters) -> bool:
-    squares = [param.grad.astype('float32').square().sum() for param in parameters if param.grad is not None]
-    return bool(paddle.isfinite(paddle.add_n(squares)).item()) if squares else True
+def _unscale_and_check(trainer: Trainer) -> paddle.Tensor:
+    """Unscale the accumulated gradients; float64 [1]: 1 when the grad scaler found inf/nan among them (it then
+    skips the step), 0 without a grad scaler. A device tensor: it joins the step's one all-reduce."""
+    if not trainer.grad_scaler.is_enable():
+        return paddle.zeros([1], dtype='float64')
+    trainer.grad_scaler.unscale_(trainer.optimizer)
+    # Paddle 3.x's GradScaler keeps unscale_'s verdict in _found_inf (its step passes it to the optimizer
+    # kernels); there is no public accessor.
+    return trainer.grad_scaler._found_inf.astype('float64').reshape([1])
 
 
-def _optimizer_step(trainer: Trainer) -> bool:
-    """Apply the accumulated gradients (clipped by the optimizer); False when the grad scaler skipped the step
-    for inf/nan gradients. The LR schedule advances either way."""
-    applied = True
-    if trainer.grad_scaler.is_enable():
-        trainer.grad_scaler.unscale_(trainer.optimizer)
-        applied = _gradients_finite(trainer.module.parameters())
+def _optimizer_step(trainer: Trainer, applied: bool) -> None:
+    """Apply the unscaled, accumulated gradients (clipped by the optimizer) unless the grad scaler found inf/nan
+    (``applied`` False: it skips the step itself). The LR schedule advances either way."""
     trainer.grad_scaler.step(trainer.optimizer)
     trainer.grad_scaler.update()
     trainer.optimizer.clear_grad(set_to_zero=False)
     trainer.lr_scheduler.step()
     if applied and trainer.model_ema is not None:
-        trainer.model_ema.update(trainer.module)
+        trainer.model_ema.update(float32_weights(trainer.module, trainer.optimizer))
     trainer.global_step += 1
-    return applied
 
 
 def _stop_on_non_finite(loss: float, trainer: Trainer, where: str) -> None:
@@ -200,13 +203,15 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, num_epochs: int, steps
         if (micro + 1) % k:
             continue
         step = (micro + 1) // k
-        totals = all_reduce_sum(group, trainer.world)
+        reduced = all_reduce_sum(paddle.concat([group, _unscale_and_check(trainer)]), trainer.world)
+        totals, found_inf = reduced[:-1], bool(reduced[-1])
         group = paddle.zeros([objective.num_counts], dtype='float64')
         lr = trainer.optimizer.get_lr()
         current = objective.summarise(totals)
         _stop_on_non_finite(current['loss'], trainer, f'epoch {epoch} step {step} (global step '
                                                       f'{trainer.global_step + 1})')
-        skipped += not _optimizer_step(trainer)
+        _optimizer_step(trainer, applied=not found_inf)
+        skipped += found_inf
         epoch_totals += totals
         progress.show(step)
         if step % report_freq == 0 or step == steps:

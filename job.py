@@ -24,7 +24,6 @@ from checkpoint import (
     load_pretrained,
     load_training_checkpoint,
     resolve_resume_path,
-    restore_rng_states,
     save_checkpoint,
 )
 from config import ConfigError, build_arg_parser, get_config, update_config
@@ -135,8 +134,6 @@ def _restore_training_state(trainer: Trainer, checkpoint: dict, logger: logging.
             trainer.model_ema.set_state_dict(checkpoint['model_ema'])
         else:
             logger.info('the checkpoint has no EMA: the EMA starts from the resumed weights')
-    if checkpoint.get('rng_states'):
-        restore_rng_states(checkpoint['rng_states'])
     trainer.global_step = checkpoint['global_step']
 
 

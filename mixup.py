@@ -164,7 +164,7 @@ class Mixup:
             params: MixParams) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Apply given draws: (mixed images, targets [B, num_classes]); the inputs are left untouched."""
         batch_size, _, _ = _image_batch_shape(images)
-        check_class_labels(labels, batch_size, self.num_classes)
+        check_class_labels(labels, batch_size)
         if len(params.label_weight) != batch_size:
             raise ValueError(f'MixParams were drawn for {len(params.label_weight)} samples, '
                              f'the batch has {batch_size}')

@@ -27,10 +27,10 @@ class ModelEma:
         return {name: tensor for name, tensor in self.module.state_dict().items() if tensor.is_floating_point()}
 
     @paddle.no_grad()
-    def update(self, model: nn.Layer) -> None:
-        current = model.state_dict()
+    def update(self, weights: dict) -> None:
+        """Average in ``weights``, the model's state dict (under AMP O2: optim.float32_weights, the master copy)."""
         for name, average in self.averaged_tensors().items():
-            average.set_value(average * self.decay + current[name].astype(average.dtype) * (1.0 - self.decay))
+            average.set_value(average * self.decay + weights[name].astype(average.dtype) * (1.0 - self.decay))
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

@@ -92,3 +92,16 @@ def build_optimizer(config, model: nn.Layer, lr_scheduler: LRScheduler) -> tuple
         weight_decay=train.WEIGHT_DECAY, apply_decay_param_fun=decayed.__contains__,
         grad_clip=nn.ClipGradByGlobalNorm(train.GRAD_CLIP) if train.GRAD_CLIP > 0 else None)
     return optimizer, settings
+
+
+def float32_weights(model: nn.Layer, optimizer: paddle.optimizer.Optimizer) -> dict:
+    """``model``'s state dict as the optimizer updates it: under AMP O2 the parameters are float16/bfloat16 copies
+    and the float32 master weights live in the optimizer state (Paddle keeps them by parameter name), so those
+    take the parameters' place; anything else still in reduced precision is cast to float32."""
+    masters = optimizer.state_dict().get('master_weights', {})
+    state = model.state_dict()
+    for name, param in model.named_parameters():
+        if param.name in masters:
+            state[name] = masters[param.name]
+    return {name: tensor.astype('float32') if tensor.dtype in (paddle.float16, paddle.bfloat16) else tensor
+            for name, tensor in state.items()}

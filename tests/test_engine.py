@@ -1,6 +1,7 @@
 """engine.py on in-memory batches: exact evaluation counts, gradient accumulation equal to one large batch,
-a non-finite loss stopping before any weight changes."""
+a non-finite loss stopping before any weight changes, one host sync per optimizer step."""
 import logging
+from collections import Counter
 
 import numpy as np
 import paddle
@@ -19,7 +20,9 @@ from engine import (
     topk_correct,
     train_one_epoch,
 )
+from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer
+from tasks import FINE_TUNING
 
 LOGGER = logging.getLogger('test_engine')
 
@@ -102,3 +105,78 @@ def test_non_finite_loss_stops_before_the_optimizer_step():
     for name, value in trainer.module.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), before[name])
     assert trainer.global_step == 0
+
+
+# Tensor methods that copy values to the host: on a GPU each one waits for every kernel queued before it.
+HOST_SYNCS = ('numpy', 'item', 'tolist', '__bool__', '__float__', '__int__', '__index__')
+
+
+@pytest.fixture()
+def host_syncs(monkeypatch):
+    """Counts host syncs: ``ours``, and ``optimizer`` for those made inside Paddle's optimizer step (with a grad
+    scaler it reads the scaler's found_inf there: paddle/optimizer/optimizer.py, ``if found_inf:``)."""
+    counts, inside_step, depth = Counter(), [], []
+
+    def counting(original):
+        def method(tensor, *args, **kwargs):
+            if not depth:  # Paddle's __bool__ calls numpy(): one sync
+                counts['optimizer' if inside_step else 'ours'] += 1
+            depth.append(True)
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                depth.pop()
+        return method
+
+    for name in HOST_SYNCS:
+        monkeypatch.setattr(paddle.Tensor, name, counting(getattr(paddle.Tensor, name)))
+    original_step = paddle.optimizer.AdamW.step
+
+    def step(optimizer):
+        inside_step.append(True)
+        try:
+            return original_step(optimizer)
+        finally:
+            inside_step.pop()
+
+    monkeypatch.setattr(paddle.optimizer.AdamW, 'step', step)
+    return counts
+
+
+class DeviceSideScaler:
+    """A stand-in for an enabled float16 GradScaler (Paddle's runs on GPUs only) that does what Paddle's does
+    with its inf/nan verdict: keeps it on the device in _found_inf and hands it to the optimizer step."""
+
+    def is_enable(self):
+        return True
+
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, optimizer):
+        grads = [param.grad.sum() for param in optimizer._parameter_list if param.grad is not None]
+        self._found_inf = paddle.logical_not(paddle.isfinite(paddle.add_n(grads)))
+
+    def step(self, optimizer):
+        optimizer._set_auxiliary_var('found_inf', self._found_inf)
+        optimizer.step()
+
+    def update(self):
+        pass
+
+
+@pytest.mark.parametrize('scaler, paddle_syncs', [('none', 0), ('device-side', 1)])
+def test_one_host_sync_per_optimizer_step(scaler, paddle_syncs, host_syncs):
+    """The recipe's step (Mixup/CutMix, soft-target loss, clipping, EMA, accumulation of 2) reads the device once;
+    with a grad scaler, Paddle's optimizer step reads the scaler's verdict once more."""
+    config = tiny_config(ACCUM_ITER=2, GRAD_CLIP=1.0)
+    trainer = make_trainer(config, steps_per_epoch=3)
+    trainer.objective = FINE_TUNING.build_objective(config, World())
+    trainer.model_ema = ModelEma(trainer.module, 0.9)
+    if scaler == 'device-side':
+        trainer.grad_scaler = DeviceSideScaler()
+    data = batches(6, 4)
+    host_syncs.clear()
+    result = train_one_epoch(trainer, data, 1, 1, steps=3, report_freq=100, logger=LOGGER)
+    assert result['skipped_steps'] == 0 and trainer.global_step == 3
+    assert host_syncs['ours'] == 3 and host_syncs['optimizer'] == 3 * paddle_syncs, dict(host_syncs)

@@ -94,7 +94,7 @@ def test_ema_starts_from_the_pretrained_weights_with_index_buffers_untouched(dat
         np.testing.assert_array_equal(ema.state_dict()[name].numpy(), value.numpy(), err_msg=name)
         np.testing.assert_array_equal(prepared.model.state_dict()[name].numpy(), value.numpy(), err_msg=name)
     expected_index = relative_position_index(prepared.model.patch_embed.grid).reshape(-1)
-    ema.update(prepared.model)
+    ema.update(prepared.model.state_dict())
     for block in ema.module.blocks:
         assert block.attn.relative_position_index.dtype == paddle.int64
         np.testing.assert_array_equal(block.attn.relative_position_index.numpy(), expected_index)

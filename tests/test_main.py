@@ -4,6 +4,7 @@ SIGKILLed run resumed to the same weights as an uninterrupted one, the per-step 
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -181,3 +182,25 @@ def test_bad_input_exits_with_an_error_before_starting_processes(data, tmp_path)
         assert result.returncode == 2, result.stderr
         assert 'DATA.DATA_PATH not found' in result.stderr
         assert not (tmp_path / 'out').exists()
+
+
+def checkpoint_saved_on_two_gpus(source, folder):
+    """``source`` with the RNG states that a run on two GPUs saved before this project stopped saving them:
+    paddle.get_rng_state() gives one state per visible GPU there."""
+    checkpoint = paddle.load(str(source))
+    checkpoint['rng_states'] = {'python': random.getstate(), 'numpy': np.random.get_state(),
+                                'paddle': paddle.get_rng_state() * 2}
+    folder.mkdir()
+    paddle.save(checkpoint, str(folder / source.name))
+    return folder / source.name
+
+
+@pytest.mark.parametrize('processes', ['1', '2'])
+def test_a_checkpoint_from_two_gpus_resumes_on_any_device(processes, two_process_run, data, tmp_path):
+    checkpoint = checkpoint_saved_on_two_gpus(two_process_run / 'checkpoint-epoch-3.pdparams', tmp_path / 'gpus')
+    output = tmp_path / 'resumed'
+    result = run(command('main_multi_gpu.py', data, output, '-ngpus', processes, '-batch_size', '8',
+                         '-resume', str(checkpoint), opts=['TRAIN.NUM_EPOCHS', '4']))
+    assert 'Traceback' not in result.stderr
+    assert [r['epoch'] for r in records(output, 'train')] == [4]
+    assert (output / 'checkpoint-epoch-4.pdparams').exists()
