@@ -224,7 +224,7 @@ class Block(nn.Layer):
         self.drop_path = DropPath(drop_path)
         self.norm2 = LayerNorm(dim, epsilon=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        if init_values is None:  # layer scale off
+        if not init_values:  # 0 or None: layer scale off, as unilm's --layer_scale_init_value 0 and timm
             self.gamma_1 = self.gamma_2 = None
         else:
             layer_scale = nn.initializer.Constant(init_values)
@@ -410,12 +410,15 @@ _DROPPABLE_SUFFIXES = ('relative_position_index',)
 _DROPPABLE_PREFIXES = ('mask_token', 'lm_head.')
 
 
-def adapt_state_dict(state_dict: dict, model: BeitEncoder, rel_pos_interp: str = 'cubic') -> tuple[dict, list]:
+def adapt_state_dict(state_dict: dict, model: BeitEncoder, rel_pos_interp: str = 'cubic',
+                     complete: bool = False) -> tuple[dict, list]:
     """Fit a Paddle-layout state dict (name -> numpy array) to ``model``, a fine-tuning or pre-training BEiT.
 
     Copies a shared relative position bias into every block that needs one, resamples bias tables and
     the absolute position embedding to the model's grid, drops MIM-only tensors the model has no place for
-    and a head of another class count. Returns the fitted dict and human-readable notes; raises
+    and, to start fine-tuning, a head of another class count (and lets a missing head or fc_norm keep its
+    fresh init). With ``complete`` (evaluation, prediction, export) every model tensor must come from the
+    checkpoint: those cases raise. Returns the fitted dict and human-readable notes; raises
     CheckpointMismatchError when the checkpoint describes another architecture.
     """
     target = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -430,8 +433,8 @@ def adapt_state_dict(state_dict: dict, model: BeitEncoder, rel_pos_interp: str =
             unexpected.append(name)
             continue
         fitted[name] = _fit_tensor(name, value, target[name], rel_pos_interp, notes)
-    _drop_mismatched_head(fitted, target, notes)
-    _check_complete(fitted, target, unexpected, model, notes)
+    _drop_mismatched_head(fitted, target, notes, complete)
+    _check_complete(fitted, target, unexpected, model, notes, complete)
     return fitted, notes
 
 
@@ -475,15 +478,26 @@ def _grid_of_tokens(num_patches: int) -> tuple[int, int]:
     return side, side
 
 
-def _drop_mismatched_head(fitted: dict, target: dict, notes: list) -> None:
+def _classes(shape: Sequence[int] | None) -> str:
+    """The class count a head tensor of ``shape`` (Paddle layout: weight [D, C], bias [C]) holds."""
+    return f'{shape[-1]} classes' if shape else 'no head'
+
+
+def _drop_mismatched_head(fitted: dict, target: dict, notes: list, complete: bool) -> None:
     for name in ('head.weight', 'head.bias'):
         if name in fitted and fitted[name].shape != target.get(name):
+            if complete:
+                raise CheckpointMismatchError(
+                    f'{name} {list(fitted[name].shape)} holds {_classes(fitted[name].shape)}, the model '
+                    f'{_classes(target.get(name))} (MODEL.NUM_CLASSES): evaluating it would evaluate a random head; '
+                    f'set MODEL.NUM_CLASSES (-num_classes) to the checkpoint\'s {_classes(fitted[name].shape)}')
             notes.append(f'dropped {name} {list(fitted.pop(name).shape)}: the model has '
                          f'{list(target[name]) if name in target else "no head"}; it keeps its fresh init')
 
 
-def _check_complete(fitted: dict, target: dict, unexpected: Sequence[str], model: BeitEncoder, notes: list) -> None:
-    """Missing heads and fc_norm (a pre-training checkpoint) are fine; anything else is not."""
+def _check_complete(fitted: dict, target: dict, unexpected: Sequence[str], model: BeitEncoder, notes: list,
+                    complete: bool) -> None:
+    """Missing heads and fc_norm (a pre-training checkpoint) are fine to start fine-tuning; anything else is not."""
     uses_final_norm = not isinstance(model.norm, nn.Identity)
     harmless = [name for name in unexpected if name.startswith('norm.') and not uses_final_norm]
     unexpected = [name for name in unexpected if name not in harmless]
@@ -494,10 +508,12 @@ def _check_complete(fitted: dict, target: dict, unexpected: Sequence[str], model
             f'{len(unexpected)} checkpoint tensors have no place in the model, e.g. {", ".join(unexpected[:5])}; '
             'the checkpoint was made for another architecture (depth, pooling or position bias options)')
     missing = [name for name in target if name not in fitted]
-    fresh = [name for name in missing if name.startswith(('head.', 'fc_norm.'))]
+    fresh = [] if complete else [name for name in missing if name.startswith(('head.', 'fc_norm.'))]
     absent = [name for name in missing if name not in fresh]
     if absent:
+        untrained = ' (a pre-training checkpoint has no classifier to evaluate: fine-tune it first)' if any(
+            name.startswith(('head.', 'fc_norm.')) for name in absent) else ''
         raise CheckpointMismatchError(
-            f'{len(absent)} model tensors are missing from the checkpoint, e.g. {", ".join(absent[:5])}')
+            f'{len(absent)} model tensors are missing from the checkpoint, e.g. {", ".join(absent[:5])}{untrained}')
     if fresh:
         notes.append(f'not in the checkpoint, freshly initialised: {", ".join(fresh)}')

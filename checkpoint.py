@@ -17,6 +17,7 @@ from optim import float32_weights
 from utils import save_atomically
 
 CHECKPOINT_PATTERN = re.compile(r'^checkpoint-epoch-(\d+)\.pdparams$')
+BEST_CHECKPOINT = 'checkpoint-best.pdparams'  # the training checkpoint of the best validation top-1 so far
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'global_step')
 
 
@@ -52,8 +53,29 @@ def resolve_resume_path(path: str) -> str:
     return path
 
 
+def checkpoints_written_before(checkpoint: dict, resume_path: str, output_dir: str) -> list[str]:
+    """The epoch checkpoints the resumed run wrote into ``output_dir`` that are still there (oldest first): the
+    ones its retention may delete. None when it is resumed into another folder."""
+    folder = os.path.dirname(os.path.abspath(resume_path))
+    if not os.path.isdir(output_dir) or not os.path.samefile(folder, output_dir):
+        return []
+    paths = [os.path.join(output_dir, name) for name in checkpoint.get('written') or ()]
+    return [path for path in paths if os.path.isfile(path)]
+
+
+def keep_newest(written: list[str], keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` of ``written`` (epoch checkpoints this run wrote, oldest first; 0 keeps
+    all) and return the kept ones. Call it once the newest is on disk: a crash in between leaves one too many."""
+    if keep <= 0 or len(written) <= keep:
+        return written
+    for path in written[:-keep]:
+        if os.path.exists(path):
+            os.remove(path)
+    return written[-keep:]
+
+
 def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch: int,
-                    global_step: int, config) -> None:
+                    global_step: int, config, best: dict | None = None, written: list[str] = ()) -> None:
     save_atomically({
         'model': float32_weights(model, optimizer),
         'optimizer': optimizer.state_dict(),
@@ -62,6 +84,8 @@ def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, grad_scaler, m
         'model_ema': model_ema.state_dict() if model_ema is not None else None,
         'epoch': epoch,
         'global_step': global_step,
+        'best': best,  # {acc1, epoch, weights}: the best validation so far, which a resumed run carries on
+        'written': [os.path.basename(name) for name in written],  # the run's epoch checkpoints, for retention
         'config': config.dump(),
     }, path)
 
@@ -117,12 +141,16 @@ def pretrained_state_dict(path: str, use_ema: bool) -> tuple[dict, int | None]:
         raise CheckpointError(f'-pretrained: {err}') from err
 
 
-def load_pretrained(model, path: str, use_ema: bool, rel_pos_interp: str) -> tuple[list, int | None]:
-    """Fit the weights of ``path`` to ``model`` (head of another class count dropped, shared bias spread,
-    tables resampled: beit.adapt_state_dict) and load them; returns adapt_state_dict's notes and the epoch of a
-    training checkpoint."""
+def load_pretrained(model, path: str, use_ema: bool, rel_pos_interp: str,
+                    complete: bool = False) -> tuple[list, int | None]:
+    """Fit the weights of ``path`` to ``model`` (shared bias spread, tables resampled, and to start fine-tuning a
+    head of another class count dropped: beit.adapt_state_dict) and load them; returns adapt_state_dict's notes
+    and the epoch of a training checkpoint. ``complete`` (evaluation): every model tensor must be in the file."""
     state_dict, epoch = pretrained_state_dict(path, use_ema)
-    fitted, notes = adapt_state_dict(state_dict, model, rel_pos_interp)
+    try:
+        fitted, notes = adapt_state_dict(state_dict, model, rel_pos_interp, complete)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f'-pretrained {path}: {err}') from None
     kept = model.state_dict()  # what the checkpoint does not provide (a dropped head) stays as initialised
     kept.update({name: paddle.to_tensor(value) for name, value in fitted.items()})
     model.set_state_dict(kept)

@@ -45,7 +45,7 @@ _C.MODEL.QKV_BIAS = True  # q and v biases (k has none)
 _C.MODEL.DROPOUT = 0.0  # after the position embedding, attention projection and MLP layers
 _C.MODEL.ATTENTION_DROPOUT = 0.0
 _C.MODEL.DROPPATH = 0.1  # stochastic depth rate of the last block
-_C.MODEL.INIT_VALUES = 0.1  # layer scale init; null disables layer scale
+_C.MODEL.INIT_VALUES = 0.1  # layer scale init (0.1 base, 1e-5 large); 0 or null: no layer scale (unilm, timm)
 _C.MODEL.USE_ABS_POS_EMB = False
 _C.MODEL.USE_REL_POS_BIAS = True  # one table per block
 _C.MODEL.USE_SHARED_REL_POS_BIAS = False  # one table for all blocks
@@ -120,6 +120,7 @@ _C.AMP_DECR_EVERY_N_NAN_OR_INF = 1
 # run settings
 _C.SAVE = './output'
 _C.SAVE_FREQ = 1  # epochs between checkpoints
+_C.KEEP_CHECKPOINTS = 3  # newest epoch checkpoints this run keeps (plus checkpoint-best.pdparams); 0 keeps all
 _C.REPORT_FREQ = 20  # steps between log lines
 _C.VALIDATE_FREQ = 1  # epochs between evaluations
 _C.SEED = 0
@@ -147,7 +148,7 @@ _POSITIVE = ('DATA.BATCH_SIZE', 'DATA.BATCH_SIZE_EVAL', 'DATA.IMAGE_SIZE', 'DATA
              'PRETRAIN.TOKENIZER_HIDDEN', 'PRETRAIN.TOKENIZER_BLOCKS_PER_GROUP')
 _NON_NEGATIVE = ('DATA.NUM_WORKERS', 'MODEL.NUM_CLASSES', 'TRAIN.NUM_EPOCHS', 'TRAIN.WARMUP_EPOCHS',
                  'TRAIN.WEIGHT_DECAY', 'TRAIN.BASE_LR', 'TRAIN.LINEAR_SCALED_LR', 'TRAIN.GRAD_CLIP',
-                 'TRAIN.LAST_EPOCH', 'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK')
+                 'TRAIN.LAST_EPOCH', 'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK', 'KEEP_CHECKPOINTS')
 _PROBABILITIES = ('DATA.CROP_PCT', 'MODEL.DROPOUT', 'MODEL.ATTENTION_DROPOUT', 'MODEL.DROPPATH',
                   'TRAIN.LAYER_DECAY', 'TRAIN.MODEL_EMA_DECAY', 'TRAIN.SMOOTHING', 'TRAIN.MIXUP_PROB',
                   'TRAIN.MIXUP_SWITCH_PROB', 'TRAIN.RANDOM_ERASE_PROB', 'TRAIN.HFLIP_PROB')
@@ -274,6 +275,9 @@ def validate_config(config: CN) -> None:
     for key in _PROBABILITIES:
         if not 0.0 <= _lookup(config, key) <= 1.0:
             raise ConfigError(f'{key} must lie in [0, 1], got {_lookup(config, key)!r}')
+    if config.MODEL.INIT_VALUES is not None and config.MODEL.INIT_VALUES < 0:
+        raise ConfigError(f'MODEL.INIT_VALUES must be positive (layer scale init), or 0 or null for no layer scale; '
+                          f'got {config.MODEL.INIT_VALUES!r}')
     if config.DATA.IMAGE_SIZE % config.MODEL.PATCH_SIZE:
         raise ConfigError(f'DATA.IMAGE_SIZE {config.DATA.IMAGE_SIZE} is not a multiple of '
                           f'MODEL.PATCH_SIZE {config.MODEL.PATCH_SIZE}')

@@ -15,8 +15,8 @@ import paddle
 from paddle import inference as paddle_infer
 from paddle.static import InputSpec
 
-from beit import CheckpointMismatchError, adapt_state_dict, build_beit
-from checkpoint import CheckpointError, pretrained_state_dict
+from beit import CheckpointMismatchError, build_beit
+from checkpoint import CheckpointError, load_pretrained
 from config import ConfigError, get_config
 from utils import cpu_threads_per_process
 
@@ -32,25 +32,14 @@ class WeightsError(ValueError):
 
 
 def load_model(config, weights_path: str, use_ema: bool = False) -> tuple[paddle.nn.Layer, list]:
-    """The config's BEiT in eval mode with the weights fitted by ``beit.adapt_state_dict``; returns its notes too.
-
-    A head of another class count is dropped by adapt_state_dict for fine-tuning; for prediction that would
-    leave a random head, so it is an error here.
-    """
+    """The config's BEiT in eval mode with every tensor from ``weights_path`` (checkpoint.load_pretrained with
+    ``complete``, the rule of -eval: a head of another class count is an error, not a random head); returns
+    the notes of the fitting too."""
     model = build_beit(config)
     try:
-        state_dict, _ = pretrained_state_dict(weights_path, use_ema)
-        fitted, notes = adapt_state_dict(state_dict, model, config.MODEL.REL_POS_INTERP)
-    except CheckpointError as err:
+        notes, _ = load_pretrained(model, weights_path, use_ema, config.MODEL.REL_POS_INTERP, complete=True)
+    except (CheckpointError, CheckpointMismatchError) as err:
         raise WeightsError(str(err)) from err
-    except CheckpointMismatchError as err:
-        raise WeightsError(f'{weights_path} does not fit {config.MODEL.NAME}: {err}') from err
-    fresh = [name for name in model.state_dict() if name not in fitted]
-    if fresh:
-        raise WeightsError(f'{weights_path} has no trained values for {", ".join(fresh)}: a pre-training '
-                           f'checkpoint, or another class count than MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES} '
-                           f'({"; ".join(notes)})')
-    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
     return model.eval(), notes
 
 

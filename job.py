@@ -9,7 +9,7 @@ main_single_gpu.py runs it in one process; main_multi_gpu.py in one process per 
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paddle
 import paddle.distributed as dist
@@ -17,10 +17,13 @@ from paddle.utils import unique_name
 
 from beit import CheckpointMismatchError
 from checkpoint import (
+    BEST_CHECKPOINT,
     CheckpointError,
     check_exact_fit,
     checkpoint_path,
     checkpoints_in,
+    checkpoints_written_before,
+    keep_newest,
     load_pretrained,
     load_training_checkpoint,
     resolve_resume_path,
@@ -38,6 +41,7 @@ from utils import (
     append_jsonl,
     attach_log_file,
     derived_seed,
+    publish_copy,
     seed_everything,
     start_logger,
     use_all_cpu_cores,
@@ -70,6 +74,8 @@ class Job:
     start_epoch: int = 0  # epochs already finished (training), or the evaluated checkpoint's
     steps_per_epoch: int = 0
     last_checkpoint: str = ''
+    best: dict | None = None  # {acc1, epoch, weights} of the best validation so far, carried over by -resume
+    written: list = field(default_factory=list)  # epoch checkpoints this run wrote, oldest first
 
 
 def init_world(multi_process: bool) -> World:
@@ -96,7 +102,7 @@ def _load_starting_weights(config, model, logger: logging.Logger) -> int | None:
         logger.info('no -pretrained weights: the model keeps its random initialisation')
         return None
     notes, epoch = load_pretrained(model, config.MODEL.PRETRAINED, config.MODEL.PRETRAINED_EMA,
-                                   config.MODEL.REL_POS_INTERP)
+                                   config.MODEL.REL_POS_INTERP, complete=config.EVAL)
     which = 'EMA weights' if config.MODEL.PRETRAINED_EMA else 'weights'
     logger.info(f'loaded {which} from {config.MODEL.PRETRAINED}' + ''.join(f'\n  note: {note}' for note in notes))
     return epoch
@@ -116,12 +122,16 @@ def _resumed_checkpoint(config, model, logger: logging.Logger) -> tuple[dict | N
     return checkpoint, path
 
 
-def _refuse_to_overwrite(output_dir: str, first_epoch: int, last_epoch: int) -> None:
-    """Checkpoints are never overwritten: a folder already holding the ones this run would write is refused."""
+def _refuse_to_overwrite(output_dir: str, first_epoch: int, last_epoch: int, resuming: bool) -> None:
+    """Checkpoints are never overwritten: a folder already holding the ones this run would write is refused, and
+    so is another run's best checkpoint unless this run continues that one."""
     taken = sorted(epoch for epoch in checkpoints_in(output_dir) if first_epoch <= epoch <= last_epoch)
     if taken:
         raise CheckpointError(f'{output_dir} already holds checkpoint-epoch-{taken[0]}.pdparams, which this run '
                               'would overwrite: choose another -output, or -resume from its latest checkpoint')
+    if not resuming and os.path.exists(os.path.join(output_dir, BEST_CHECKPOINT)):
+        raise CheckpointError(f'{output_dir} already holds another run\'s {BEST_CHECKPOINT}, which this run would '
+                              'replace: choose another -output, or -resume from its latest checkpoint')
 
 
 def _restore_training_state(trainer: Trainer, checkpoint: dict, logger: logging.Logger) -> None:
@@ -175,6 +185,9 @@ def prepare(config, world: World, logger: logging.Logger, task: Task = FINE_TUNI
     if config.EVAL and config.MODEL.RESUME:
         raise ConfigError('-eval evaluates the -pretrained weights (a training checkpoint works there); '
                           '-resume continues training')
+    if config.EVAL and not config.MODEL.PRETRAINED:
+        raise ConfigError('-eval needs -pretrained WEIGHTS (converted weights or a training checkpoint): '
+                          'it never evaluates a randomly initialised model')
     task.check_config(config)
     amp = amp_for(config, logger)
     multi_process = world.size > 1
@@ -201,10 +214,12 @@ def prepare(config, world: World, logger: logging.Logger, task: Task = FINE_TUNI
     if start_epoch >= config.TRAIN.NUM_EPOCHS:
         raise ConfigError(f'{start_epoch} epochs are already done and TRAIN.NUM_EPOCHS is '
                           f'{config.TRAIN.NUM_EPOCHS}: nothing to train')
-    _refuse_to_overwrite(config.SAVE, start_epoch + 1, config.TRAIN.NUM_EPOCHS)
+    _refuse_to_overwrite(config.SAVE, start_epoch + 1, config.TRAIN.NUM_EPOCHS, resuming=checkpoint is not None)
     trainer, settings = _build_trainer(config, model, world, amp, steps_per_epoch, checkpoint, logger, task)
+    resumed = checkpoint or {}
     return Job(config, world, logger, amp, model, val_set, val_loader, train_set, train_loader, trainer, settings,
-               start_epoch, steps_per_epoch, resume_path)
+               start_epoch, steps_per_epoch, resume_path, best=resumed.get('best'),
+               written=checkpoints_written_before(resumed, resume_path, config.SAVE) if checkpoint else [])
 
 
 def open_output(job: Job) -> None:
@@ -255,16 +270,48 @@ def _metric_fields(result: dict) -> dict:
     return {key: value for key, value in result.items() if key != 'time'}
 
 
-def _save(job: Job, epoch: int) -> None:
-    if not job.world.is_main:
-        return
+def _write_checkpoint(job: Job, path: str, epoch: int, written: list[str]) -> None:
     trainer = job.trainer
-    path = checkpoint_path(job.config.SAVE, epoch)
     save_checkpoint(path, model=trainer.module, optimizer=trainer.optimizer, lr_scheduler=trainer.lr_scheduler,
                     grad_scaler=trainer.grad_scaler, model_ema=trainer.model_ema, epoch=epoch,
-                    global_step=trainer.global_step, config=job.config)
+                    global_step=trainer.global_step, config=job.config, best=job.best, written=written)
+
+
+def _save(job: Job, epoch: int) -> None:
+    """The epoch's checkpoint; then, with it on disk, the oldest of this run's beyond KEEP_CHECKPOINTS go (the
+    checkpoint lists them, so a run killed in between deletes them once resumed)."""
+    if not job.world.is_main:
+        return
+    path = checkpoint_path(job.config.SAVE, epoch)
+    written = [*job.written, path]
+    _write_checkpoint(job, path, epoch, written)
     job.last_checkpoint = path
     job.logger.info(f'saved {path}')
+    job.written = keep_newest(written, job.config.KEEP_CHECKPOINTS)
+
+
+def _track_best(job: Job, epoch: int, record: dict) -> bool:
+    """Whether this evaluation is the best so far by top-1, of the EMA weights when there is an EMA (timm's rule)."""
+    weights = 'EMA' if 'ema_acc1' in record else 'model'
+    acc1 = record['ema_acc1' if weights == 'EMA' else 'acc1']
+    improved = job.best is None or acc1 > job.best['acc1']
+    if improved:
+        job.best = {'acc1': acc1, 'epoch': epoch, 'weights': weights}
+    best = job.best
+    job.logger.info(f'best val acc1 so far {best["acc1"]:.4f} (epoch {best["epoch"]}, {best["weights"]} weights)')
+    return improved
+
+
+def _save_best(job: Job, epoch: int) -> None:
+    """checkpoint-best.pdparams: a link to (or copy of) the epoch's checkpoint, or a checkpoint of its own."""
+    if not job.world.is_main:
+        return
+    path = os.path.join(job.config.SAVE, BEST_CHECKPOINT)
+    if job.last_checkpoint == checkpoint_path(job.config.SAVE, epoch):
+        publish_copy(job.last_checkpoint, path)
+    else:
+        _write_checkpoint(job, path, epoch, job.written)
+    job.logger.info(f'saved {path} (epoch {epoch}, by the val acc1 of the {job.best["weights"]} weights)')
 
 
 def _due(epoch: int, every: int, last: int) -> bool:
@@ -285,7 +332,6 @@ def train(job: Job) -> None:
     num_epochs = config.TRAIN.NUM_EPOCHS
     logger.info(f'training epochs {job.start_epoch + 1}..{num_epochs}: {job.steps_per_epoch} optimizer steps of '
                 f'{config.TRAIN.ACCUM_ITER} x {config.DATA.BATCH_SIZE} images x {job.world.size} processes')
-    best_acc1 = None
     for epoch in range(job.start_epoch + 1, num_epochs + 1):
         _start_epoch(job, epoch)
         try:
@@ -300,12 +346,13 @@ def train(job: Job) -> None:
                     f'{result["skipped_steps"]} steps skipped for inf/nan gradients')
         _record(job, {'split': 'train', 'epoch': epoch, **_metric_fields(result),
                       'bad_images': _bad_images(job, job.train_set)})
+        improved = False
         if job.val_loader is not None and _due(epoch, config.VALIDATE_FREQ, num_epochs):
-            acc1 = _validate(job, epoch, result['lr'])['acc1']
-            best_acc1 = acc1 if best_acc1 is None else max(best_acc1, acc1)
-            logger.info(f'best val acc1 so far {best_acc1:.4f}')
+            improved = _track_best(job, epoch, _validate(job, epoch, result['lr']))
         if _due(epoch, config.SAVE_FREQ, num_epochs):
             _save(job, epoch)
+        if improved:
+            _save_best(job, epoch)
 
 
 def evaluate_weights(job: Job) -> dict:

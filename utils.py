@@ -4,6 +4,7 @@ import logging
 import logging.handlers
 import os
 import random
+import shutil
 import sys
 
 import numpy as np
@@ -23,6 +24,21 @@ def save_atomically(obj, path: str) -> None:
         paddle.save(obj, tmp_path)
         with open(tmp_path, 'rb') as f:
             os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def publish_copy(source: str, path: str) -> None:
+    """``path`` becomes a copy of ``source`` atomically: a hard link (no extra disk) where the file system has
+    them, else a copied file; the previous ``path`` stays complete until the rename."""
+    tmp_path = f'{path}.tmp{os.getpid()}'
+    try:
+        try:
+            os.link(source, tmp_path)
+        except OSError:
+            shutil.copyfile(source, tmp_path)
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):

@@ -96,6 +96,20 @@ def test_every_model_key_reaches_the_model():
         assert effect(build_beit(config_for({**TINY, key: value}))), f'MODEL.{key} was ignored by build_beit'
 
 
+@pytest.mark.parametrize('init_values', [0.0, None])
+def test_layer_scale_is_off_at_zero_and_null_as_in_timm(init_values):
+    """unilm's --layer_scale_init_value 0 and timm's init_values=0 build no gammas: neither do we."""
+    spec = {**TINY, 'INIT_VALUES': init_values}
+    reference = timm_model({**TINY, 'INIT_VALUES': 0.0})
+    model = build_beit(config_for(spec))
+    assert all(block.gamma_1 is None and block.gamma_2 is None for block in model.blocks)
+    theirs = {name for name in reference.state_dict() if not name.endswith('relative_position_index')}
+    assert set(model.state_dict()) == theirs
+    fitted, _ = convert_state_dict({name: value.numpy() for name, value in reference.state_dict().items()}, model)
+    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    assert logits_difference(reference, model, random_batch(2, 32)) <= 1e-4
+
+
 def test_dropout_and_drop_path_act_in_training_only():
     model = build_beit(config_for({**TINY, 'DROPOUT': 0.5, 'ATTENTION_DROPOUT': 0.5, 'DROPPATH': 0.5}))
     x = paddle.to_tensor(random_batch(4, 32))

@@ -133,6 +133,7 @@ def test_integers_are_accepted_for_floats(tmp_path):
     (['TRAIN.BASE_RL', '1'], '-opts: unknown config key TRAIN.BASE_RL'),
     (['TRAIN.BASE_LR', 'fast'], "-opts: TRAIN.BASE_LR expects a float like 2e-05, got 'fast'"),
     (['TRAIN', '1'], 'TRAIN is a group of keys'),
+    (['MODEL.INIT_VALUES', '-0.1'], 'MODEL.INIT_VALUES must be positive (layer scale init), or 0 or null'),
 ])
 def test_bad_opts_name_the_key(opts, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

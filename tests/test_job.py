@@ -44,6 +44,13 @@ def other_architecture_checkpoint(path):
     return path
 
 
+def other_class_count_weights(path):
+    config = get_config(TINY_CONFIG)
+    config.MODEL.NUM_CLASSES = 5
+    paddle.save(build_beit(config).state_dict(), str(path))
+    return path
+
+
 def empty_val_copy(data, tmp_path):
     copy = tmp_path / 'empty_val'
     copy.mkdir()
@@ -65,6 +72,11 @@ BAD_INPUTS = {
         'missing from the checkpoint'),
     'checkpoints it would overwrite': (lambda data, tmp: [], 'would overwrite'),
     'eval with resume': (lambda data, tmp: ['-eval', '-resume', str(tmp / 'x.pdparams')], '-resume continues'),
+    'eval without weights': (lambda data, tmp: ['-eval'], '-eval needs -pretrained WEIGHTS'),
+    'eval of another class count': (
+        lambda data, tmp: ['-eval', '-pretrained', str(other_class_count_weights(tmp / 'five.pdparams'))],
+        'head.weight [96, 5] holds 5 classes, the model 10 classes (MODEL.NUM_CLASSES): evaluating it would '
+        'evaluate a random head'),
 }
 
 
@@ -182,3 +194,64 @@ def test_to_static_training_runs_to_the_end(data, tmp_path, capsys):
     assert all(np.isfinite(r['loss']) for r in records)
     assert (output / 'checkpoint-epoch-2.pdparams').exists()
     capsys.readouterr()
+
+
+def checkpoint_files(folder):
+    return sorted(path.name for path in folder.glob('checkpoint-*.pdparams'))
+
+
+def val_records(folder):
+    lines = (folder / 'metrics.jsonl').read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record['split'] == 'val']
+
+
+@pytest.mark.parametrize('ema', [False, True])
+def test_retention_keeps_the_newest_k_and_the_best(ema, data, tmp_path, capsys):
+    output = tmp_path / 'run'
+    opts = ['KEEP_CHECKPOINTS', '2', 'TRAIN.NUM_EPOCHS', '4', 'TRAIN.MODEL_EMA', str(ema), 'TRAIN.BASE_LR', '3e-3']
+    assert main_single_gpu.main(args(data, output, opts=opts)) == 0
+    assert checkpoint_files(output) == ['checkpoint-best.pdparams', 'checkpoint-epoch-3.pdparams',
+                                        'checkpoint-epoch-4.pdparams']
+    metric, weights = ('ema_acc1', 'EMA') if ema else ('acc1', 'model')
+    records = val_records(output)
+    best = max(records, key=lambda record: record[metric])  # the first of equal ones
+    saved = paddle.load(str(output / 'checkpoint-best.pdparams'))
+    assert saved['epoch'] == best['epoch']
+    assert saved['best'] == {'acc1': best[metric], 'epoch': best['epoch'], 'weights': weights}
+    assert f'by the val acc1 of the {weights} weights' in capsys.readouterr().out
+
+
+class Killed(BaseException):
+    """What a SIGKILL does to the process at that point: nothing after it runs."""
+
+
+def test_retention_after_a_kill_between_save_and_deletion(data, tmp_path, monkeypatch):
+    output = tmp_path / 'run'
+    opts = ['KEEP_CHECKPOINTS', '2', 'TRAIN.NUM_EPOCHS', '4']
+
+    def killed_before_deleting(written, keep):
+        if len(written) > keep:
+            raise Killed
+        return written
+
+    with monkeypatch.context() as patched:
+        patched.setattr(job, 'keep_newest', killed_before_deleting)
+        with pytest.raises(Killed):
+            main_single_gpu.main(args(data, output, opts=opts))
+    assert 'checkpoint-epoch-3.pdparams' in checkpoint_files(output)  # saved, nothing deleted
+    best_before = paddle.load(str(output / 'checkpoint-best.pdparams'))['best']
+    assert main_single_gpu.main(args(data, output, '-resume', str(output), opts=opts)) == 0
+    assert checkpoint_files(output) == ['checkpoint-best.pdparams', 'checkpoint-epoch-3.pdparams',
+                                        'checkpoint-epoch-4.pdparams']
+    best = paddle.load(str(output / 'checkpoint-best.pdparams'))['best']
+    records = val_records(output)
+    assert best['acc1'] == max(record['acc1'] for record in records) >= best_before['acc1']
+
+
+def test_a_fresh_run_never_replaces_another_runs_best(data, tmp_path, capsys):
+    output = tmp_path / 'run'
+    output.mkdir()
+    (output / 'checkpoint-best.pdparams').write_bytes(b'an earlier best')
+    assert main_single_gpu.main(args(data, output)) == job.EXIT_BAD_INPUT
+    assert "already holds another run's checkpoint-best.pdparams" in capsys.readouterr().err
+    assert (output / 'checkpoint-best.pdparams').read_bytes() == b'an earlier best'

@@ -38,6 +38,7 @@ VARIANTS = {
     'shared_rel_pos': {'USE_REL_POS_BIAS': False, 'USE_SHARED_REL_POS_BIAS': True},
     'shared_and_per_block': {'USE_SHARED_REL_POS_BIAS': True, 'USE_ABS_POS_EMB': True},
     'no_layer_scale': {'INIT_VALUES': None},
+    'layer_scale_init_zero': {'INIT_VALUES': 0.0},  # unilm's --layer_scale_init_value 0, timm's init_values=0
     'cls_pooling': {'USE_MEAN_POOLING': False},
     'no_qkv_bias': {'QKV_BIAS': False},
     'wider_deeper': {'EMBED_DIM': 48, 'DEPTH': 3, 'NUM_HEADS': 3, 'MLP_RATIO': 2.0, 'NUM_CLASSES': 11},
