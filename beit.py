@@ -13,6 +13,7 @@ import paddle.nn.functional as F
 from paddle.distributed.fleet.utils import recompute
 
 import cpu_ops
+from cpu_runtime import use_fast_blas_kernels
 from pos_resample import NUM_CLS_RELATIONS, resample_abs_pos_embed, resample_rel_pos_table
 
 LAYER_NORM_EPS = 1e-6
@@ -382,7 +383,9 @@ def compiled_if_asked(model: nn.Layer, config) -> nn.Layer:
 
 
 def build_beit(config) -> Beit:
-    """The fine-tuning model described by ``config.MODEL`` (plus the input size and channels from ``config.DATA``)."""
+    """The fine-tuning model described by ``config.MODEL`` (plus the input size and channels from ``config.DATA``),
+    with cpu_runtime's BLAS kernel choice made before the process's first GEMM."""
+    use_fast_blas_kernels()
     model_cfg = config.MODEL
     return compiled_if_asked(Beit(num_classes=model_cfg.NUM_CLASSES, use_mean_pooling=model_cfg.USE_MEAN_POOLING,
                                   init_scale=model_cfg.INIT_SCALE, **encoder_kwargs(config)), config)

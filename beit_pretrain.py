@@ -12,6 +12,7 @@ import paddle.nn.functional as F
 
 from beit import BeitEncoder, Linear, encoder_kwargs, trunc_normal_
 from config import ConfigError
+from cpu_runtime import use_fast_blas_kernels
 from dall_e import build_tokenizer
 
 
@@ -40,7 +41,9 @@ class BeitForMaskedImageModeling(BeitEncoder):
 
 
 def build_beit_pretrain(config) -> BeitForMaskedImageModeling:
-    """The pre-training model of ``config``: MODEL.* as for fine-tuning (head options aside), PRETRAIN.VOCAB_SIZE."""
+    """The pre-training model of ``config``: MODEL.* as for fine-tuning (head options aside), PRETRAIN.VOCAB_SIZE;
+    cpu_runtime's BLAS kernel choice made first, as in build_beit."""
+    use_fast_blas_kernels()
     return BeitForMaskedImageModeling(vocab_size=config.PRETRAIN.VOCAB_SIZE, **encoder_kwargs(config))
 
 

@@ -4,6 +4,8 @@
     python benchmark.py -cfg configs/beit_base_patch16_224.yaml -batch_size 8 -mode train -backend dygraph timm
 
     python benchmark.py -cfg configs/beit_tiny_patch4_32.yaml -batch_size 32 -mode train -backend dygraph dygraph_ddp
+    python benchmark.py -mode gemm
+
 
 Each path runs in a fresh child process (so its peak memory is its own): a few warm-up steps, then the median
 of the timed steps. Paths: dygraph, static (paddle.jit.to_static), inference (Paddle Inference fp32 with
@@ -11,6 +13,10 @@ oneDNN), inference_bf16 (oneDNN bfloat16, eval, on CPUs that support it), amp_o1
 dygraph_ddp (-nproc processes, DataParallel; images/s of all of them, each process a -batch_size batch and
 its share of the CPU cores), timm and timm_bf16 (torch autocast) when torch and timm are installed. Ratios are
 against timm fp32 of the same run; dygraph_ddp is also compared with dygraph.
+
+``-mode gemm`` measures the fp32 matmul behind BEiT-B's MLP (1576x768 @ 768x3072) in GFLOP/s: Paddle as this
+project runs it (cpu_runtime applied), Paddle with MKL_DEBUG_CPU_TYPE unset, set to 5 before the first GEMM and
+set only after it, next to torch and numpy. The CPU model and vendor head every table.
 """
 import argparse
 import json
@@ -21,6 +27,8 @@ import sys
 import tempfile
 import time
 
+GEMM_CASES = ('paddle', 'paddle_unset', 'paddle_avx2', 'paddle_avx2_after_first_gemm', 'torch', 'numpy')
+GEMM_SHAPE = (1576, 768, 3072)
 PADDLE_BACKENDS = ('dygraph', 'static', 'inference', 'inference_bf16', 'amp_o1', 'amp_o2', 'dygraph_ddp')
 TIMM_BACKENDS = ('timm', 'timm_bf16')
 EVAL_ONLY = ('inference', 'inference_bf16')
@@ -131,6 +139,62 @@ def timm_step(config, backend: str, mode: str, batch_size: int, processes: int =
     return train_step
 
 
+def gemm_operands(case: str):
+    """(a, b, matmul) of a GEMM case, with MKL_DEBUG_CPU_TYPE as the case says (the child starts without it)."""
+    import numpy as np
+    rows, inner, cols = GEMM_SHAPE
+    a, b = (np.random.default_rng(0).standard_normal(shape).astype(np.float32) for shape in ((rows, inner),
+                                                                                             (inner, cols)))
+    if case == 'numpy':
+        return a, b, np.matmul
+    if case == 'torch':
+        import torch
+        torch.set_num_threads(os.cpu_count() or 1)
+        return torch.from_numpy(a), torch.from_numpy(b), torch.matmul
+    import paddle
+
+    import cpu_runtime
+    from utils import use_all_cpu_cores
+    use_all_cpu_cores()
+    a, b = paddle.to_tensor(a), paddle.to_tensor(b)
+    if case == 'paddle':
+        cpu_runtime.use_fast_blas_kernels()
+    elif case == 'paddle_avx2_after_first_gemm':
+        paddle.matmul(a, b).numpy()
+    if case.startswith('paddle_avx2'):
+        os.environ[cpu_runtime.MKL_CPU_TYPE_VARIABLE] = cpu_runtime.MKL_AVX2
+    return a, b, paddle.matmul
+
+
+def measure_gemm(args) -> dict:
+    """In the child process: the best of 5 rounds of 10 GEMMs, in GFLOP/s."""
+    a, b, matmul = gemm_operands(args.child)
+    rows, inner, cols = GEMM_SHAPE
+    best = 0.0
+    for _ in range(5):
+        matmul(a, b)
+        start = time.perf_counter()
+        for _ in range(10):
+            out = matmul(a, b)
+        float(out[0, 0])  # waits for the last one
+        best = max(best, 2 * rows * inner * cols * 10 / (time.perf_counter() - start) / 1e9)
+    return {'backend': args.child, 'gflops': best}
+
+
+def cpu_line() -> str:
+    from cpu_runtime import MKL_CPU_TYPE_VARIABLE, cpu_model, cpu_vendor
+    return (f'CPU: {cpu_model()} ({cpu_vendor() or "unknown vendor"}), {os.cpu_count()} cores; '
+            f'{MKL_CPU_TYPE_VARIABLE}={os.environ.get(MKL_CPU_TYPE_VARIABLE, "unset")} at start')
+
+
+def print_gemm_table(rows: list) -> None:
+    rows_, inner, cols = GEMM_SHAPE
+    print(f'fp32 matmul {rows_}x{inner} @ {inner}x{cols}, best of 5 rounds of 10')
+    for row in rows:
+        print(f'{row["backend"]:<30}' + (f'  failed: {row["error"]}' if 'error' in row
+                                          else f'{row["gflops"]:>8.0f} GFLOP/s'))
+
+
 def _data_parallel_worker(args, result_path: str) -> None:
     """One of ``args.nproc`` spawned processes; the first writes the images/s of all of them."""
     import paddle.distributed as dist
@@ -191,7 +255,10 @@ def run_child(args, backend: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), '-cfg', args.cfg, '-batch_size', str(args.batch_size),
                '-mode', args.mode, '-warmup', str(args.warmup), '-steps', str(args.steps), '-nproc', str(args.nproc),
                '-child', backend]
-    result = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.mode == 'gemm':  # each case sets the variable itself
+        env.pop('MKL_DEBUG_CPU_TYPE', None)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith('{')]
     if result.returncode or not lines:
         return {'backend': backend, 'error': (result.stderr.strip().splitlines() or ['failed'])[-1]}
@@ -224,7 +291,7 @@ def main() -> None:
     parser = argparse.ArgumentParser('BEiT speed and memory, next to timm')
     parser.add_argument('-cfg', default='configs/beit_base_patch16_224.yaml')
     parser.add_argument('-batch_size', type=int, default=8)
-    parser.add_argument('-mode', choices=('eval', 'train'), default='eval')
+    parser.add_argument('-mode', choices=('eval', 'train', 'gemm'), default='eval')
     parser.add_argument('-backend', nargs='+', default=None, help='paths to measure (default: all available)')
     parser.add_argument('-warmup', type=int, default=3)
     parser.add_argument('-steps', type=int, default=10)
@@ -233,9 +300,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.child == 'dygraph_ddp':
         print(json.dumps(measure_data_parallel(args)))
+    elif args.child in GEMM_CASES:
+        print(json.dumps(measure_gemm(args)))
     elif args.child:
         print(json.dumps(measure(args)))
+    elif args.mode == 'gemm':
+        print(cpu_line())
+        print_gemm_table([run_child(args, case) for case in (args.backend or GEMM_CASES)])
     else:
+        print(cpu_line())
         print_table([run_child(args, backend) for backend in (args.backend or available_backends(args.mode))], args)
 
 

@@ -37,6 +37,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_size: int = 1
+    local_rank: int = 0  # among the processes on this machine
 
     @property
     def is_main(self) -> bool:

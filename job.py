@@ -15,6 +15,7 @@ import paddle
 import paddle.distributed as dist
 from paddle.utils import unique_name
 
+import cpu_runtime
 from beit import CheckpointMismatchError
 from checkpoint import (
     BEST_CHECKPOINT,
@@ -30,7 +31,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import ConfigError, build_arg_parser, get_config, update_config
-from datasets import DatasetError, get_dataloader, get_dataset
+from datasets import DatasetError, get_dataloader, get_dataset, lists_checked_once_per_machine
 from engine import Amp, NonFiniteLossError, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
 from inference import PredictorAsModel, WeightsError
 from model_ema import ModelEma
@@ -84,7 +85,9 @@ def init_world(multi_process: bool) -> World:
     if not multi_process or size < 2:
         return World()
     dist.init_parallel_env()
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get('PADDLE_LOCAL_SIZE', size)))
+    rank = dist.get_rank()
+    return World(rank, dist.get_world_size(), int(os.environ.get('PADDLE_LOCAL_SIZE', size)),
+                 int(os.environ.get('PADDLE_LOCAL_RANK', rank)))
 
 
 def amp_for(config, logger: logging.Logger) -> Amp:
@@ -180,18 +183,26 @@ def _evaluation_model(config, model):
     return PredictorAsModel(model, config, 'bf16' if backend == 'inference_bf16' else 'fp32')
 
 
+def _datasets(config, world: World, task: Task) -> tuple:
+    """(val set or None, train set or None under -eval), their lists checked once per machine."""
+    with lists_checked_once_per_machine(world.local_rank, world.size > 1):
+        val_set = get_dataset(config, 'val') if task.evaluates else None
+        train_set = None if config.EVAL else task.build_train_set(config)
+    return val_set, train_set
+
+
 def prepare(config, world: World, logger: logging.Logger, task: Task = FINE_TUNING) -> Job:
     """Check every input and build the run in memory; raises one of INPUT_ERRORS, having written nothing."""
     if config.EVAL and config.MODEL.RESUME:
         raise ConfigError('-eval evaluates the -pretrained weights (a training checkpoint works there); '
                           '-resume continues training')
+    task.check_config(config)
     if config.EVAL and not config.MODEL.PRETRAINED:
         raise ConfigError('-eval needs -pretrained WEIGHTS (converted weights or a training checkpoint): '
                           'it never evaluates a randomly initialised model')
-    task.check_config(config)
     amp = amp_for(config, logger)
     multi_process = world.size > 1
-    val_set = get_dataset(config, 'val') if task.evaluates else None
+    val_set, train_set = _datasets(config, world, task)
     val_loader = get_dataloader(config, val_set, 'val', multi_process) if task.evaluates else None
     seed_everything(config.SEED)
     model = task.build_model(config)
@@ -201,7 +212,6 @@ def prepare(config, world: World, logger: logging.Logger, task: Task = FINE_TUNI
             model = paddle.amp.decorate(models=model, level='O2', dtype=amp.dtype, save_dtype='float32')
         return Job(config, world, logger, amp, _evaluation_model(config, model), val_set, val_loader,
                    start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch)
-    train_set = task.build_train_set(config)
     train_loader = get_dataloader(config, train_set, 'train', multi_process)
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
     if steps_per_epoch == 0:
@@ -374,7 +384,8 @@ def _run(config, multi_process: bool, task: Task) -> None:
         job = prepare(config, world, logger, task)
         open_output(job)
         logger.info(f'{task.name}: {world.size} process(es), device {paddle.get_device()}'
-                    + (f', {threads} CPU threads each' if threads else '') + '\nconfig:\n' + config.dump())
+                    + (f', {threads} CPU threads each' if threads else '') + f'\n{cpu_runtime.describe()}'
+                    + '\nconfig:\n' + config.dump())
         if config.EVAL:
             evaluate_weights(job)
         else:

@@ -104,7 +104,7 @@ def test_label_is_the_last_field_and_paths_keep_their_spaces(tmp_path):
     list_path.write_bytes('\ufeff# a comment\r\na b/c  d.png 2\r\n\r\n  e.png\t\t0  \r\n   # indented comment\r\n'
                           'f g.png    1'.encode())
     samples = datasets.validate_list_file(str(list_path), str(tmp_path), 3)
-    assert samples == [Sample(str(tmp_path / 'a b/c  d.png'), 2, 2), Sample(str(tmp_path / 'e.png'), 0, 4),
+    assert list(samples) == [Sample(str(tmp_path / 'a b/c  d.png'), 2, 2), Sample(str(tmp_path / 'e.png'), 0, 4),
                        Sample(str(tmp_path / 'f g.png'), 1, 6)]
 
 
@@ -112,7 +112,7 @@ def test_absolute_paths_are_used_as_they_are(tmp_path):
     image = save_rgb(tmp_path / 'elsewhere' / 'x.png', 0)
     (tmp_path / 'data').mkdir()
     list_path = write_list(tmp_path / 'data' / 'val_list.txt', [f'{image} 1'])
-    assert datasets.validate_list_file(list_path, str(tmp_path / 'data'), 3) == [Sample(str(image), 1, 1)]
+    assert list(datasets.validate_list_file(list_path, str(tmp_path / 'data'), 3)) == [Sample(str(image), 1, 1)]
 
 
 def test_unusable_lines_are_reported_with_line_numbers_and_total(tmp_path):
@@ -183,7 +183,7 @@ def test_image_folder_classes_are_sorted_names(tmp_path, stub_transforms):
     (tmp_path / 'train/a cls/readme.txt').write_text('not an image')
     dataset = datasets.get_dataset(make_config(tmp_path, DATASET='imagefolder'), 'train')
     train = tmp_path / 'train'
-    assert dataset.samples == [Sample(str(train / 'a cls/deep/0.PNG'), 0), Sample(str(train / 'b cls/1.png'), 1),
+    assert list(dataset.samples) == [Sample(str(train / 'a cls/deep/0.PNG'), 0), Sample(str(train / 'b cls/1.png'), 1),
                                Sample(str(train / 'b cls/2.png'), 1), Sample(str(train / 'c cls/x.jpeg'), 2)]
     assert dataset.source == str(train)
 

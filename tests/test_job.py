@@ -146,7 +146,7 @@ def test_diverged_training_stops_after_the_last_good_checkpoint(data, tmp_path, 
     assert code == job.EXIT_TRAINING_FAILED
     message = capsys.readouterr().err
     assert 'nan at epoch 2' in message and str(output / 'checkpoint-epoch-1.pdparams') in message
-    assert sorted(p.name for p in output.glob('checkpoint-*')) == ['checkpoint-epoch-1.pdparams']
+    assert sorted(p.name for p in output.glob('checkpoint-epoch-*')) == ['checkpoint-epoch-1.pdparams']
     assert 'nan at epoch 2' in (output / 'log.txt').read_text()
 
 

@@ -127,7 +127,7 @@ def resumed_runs(data, tmp_path_factory):
     run(resumable_command(data, root / 'full'))
     killed = root / 'killed'
     kill_during(resumable_command(data, killed), killed / 'log.txt', 'epoch 2/3 step 6/20')
-    assert sorted(p.name for p in killed.glob('checkpoint-*')) == ['checkpoint-epoch-1.pdparams']
+    assert sorted(p.name for p in killed.glob('checkpoint-epoch-*')) == ['checkpoint-epoch-1.pdparams']
     run(resumable_command(data, killed, '-resume', str(killed / 'checkpoint-epoch-1.pdparams')))
     return root / 'full', killed
 
@@ -204,3 +204,44 @@ def test_a_checkpoint_from_two_gpus_resumes_on_any_device(processes, two_process
     assert 'Traceback' not in result.stderr
     assert [r['epoch'] for r in records(output, 'train')] == [4]
     assert (output / 'checkpoint-epoch-4.pdparams').exists()
+
+
+OPEN_COUNTER = '''
+import os
+import sys
+
+_WATCHED = set(os.environ['BEIT_TEST_WATCHED'].split(os.pathsep))
+
+
+def _count_opens(event, args):
+    if event == 'open' and isinstance(args[0], str) and os.path.realpath(args[0]) in _WATCHED:
+        with open(os.environ['BEIT_TEST_OPENS'], 'a') as f:
+            f.write(f'{os.getpid()} {os.path.basename(args[0])}\\n')
+
+
+sys.addaudithook(_count_opens)
+'''
+
+
+def list_reads(cmd, data, tmp_path):
+    """{list file name: how many times any process of ``cmd`` opened it}, counted by an audit hook that
+    sitecustomize installs in every Python process started with the test's PYTHONPATH."""
+    hook = tmp_path / 'hook'
+    hook.mkdir()
+    (hook / 'sitecustomize.py').write_text(OPEN_COUNTER)
+    counts = tmp_path / 'opens.txt'
+    watched = os.pathsep.join(os.path.realpath(data / f'{split}_list.txt') for split in ('train', 'val'))
+    run(cmd, PYTHONPATH=str(hook), BEIT_TEST_WATCHED=watched, BEIT_TEST_OPENS=str(counts))
+    names = [line.split()[1] for line in counts.read_text().splitlines()]
+    return {name: names.count(name) for name in sorted(set(names))}
+
+
+@pytest.mark.parametrize('starter', ['spawn', 'launch'])
+def test_the_lists_are_read_and_checked_once_per_run(starter, data, tmp_path):
+    script = command('main_multi_gpu.py', data, tmp_path / 'run', '-ngpus', '2', '-batch_size', '8',
+                     opts=['TRAIN.NUM_EPOCHS', '1'])
+    if starter == 'launch':
+        script = [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir',
+                  str(tmp_path / 'launch_logs'), *script[1:]]
+    assert list_reads(script, data, tmp_path) == {'train_list.txt': 1, 'val_list.txt': 1}
+    assert [record['epoch'] for record in records(tmp_path / 'run', 'val')] == [1]
