@@ -8,12 +8,12 @@ through ``-pretrained`` (beit.adapt_state_dict drops the MIM-only tensors and sp
 """
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 from beit import BeitEncoder, Linear, encoder_kwargs, trunc_normal_
 from config import ConfigError
 from cpu_runtime import use_fast_blas_kernels
 from dall_e import build_tokenizer
+from losses import cross_entropy
 
 
 class BeitForMaskedImageModeling(BeitEncoder):
@@ -91,7 +91,7 @@ class MaskedImageModelingObjective:
         with amp.autocast():
             logits = model(images, mask)
         logits = logits.astype('float32')
-        loss = F.cross_entropy(logits, labels)
+        loss = cross_entropy(logits, labels)
         with paddle.no_grad():
             num_masked = labels.shape[0]
             correct = (logits.argmax(axis=-1) == labels).astype('float64').sum()

@@ -2,6 +2,8 @@
 
     python benchmark_data.py -cfg configs/beit_base_patch16_224.yaml -photos tests/photos -num_images 256
 
+The photos are Debian's darknet sample images; an empty -photos folder is filled by tests/fetch_photos.sh.
+
 Builds a list-file set of ImageNet-sized JPEGs cut from the given real photos, then reads one epoch through
 our train pipeline (RandomResizedCrop, flip, RandAugment, normalise, random erasing; paddle.io loader) and
 through timm's ``create_transform(is_training=True)`` with the same recipe (torch loader), for 0, 1 and 2
@@ -9,6 +11,8 @@ workers. Needs torch and timm for the reference column.
 """
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -90,10 +94,29 @@ def timms(config, num_workers: int) -> float:
     return images_per_second(loader, config.DATA.BATCH_SIZE)
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+FETCH_PHOTOS = os.path.join(HERE, 'tests', 'fetch_photos.sh')
+
+
+def photos_in(folder: str) -> str:
+    """``folder``, after fetching Debian's darknet sample photos into it when it has no JPEGs (a fresh clone);
+    exits with what to do when they cannot be had."""
+    def has_photos() -> bool:
+        return os.path.isdir(folder) and any(name.lower().endswith('.jpg') for name in os.listdir(folder))
+    if not has_photos():
+        print(f'no photos in {folder}: fetching them with {FETCH_PHOTOS}', file=sys.stderr)
+        fetched = subprocess.run(['bash', FETCH_PHOTOS, folder]).returncode == 0
+        if not fetched or not has_photos():
+            sys.exit(f'error: no JPEG photos in {folder}; give -photos DIR (real photos, a few hundred px), or run '
+                     f'bash {FETCH_PHOTOS} {folder} where apt-get can download Debian\'s darknet package')
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser('BEiT training data pipeline throughput')
-    parser.add_argument('-cfg', default='configs/beit_base_patch16_224.yaml')
-    parser.add_argument('-photos', default='tests/photos', help='folder of real photos to cut the images from')
+    parser.add_argument('-cfg', default=os.path.join(HERE, 'configs', 'beit_base_patch16_224.yaml'))
+    parser.add_argument('-photos', default=os.path.join(HERE, 'tests', 'photos'),
+                        help='folder of real photos to cut the images from (fetched from Debian when empty)')
     parser.add_argument('-num_images', type=int, default=256)
     parser.add_argument('-batch_size', type=int, default=32)
     parser.add_argument('-workers', type=int, nargs='+', default=[0, 1, 2])
@@ -101,7 +124,7 @@ def main() -> None:
     config = get_config(args.cfg)
     config.DATA.BATCH_SIZE = args.batch_size
     with tempfile.TemporaryDirectory() as folder:
-        write_jpeg_set(args.photos, folder, args.num_images, config.MODEL.NUM_CLASSES)
+        write_jpeg_set(photos_in(args.photos), folder, args.num_images, config.MODEL.NUM_CLASSES)
         config.DATA.DATA_PATH = folder
         print(f'{args.num_images} JPEGs, {config.DATA.IMAGE_SIZE} px crops, batch {args.batch_size}, '
               f'{os.cpu_count()} cores')

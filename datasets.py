@@ -20,6 +20,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ from PIL import Image, ImageFile
 
 from masking_generator import MaskingGenerator
 from transforms import get_pretrain_transforms, get_train_transforms, get_val_transforms, to_rgb
+from utils import die_with_parent
 
 # A truncated file must fail to decode, not become a picture with a grey bottom.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -249,11 +251,25 @@ class LabeledImageDataset(Dataset):
         self.bad_image_policy = bad_image_policy
         self.source = source  # the list file or folder, for messages
         self._bad_flags = multiprocessing.RawArray('B', len(self.samples))
+        self.seed = None
+
+    def reseed(self, seed: int) -> None:
+        """From now on sample i's random draws (python's and numpy's generators, which the transforms use) depend
+        on (seed, i) alone, not on which loader worker, or none, loads it. Workers are forked at each epoch's
+        start (get_dataloader), so call it before the epoch's iteration."""
+        self.seed = seed
+
+    def _seed_draws(self, index: int) -> None:
+        if self.seed is not None:
+            seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
+            random.seed(seed)
+            np.random.seed(seed)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
+        self._seed_draws(index)
         image, sample = self._first_decodable(index)
         return self.transform(image), np.int64(sample.label)
 
@@ -306,6 +322,7 @@ class MaskedImageDataset(LabeledImageDataset):
         self.mask_generator = mask_generator
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._seed_draws(index)
         image, _ = self._first_decodable(index)
         patch_view, tokenizer_view = self.transform(image)
         return patch_view, tokenizer_view, np.asarray(self.mask_generator(), dtype=bool).reshape(-1)
@@ -509,4 +526,5 @@ def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = Fa
     else:
         batch_sampler = ShardedEvalBatchSampler(len(dataset), config.DATA.BATCH_SIZE_EVAL, rank, world_size)
     return FailFastDataLoader(_FailureAsSampleDataset(dataset), batch_sampler=batch_sampler,
-                              num_workers=config.DATA.NUM_WORKERS, collate_fn=_collate_or_failure)
+                              num_workers=config.DATA.NUM_WORKERS, collate_fn=_collate_or_failure,
+                              worker_init_fn=die_with_parent)

@@ -16,8 +16,8 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 import paddle.nn as nn
-import paddle.nn.functional as F
 
+from losses import cross_entropy
 from mixup import Mixup
 from model_ema import ModelEma
 from optim import float32_weights
@@ -243,7 +243,7 @@ def evaluate(model: nn.Layer, loader, world: World, amp: Amp) -> dict:
         with amp.autocast():
             logits = model(images)
         logits = logits.astype('float32')
-        totals += batch_counts(F.cross_entropy(logits, labels, reduction='sum'), logits, labels)
+        totals += batch_counts(cross_entropy(logits, labels, reduction='sum'), logits, labels)
         progress.show(done)
     progress.clear()
     result = summarise(all_reduce_sum(totals, world))

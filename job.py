@@ -16,6 +16,7 @@ import paddle.distributed as dist
 from paddle.utils import unique_name
 
 import cpu_runtime
+import run_folder
 from beit import CheckpointMismatchError
 from checkpoint import (
     BEST_CHECKPOINT,
@@ -36,6 +37,7 @@ from engine import Amp, NonFiniteLossError, Trainer, World, all_reduce_sum, eval
 from inference import PredictorAsModel, WeightsError
 from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer
+from run_folder import RunFolderBusyError
 from tasks import FINE_TUNING, Task
 from utils import (
     LOGGER_NAME,
@@ -49,7 +51,8 @@ from utils import (
     write_json,
 )
 
-INPUT_ERRORS = (ConfigError, DatasetError, CheckpointError, CheckpointMismatchError, WeightsError)
+INPUT_ERRORS = (ConfigError, DatasetError, CheckpointError, CheckpointMismatchError, WeightsError,
+                RunFolderBusyError)
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
 
@@ -77,6 +80,7 @@ class Job:
     last_checkpoint: str = ''
     best: dict | None = None  # {acc1, epoch, weights} of the best validation so far, carried over by -resume
     written: list = field(default_factory=list)  # epoch checkpoints this run wrote, oldest first
+    lock: object = None  # the main process's hold on the output folder (run_folder.lock)
 
 
 def init_world(multi_process: bool) -> World:
@@ -197,6 +201,7 @@ def prepare(config, world: World, logger: logging.Logger, task: Task = FINE_TUNI
         raise ConfigError('-eval evaluates the -pretrained weights (a training checkpoint works there); '
                           '-resume continues training')
     task.check_config(config)
+    run_folder.check_free(config.SAVE)
     if config.EVAL and not config.MODEL.PRETRAINED:
         raise ConfigError('-eval needs -pretrained WEIGHTS (converted weights or a training checkpoint): '
                           'it never evaluates a randomly initialised model')
@@ -233,13 +238,23 @@ def prepare(config, world: World, logger: logging.Logger, task: Task = FINE_TUNI
 
 
 def open_output(job: Job) -> None:
-    """Create the output folder; from now on the main process appends to log.txt and metrics.jsonl."""
+    """Create and lock the output folder, clear what dead runs left in it; from now on the main process appends
+    to log.txt and metrics.jsonl, where a resumed run's repeated epochs replace the earlier lines."""
     if not job.world.is_main:
         return
-    os.makedirs(job.config.SAVE, exist_ok=True)
-    attach_log_file(job.logger, os.path.join(job.config.SAVE, 'log.txt'))
+    folder = job.config.SAVE
+    os.makedirs(folder, exist_ok=True)
+    job.lock = run_folder.lock(folder)
+    attach_log_file(job.logger, os.path.join(folder, 'log.txt'))
+    removed = run_folder.remove_stale_temp_files(folder)
+    if removed:
+        job.logger.info(f'removed temporary files of a run that died while writing: {", ".join(removed)}')
+    if job.config.MODEL.RESUME and not job.config.EVAL:
+        moved = run_folder.supersede_records_after(folder, job.start_epoch)
+        job.logger.info(f'resumed after epoch {job.start_epoch}: log lines of later epochs above this one are '
+                        f'superseded; {moved} metrics lines of them moved to {run_folder.SUPERSEDED_FILE}')
     if job.param_settings is not None:
-        write_json(os.path.join(job.config.SAVE, 'param_groups.json'), job.param_settings)
+        write_json(os.path.join(folder, 'param_groups.json'), job.param_settings)
 
 
 def _bad_images(job: Job, dataset) -> int:
@@ -334,6 +349,7 @@ def _start_epoch(job: Job, epoch: int) -> None:
     seed = derived_seed(job.config.SEED, epoch, job.world.rank)
     seed_everything(seed)
     job.trainer.objective.reseed(seed)
+    job.train_set.reseed(seed)
     job.train_loader.batch_sampler.set_epoch(epoch)
 
 

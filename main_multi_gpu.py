@@ -19,6 +19,7 @@ from config import ConfigError
 from datasets import lists_checked_once
 from job import EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, check_inputs, parse_config, run
 from tasks import FINE_TUNING, Task
+from utils import die_with_parent
 
 
 def launched_by_paddle() -> bool:
@@ -42,6 +43,7 @@ def _spawned_process(config, task: Task) -> None:
     # 1 s forked, as in one process or under paddle.distributed.launch).
     if 'fork' in multiprocessing.get_all_start_methods():
         multiprocessing.set_start_method('fork', force=True)
+    die_with_parent()
     code = run(config, multi_process=True, task=task)
     if code:
         sys.exit(code)
@@ -53,6 +55,7 @@ def main(argv=None, task: Task = FINE_TUNING, description: str = 'Train or evalu
     if config is None:
         return EXIT_BAD_INPUT
     if launched_by_paddle():
+        die_with_parent()  # the launcher's controller
         return run(config, multi_process=True, task=task)
     try:
         nprocs = process_count(config)

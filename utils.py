@@ -1,10 +1,12 @@
 """Run utilities shared by the scripts: crash-safe files, the run log, metrics lines, CPU threads, seeds, progress."""
+import ctypes
 import json
 import logging
 import logging.handlers
 import os
 import random
 import shutil
+import signal
 import sys
 
 import numpy as np
@@ -49,6 +51,16 @@ def append_jsonl(path: str, record: dict) -> None:
     """One JSON object per line, appended: earlier records of the run (or of runs before it) are kept."""
     with open(path, 'a', encoding='utf-8') as f:
         f.write(json.dumps(record) + '\n')
+
+
+def write_lines_atomically(path: str, lines: list[str]) -> None:
+    """Replace the text file ``path`` by ``lines`` (each with its newline) through a flushed temporary file."""
+    tmp_path = f'{path}.tmp{os.getpid()}'
+    with open(tmp_path, 'w', encoding='utf-8') as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
 
 
 def write_json(path: str, obj) -> None:
@@ -111,6 +123,21 @@ def use_all_cpu_cores(local_processes: int = 1) -> int:
     threads = cpu_threads_per_process(local_processes)
     paddle.base.core.set_num_threads(threads)
     return threads
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(*_) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere nothing): a training process
+    must not outlive the launcher a scheduler killed, nor a loader worker its training process. Accepts and
+    ignores DataLoader's worker id, to serve as its worker_init_fn."""
+    if not sys.platform.startswith('linux'):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
 
 
 def derived_seed(*parts: int) -> int:

@@ -112,7 +112,8 @@ def test_build_criterion_follows_the_unilm_rule():
     assert type(smoothing) is LabelSmoothingCrossEntropy
     assert smoothing.smoothing == 0.1
     config.TRAIN.SMOOTHING = 0.0
-    assert type(build_criterion(config, mixup_active=False)) is paddle.nn.CrossEntropyLoss
+    plain = build_criterion(config, mixup_active=False)
+    assert type(plain) is LabelSmoothingCrossEntropy and plain.smoothing == 0.0
     assert type(build_criterion(config, mixup_active=True)) is SoftTargetCrossEntropy
 
 
@@ -149,3 +150,17 @@ def test_bad_soft_targets_are_refused(targets, error, message):
 def test_logits_must_be_a_float_matrix(criterion):
     with pytest.raises(ValueError, match=r'logits must be a float tensor \[batch, num_classes\], got \[4\]'):
         criterion(paddle.zeros([4]), paddle.to_tensor([0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize('gap', [120.0, 1e3, 1e4])
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_confident_mistakes_cost_what_timm_says(gap, smoothing):
+    """Paddle's CPU log_softmax clips at -64: for [0, -120, 50] and label 1 it reported 61.40 (smoothing 0.1)
+    and 64.0 (one-hot soft target) where timm gives 160.33 and 170.0."""
+    logits = np.array([[0.0, -gap, 50.0], [3.0, 1.0, -gap]], np.float32)
+    labels = np.array([1, 2])
+    _assert_matches_timm(LabelSmoothingCrossEntropy(smoothing), TimmLabelSmoothingCE(smoothing), logits, labels)
+    _assert_matches_timm(SoftTargetCrossEntropy(), TimmSoftTargetCE(), logits, np.eye(3, dtype=np.float32)[labels])
+    if gap == 120.0:
+        value = LabelSmoothingCrossEntropy(0.1)(paddle.to_tensor(logits[:1]), paddle.to_tensor(labels[:1]))
+        assert value.item() == pytest.approx(160.33, abs=0.01)

@@ -245,3 +245,105 @@ def test_the_lists_are_read_and_checked_once_per_run(starter, data, tmp_path):
                   str(tmp_path / 'launch_logs'), *script[1:]]
     assert list_reads(script, data, tmp_path) == {'train_list.txt': 1, 'val_list.txt': 1}
     assert [record['epoch'] for record in records(tmp_path / 'run', 'val')] == [1]
+
+
+DEMO_CONFIG = str(ROOT / 'configs' / 'beit_tiny_fashion_mnist.yaml')
+
+
+def demo_command(output, *opts):
+    return [sys.executable, str(ROOT / 'main_single_gpu.py'), '-cfg', DEMO_CONFIG, '-output', str(output),
+            '-opts', 'TRAIN.NUM_EPOCHS', '2', 'SAVE_FREQ', '1', *opts]
+
+
+def test_the_number_of_loader_workers_does_not_change_the_run(tmp_path):
+    """Every sample's augmentation draws depend on (SEED, epoch, rank, sample index), not on the worker."""
+    for workers in ('0', '2'):
+        run(demo_command(tmp_path / workers, 'DATA.NUM_WORKERS', workers), timeout=600)
+    zero, two = (paddle.load(str(tmp_path / workers / 'checkpoint-epoch-2.pdparams')) for workers in ('0', '2'))
+    for part in ('model', 'model_ema'):
+        for name, value in zero[part].items():
+            np.testing.assert_array_equal(two[part][name].numpy(), value.numpy(), err_msg=f'{part} {name}')
+
+
+def start(cmd):
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_line(process, log, line, timeout=120):
+    deadline = time.time() + timeout
+    while not (log.exists() and line in log.read_text()):
+        assert process.poll() is None, 'the run ended before the line'
+        assert time.time() < deadline, f'no "{line}" in {log}'
+        time.sleep(0.05)
+
+
+def descendants(pid):
+    found = []
+    for task in Path(f'/proc/{pid}/task').iterdir():
+        children = (task / 'children').read_text().split()
+        for child in map(int, children):
+            found += [child, *descendants(child)]
+    return found
+
+
+def alive(pid):
+    try:
+        state = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != 'Z'
+
+
+def test_a_second_run_in_a_live_runs_folder_is_refused(data, tmp_path):
+    output = tmp_path / 'run'
+    first = start(command('main_single_gpu.py', data, output, opts=['TRAIN.NUM_EPOCHS', '50']))
+    try:
+        wait_for_line(first, output / 'log.txt', 'epoch 1/50 step')
+        for cmd in (command('main_single_gpu.py', data, output, opts=['TRAIN.NUM_EPOCHS', '50']),
+                    command('main_multi_gpu.py', data, output, '-ngpus', '2', '-resume', str(output))):
+            second = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stderr
+            assert f'{output} is in use by a live run (pid {first.pid} on ' in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    weights = output / 'checkpoint-epoch-1.pdparams'
+    result = run(command('main_single_gpu.py', data, output, '-eval', '-pretrained', str(weights)))  # dead: no block
+    assert 'on 37 images' in result.stdout
+
+
+@pytest.mark.parametrize('script, flags', [('main_single_gpu.py', ()), ('main_multi_gpu.py', ('-ngpus', '2'))])
+def test_killing_the_launcher_ends_every_process_of_the_run(script, flags, data, tmp_path):
+    output = tmp_path / 'run'
+    launcher = start(command(script, data, output, *flags, opts=['TRAIN.NUM_EPOCHS', '50', 'DATA.NUM_WORKERS', '2',
+                                                                 'REPORT_FREQ', '1']))
+    try:
+        wait_for_line(launcher, output / 'log.txt', 'epoch 2/50 step 2/')  # mid-epoch: the loader workers run
+        processes = descendants(launcher.pid)
+        assert len(processes) >= (2 if script == 'main_single_gpu.py' else 6)  # the workers (and processes) run
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.time() + 10
+    while any(map(alive, processes)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in processes if alive(pid)]
+
+
+BEST_LINE = re.compile(r'best val acc1 so far (\S+) \(epoch (\d+), (\w+) weights\)')
+
+
+def test_a_resumed_run_records_each_epoch_once_and_the_best_of_the_whole_run(data, tmp_path):
+    output = tmp_path / 'run'
+    cmd = [*resumable_command(data, output), 'SAVE_FREQ', '2', 'TRAIN.NUM_EPOCHS', '4']
+    kill_during(cmd, output / 'log.txt', 'epoch 4/4 step 3/20')  # epochs 1-3 recorded, the checkpoint of 2
+    assert [record['epoch'] for record in records(output, 'val')] == [1, 2, 3]
+    run([*cmd[:2], '-resume', str(output), *cmd[2:]])
+    for split in ('train', 'val'):
+        assert [record['epoch'] for record in records(output, split)] == [1, 2, 3, 4]
+    superseded = [json.loads(line) for line in (output / 'metrics-superseded.jsonl').read_text().splitlines()]
+    assert sorted((record['split'], record['epoch']) for record in superseded) == [('train', 3), ('val', 3)]
+    best_ema = max(records(output, 'val'), key=lambda record: record['ema_acc1'])
+    acc1, epoch, weights = BEST_LINE.findall((output / 'log.txt').read_text())[-1]
+    assert (float(acc1), int(epoch), weights) == (round(best_ema['ema_acc1'], 4), best_ema['epoch'], 'EMA')
+    assert paddle.load(str(output / 'checkpoint-best.pdparams'))['best']['acc1'] == best_ema['ema_acc1']
