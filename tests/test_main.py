@@ -312,15 +312,26 @@ def test_a_second_run_in_a_live_runs_folder_is_refused(data, tmp_path):
     assert 'on 37 images' in result.stdout
 
 
-@pytest.mark.parametrize('script, flags', [('main_single_gpu.py', ()), ('main_multi_gpu.py', ('-ngpus', '2'))])
-def test_killing_the_launcher_ends_every_process_of_the_run(script, flags, data, tmp_path):
+LAUNCHERS = {  # name -> (script, its flags, command prefix, processes below the killed one at least)
+    'one process': ('main_single_gpu.py', (), (), 2),
+    'spawn': ('main_multi_gpu.py', ('-ngpus', '2'), (), 6),
+    'launch': ('main_multi_gpu.py', (), ('-m', 'paddle.distributed.launch', '--nproc_per_node', '2'), 6),
+}
+
+
+@pytest.mark.parametrize('launcher_name', LAUNCHERS)
+def test_killing_the_launcher_ends_every_process_of_the_run(launcher_name, data, tmp_path):
+    script, flags, prefix, at_least = LAUNCHERS[launcher_name]
     output = tmp_path / 'run'
-    launcher = start(command(script, data, output, *flags, opts=['TRAIN.NUM_EPOCHS', '50', 'DATA.NUM_WORKERS', '2',
-                                                                 'REPORT_FREQ', '1']))
+    cmd = command(script, data, output, *flags, opts=['TRAIN.NUM_EPOCHS', '50', 'DATA.NUM_WORKERS', '2',
+                                                      'REPORT_FREQ', '1'])
+    if prefix:
+        cmd = [cmd[0], *prefix, '--log_dir', str(tmp_path / 'launch_logs'), *cmd[1:]]
+    launcher = start(cmd)
     try:
         wait_for_line(launcher, output / 'log.txt', 'epoch 2/50 step 2/')  # mid-epoch: the loader workers run
         processes = descendants(launcher.pid)
-        assert len(processes) >= (2 if script == 'main_single_gpu.py' else 6)  # the workers (and processes) run
+        assert len(processes) >= at_least  # the loader workers (and training processes) run
     finally:
         launcher.kill()
         launcher.wait()
