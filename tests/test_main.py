@@ -298,7 +298,7 @@ def test_a_second_run_in_a_live_runs_folder_is_refused(data, tmp_path):
     output = tmp_path / 'run'
     first = start(command('main_single_gpu.py', data, output, opts=['TRAIN.NUM_EPOCHS', '50']))
     try:
-        wait_for_line(first, output / 'log.txt', 'epoch 1/50 step')
+        wait_for_line(first, output / 'log.txt', 'checkpoint-epoch-1.pdparams')  # saved: the -eval below uses it
         for cmd in (command('main_single_gpu.py', data, output, opts=['TRAIN.NUM_EPOCHS', '50']),
                     command('main_multi_gpu.py', data, output, '-ngpus', '2', '-resume', str(output))):
             second = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
@@ -310,6 +310,15 @@ def test_a_second_run_in_a_live_runs_folder_is_refused(data, tmp_path):
     weights = output / 'checkpoint-epoch-1.pdparams'
     result = run(command('main_single_gpu.py', data, output, '-eval', '-pretrained', str(weights)))  # dead: no block
     assert 'on 37 images' in result.stdout
+
+
+def processes_once_running(launcher, count, timeout=60):
+    """The launcher's descendants once there are ``count`` of them (each process starts its workers in turn)."""
+    deadline = time.time() + timeout
+    while len(processes := descendants(launcher.pid)) < count:
+        assert launcher.poll() is None and time.time() < deadline, f'only {len(processes)} processes: {processes}'
+        time.sleep(0.05)
+    return processes
 
 
 LAUNCHERS = {  # name -> (script, its flags, command prefix, processes below the killed one at least)
@@ -330,8 +339,7 @@ def test_killing_the_launcher_ends_every_process_of_the_run(launcher_name, data,
     launcher = start(cmd)
     try:
         wait_for_line(launcher, output / 'log.txt', 'epoch 2/50 step 2/')  # mid-epoch: the loader workers run
-        processes = descendants(launcher.pid)
-        assert len(processes) >= at_least  # the loader workers (and training processes) run
+        processes = processes_once_running(launcher, at_least)
     finally:
         launcher.kill()
         launcher.wait()
