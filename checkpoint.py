@@ -55,7 +55,7 @@ def resolve_resume_path(path: str) -> str:
 
 def checkpoints_written_before(checkpoint: dict, resume_path: str, output_dir: str) -> list[str]:
     """The epoch checkpoints the resumed run wrote into ``output_dir`` that are still there (oldest first): the
-    ones its retention may delete. None when it is resumed into another folder."""
+    ones its retention may delete; none when it is resumed into another folder."""
     folder = os.path.dirname(os.path.abspath(resume_path))
     if not os.path.isdir(output_dir) or not os.path.samefile(folder, output_dir):
         return []

@@ -84,12 +84,13 @@ def _numbered_entries(list_path: str) -> list[tuple[int, str]]:
 
 def _parse_entry(text: str, num_classes: int | None) -> tuple[tuple[str, int] | None, str]:
     """(relative path, label) of one list line, or the reason it cannot be used; ``num_classes`` None accepts any
-    label. Whether the file exists is checked afterwards, a folder at a time."""
+    label. Whether the file exists is checked afterwards, a folder at a time. (Runs 1.28M times for ImageNet:
+    the common plain-digits label skips the regular expression.)"""
     fields = text.rsplit(None, 1)
     if len(fields) < 2:
         return None, f'no label after the path: {text!r}'
     relative_path, label_text = fields
-    if not _INTEGER.fullmatch(label_text):
+    if not (label_text.isascii() and label_text.isdecimal()) and not _INTEGER.fullmatch(label_text):
         return None, f'label {label_text!r} is not an integer'
     label = int(label_text)
     if num_classes is not None and not 0 <= label < num_classes:
@@ -121,15 +122,9 @@ def _missing_files(root: str, entries: list[tuple[int, str, int]]) -> list[int]:
 
 
 def _parsed_entries(list_path: str, num_classes: int | None) -> tuple[list, list]:
-    """([(line, relative path, label)], [(line, problem)]) of a list file; the common well-formed line takes a
-    fast path (this runs over 1.28M lines), any other gets _parse_entry's verdict."""
+    """([(line, relative path, label)], [(line, problem)]) of a list file."""
     entries, problems = [], []
-    limit = num_classes if num_classes is not None else float('inf')
     for number, text in _numbered_entries(list_path):
-        fields = text.rsplit(None, 1)
-        if len(fields) == 2 and fields[1].isdecimal() and fields[1].isascii() and int(fields[1]) < limit:
-            entries.append((number, fields[0], int(fields[1])))
-            continue
         entry, problem = _parse_entry(text, num_classes)
         if problem:
             problems.append((number, problem))
