@@ -11,6 +11,11 @@ from collections.abc import Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+# Choices that datasets.py implements, defined here once: validate_config checks them and datasets.py imports
+# them (config.py itself imports no paddle).
+DATASETS = ('imagenet2012', 'imagefolder')  # list files, class folders
+BAD_IMAGE_POLICIES = ('error', 'skip')
+
 _C = CN()
 
 # data settings
@@ -30,7 +35,6 @@ _C.DATA.BAD_IMAGE_POLICY = 'error'  # an undecodable image: 'error' stops with i
 
 # model settings
 _C.MODEL = CN()
-_C.MODEL.TYPE = 'BEiT'
 _C.MODEL.NAME = 'beit_base_patch16_224'
 _C.MODEL.RESUME = ''  # training checkpoint to continue from
 _C.MODEL.PRETRAINED = ''  # converted .pdparams to start from
@@ -91,8 +95,7 @@ _C.TRAIN.RANDOM_ERASE_MODE = 'pixel'
 _C.TRAIN.RANDOM_ERASE_COUNT = 1
 _C.TRAIN.RANDOM_ERASE_SPLIT = False
 
-_C.TRAIN.OPTIMIZER = CN()
-_C.TRAIN.OPTIMIZER.NAME = 'AdamW'
+_C.TRAIN.OPTIMIZER = CN()  # AdamW, the only optimizer (optim.py)
 _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.999]
 
@@ -132,10 +135,9 @@ _CHOICES = {
     'EVAL_BACKEND': ('dygraph', 'inference', 'inference_bf16'),
     'DATA.INTERPOLATION': ('bilinear', 'bicubic'),
     'PRETRAIN.SECOND_INTERPOLATION': ('bilinear', 'bicubic', 'lanczos'),
-    'DATA.BAD_IMAGE_POLICY': ('error', 'skip'),
-    'DATA.DATASET': ('imagenet2012', 'imagefolder'),
+    'DATA.BAD_IMAGE_POLICY': BAD_IMAGE_POLICIES,
+    'DATA.DATASET': DATASETS,
     'MODEL.REL_POS_INTERP': ('cubic', 'linear'),
-    'TRAIN.OPTIMIZER.NAME': ('AdamW',),
     'TRAIN.MIXUP_MODE': ('batch', 'pair', 'elem'),
     'TRAIN.RANDOM_ERASE_MODE': ('const', 'rand', 'pixel'),
     'AMP_LEVEL': ('O1', 'O2'),
@@ -218,6 +220,17 @@ def _checked_value(key: str, value, default, source: str):
     return value
 
 
+# Keys of earlier versions, so that an old file's error says to delete the line rather than to fix a typo.
+_REMOVED_KEYS = {
+    'MODEL.TYPE': 'nothing read it; MODEL.NAME and the other MODEL keys describe the model',
+    'TRAIN.OPTIMIZER.NAME': 'the optimizer is always AdamW',
+}
+
+
+def _removal_note(key: str) -> str:
+    return f' (removed: {_REMOVED_KEYS[key]}; delete it)' if key in _REMOVED_KEYS else ''
+
+
 def set_value(config: CN, key: str, value, source: str) -> None:
     """Set one dotted key after checking that it exists and that the value has the default's type."""
     *parents, leaf = key.split('.')
@@ -227,7 +240,7 @@ def set_value(config: CN, key: str, value, source: str) -> None:
         if not isinstance(node, CN):
             raise ConfigError(f'{source}: unknown config key {key} ({".".join(parents[:depth + 1])} is not a group)')
     if leaf not in node:
-        raise ConfigError(f'{source}: unknown config key {key}')
+        raise ConfigError(f'{source}: unknown config key {key}{_removal_note(key)}')
     if isinstance(node[leaf], CN):
         raise ConfigError(f'{source}: {key} is a group of keys, not a value')
     node[leaf] = _checked_value(key, value, node[leaf], source)

@@ -33,6 +33,7 @@ import paddle.distributed as dist
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from PIL import Image, ImageFile
 
+from config import BAD_IMAGE_POLICIES, DATASETS
 from masking_generator import MaskingGenerator
 from transforms import get_pretrain_transforms, get_train_transforms, get_val_transforms, to_rgb
 from utils import die_with_parent
@@ -40,9 +41,7 @@ from utils import die_with_parent
 # A truncated file must fail to decode, not become a picture with a grey bottom.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-SUPPORTED_DATASETS = ('imagenet2012', 'imagefolder')
 MODES = ('train', 'val')
-BAD_IMAGE_POLICIES = ('error', 'skip')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp', '.gif')
 MAX_REPORTED_PROBLEMS = 5
 SAMPLE_TABLES_ENV = 'BEIT_SAMPLE_TABLES'  # a folder where the processes of a run share their checked samples
@@ -237,7 +236,7 @@ class LabeledImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, bad_image_policy: str = 'error',
                  source: str = ''):
-        if bad_image_policy not in BAD_IMAGE_POLICIES:
+        if bad_image_policy not in BAD_IMAGE_POLICIES:  # a caller's typo would otherwise act as 'skip'
             raise ValueError(f'bad_image_policy must be one of {list(BAD_IMAGE_POLICIES)}, got {bad_image_policy!r}')
         if not samples:
             raise DatasetError(f'{source or "dataset"}: no samples')
@@ -342,7 +341,8 @@ def _checked_samples(config, mode: str, num_classes: int | None) -> tuple[Sample
     if config.DATA.DATASET == 'imagefolder':
         source = os.path.join(root, mode)
         return _checked_once(source, num_classes, lambda: scan_image_folder(source, num_classes)), source
-    raise DatasetError(f'DATA.DATASET must be one of {list(SUPPORTED_DATASETS)}, got {config.DATA.DATASET!r}')
+    # reached by a config changed after validate_config (from Python), which would otherwise return None
+    raise DatasetError(f'DATA.DATASET must be one of {list(DATASETS)}, got {config.DATA.DATASET!r}')
 
 
 def _shared_table_folder(source: str, num_classes: int | None) -> str | None:

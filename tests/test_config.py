@@ -1,12 +1,14 @@
-"""Config: YAML files with BASE inheritance, command-line flags, and clear errors."""
+"""Config: YAML files with BASE inheritance, command-line flags, clear errors, and no key that nothing reads."""
+import ast
 import glob
 import re
 
 import pytest
-from conftest import ROOT
+from yacs.config import CfgNode
 
 from beit import build_beit
 from config import ConfigError, build_arg_parser, get_config, update_config, validate_pretraining_config
+from conftest import ROOT
 
 CONFIGS = sorted(glob.glob(str(ROOT / 'configs' / '*.yaml')))
 
@@ -109,6 +111,20 @@ def test_bad_yaml_names_file_and_key(tmp_path, yaml_text, message):
     assert message in str(err.value) and 'bad.yaml' in str(err.value)
 
 
+@pytest.mark.parametrize('yaml_text, key', [
+    ('MODEL:\n  TYPE: BEiT\n', 'MODEL.TYPE'),
+    ('TRAIN:\n  OPTIMIZER:\n    NAME: AdamW\n', 'TRAIN.OPTIMIZER.NAME'),
+])
+def test_an_old_file_with_a_removed_key_names_the_file_and_the_key(tmp_path, yaml_text, key):
+    path = write(tmp_path / 'old.yaml', yaml_text)
+    for load in (lambda: get_config(path), lambda: update_config(get_config(), parse('-cfg', path))):
+        with pytest.raises(ConfigError) as err:
+            load()
+        assert str(err.value).startswith(f'{path}: unknown config key {key} (removed: ')
+    with pytest.raises(ConfigError, match=re.escape(f'-opts: unknown config key {key} (removed: ')):
+        update_config(get_config(), parse('-opts', key, 'AdamW'))
+
+
 @pytest.mark.parametrize('yaml_text, message', [
     ('TRAIN:\n  MIXUP_MODE: pairs\n', "TRAIN.MIXUP_MODE must be one of ['batch', 'pair', 'elem']"),
     ('DATA:\n  IMAGE_SIZE: 100\n', 'not a multiple of MODEL.PATCH_SIZE'),
@@ -203,3 +219,90 @@ def test_fine_tuning_configs_need_no_pretraining_values():
     assert config.PRETRAIN.SECOND_INPUT_SIZE == 112
     with pytest.raises(ConfigError, match='PRETRAIN.VOCAB_SIZE must be positive'):
         update_config(get_config(), parse('-opts', 'PRETRAIN.VOCAB_SIZE', '0'))
+
+
+# ---- every key is read ------------------------------------------------------------------------------------------
+
+# Keys read only by config.py, which is not scanned: its checks of a key's own value are not uses.
+READ_BY_CONFIG = {
+    'PRETRAIN.RANDOM_TOKENIZER',  # validate_pretraining_config: lets pre-training run without TOKENIZER_WEIGHTS
+}
+
+
+def leaf_keys(node: CfgNode, prefix: str = '') -> set:
+    return {key for name, value in node.items()
+            for key in (leaf_keys(value, f'{prefix}{name}.') if isinstance(value, CfgNode) else [prefix + name])}
+
+
+def group_keys(node: CfgNode, prefix: str = '') -> set:
+    return {key for name, value in node.items() if isinstance(value, CfgNode)
+            for key in {prefix + name} | group_keys(value, f'{prefix}{name}.')}
+
+
+def key_path(node: ast.expr, aliases: dict) -> str:
+    """The dotted key an expression names: ``config.TRAIN.OPTIMIZER.EPS`` and, after ``train = config.TRAIN``,
+    ``train.OPTIMIZER['EPS']`` both give TRAIN.OPTIMIZER.EPS (config keys are the upper-case attributes)."""
+    names = []
+    while True:
+        if isinstance(node, ast.Attribute) and node.attr.isupper():
+            names.append(node.attr)
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(
+                node.slice.value, str):
+            names.append(node.slice.value)
+        else:
+            break
+        node = node.value
+    if isinstance(node, ast.Name) and node.id in aliases:
+        names.append(aliases[node.id])
+    return '.'.join(reversed(names))
+
+
+def assigned_pairs(node: ast.Assign) -> list:
+    """(target, value) of ``a = x`` and of each position of ``a, b = x, y``."""
+    pairs = [(target, node.value) for target in node.targets]
+    if isinstance(node.value, ast.Tuple):
+        pairs += [pair for target in node.targets if isinstance(target, ast.Tuple)
+                  for pair in zip(target.elts, node.value.elts)]
+    return pairs
+
+
+def keys_read(source: str, groups: set) -> set:
+    """Dotted names a module loads: attribute and subscript chains (through variables holding a group), and
+    strings that are a whole dotted key (lists of keys read by name, as inference.py's). Assignments are not reads;
+    a key inside a message or comment is not a read either."""
+    aliases, found = {}, set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign):
+            for target, value in assigned_pairs(node):
+                if isinstance(target, ast.Name) and key_path(value, aliases) in groups:
+                    aliases[target.id] = key_path(value, aliases)
+        elif isinstance(node, (ast.Attribute, ast.Subscript)) and isinstance(node.ctx, ast.Load):
+            found.add(key_path(node, aliases))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.add(node.value)
+    return found
+
+
+@pytest.mark.parametrize('source, read', [
+    ('config.TRAIN.OPTIMIZER.EPS', True),
+    ('train = config.TRAIN\ntrain.OPTIMIZER.EPS', True),
+    ('opt = cfg.TRAIN.OPTIMIZER\nopt["EPS"]', True),
+    ('KEYS = ("TRAIN.OPTIMIZER.EPS",)', True),
+    ('config.TRAIN.OPTIMIZER.EPS = 1.0', False),
+    ('other.OPTIMIZER.EPS', False),
+    ('raise ValueError("TRAIN.OPTIMIZER.EPS must be positive")  # config.TRAIN.OPTIMIZER.EPS', False),
+])
+def test_the_key_scan_counts_reads_only(source, read):
+    assert ('TRAIN.OPTIMIZER.EPS' in keys_read(source, {'TRAIN', 'TRAIN.OPTIMIZER'})) == read
+
+
+def test_every_config_key_is_read_by_some_module():
+    """A key nothing reads is a setting that silently does nothing: every default key must be read by a module
+    of the project (config.py and the tests aside), or be one of READ_BY_CONFIG, which must hold no other key."""
+    defaults = get_config()
+    groups = group_keys(defaults)
+    read = set()
+    for path in sorted(ROOT.glob('*.py')):
+        if path.name != 'config.py':
+            read |= keys_read(path.read_text(encoding='utf-8'), groups)
+    assert leaf_keys(defaults) - read == READ_BY_CONFIG

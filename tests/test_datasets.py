@@ -12,7 +12,7 @@ from PIL import Image
 
 import datasets
 import transforms
-from config import get_config
+from config import DATASETS, get_config
 from datasets import DatasetError, LabeledImageDataset, Sample, ShardedEvalBatchSampler
 
 TINY = (12, 10)  # width, height of the JPEGs written from the real photos
@@ -172,6 +172,16 @@ def test_unknown_dataset_and_mode_are_rejected(tmp_path, stub_transforms):
     assert str(info.value) == "DATA.DATASET must be one of ['imagenet2012', 'imagefolder'], got 'cifar'"
     with pytest.raises(ValueError, match="mode must be one of \\['train', 'val'\\], got 'test'"):
         datasets.get_dataset(make_config(tmp_path), 'test')
+
+
+@pytest.mark.parametrize('dataset', DATASETS)
+def test_every_dataset_choice_of_the_config_is_read(tmp_path, stub_transforms, dataset):
+    """config.DATASETS is the one list of DATA.DATASET choices: each must have its reader here."""
+    images = [save_rgb(tmp_path / 'val' / f'class {label}' / 'x.png', label) for label in range(3)]
+    write_list(tmp_path / 'val_list.txt', [f'val/class {label}/x.png {label}' for label in range(3)])
+    samples = datasets.get_dataset(make_config(tmp_path, DATASET=dataset), 'val').samples
+    assert [(sample.path, sample.label) for sample in samples] == [(str(image), label)
+                                                                   for label, image in enumerate(images)]
 
 
 # ---- image folders ----------------------------------------------------------------------------------------------

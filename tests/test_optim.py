@@ -6,11 +6,11 @@ import math
 import numpy as np
 import paddle
 import pytest
-from tiny_data import TINY_CONFIG
 
 from beit import build_beit
 from config import get_config
 from optim import build_lr_scheduler, build_optimizer, param_settings, scaled_learning_rates
+from tiny_data import TINY_CONFIG
 
 
 def unilm_layer_id(name: str, depth: int) -> int:
