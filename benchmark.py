@@ -67,12 +67,13 @@ def paddle_step(config, backend: str, mode: str, batch_size: int, processes: int
     import numpy as np
     import paddle
 
-    from beit import build_beit
+    from job import build_model
+    from task_finetune import FINE_TUNING
     from utils import use_all_cpu_cores
     use_all_cpu_cores(processes)
     size = config.DATA.IMAGE_SIZE
     images = np.random.default_rng(0).standard_normal((batch_size, 3, size, size)).astype(np.float32)
-    model = build_beit(config)
+    model = build_model(config, FINE_TUNING)  # as a run builds it (cpu_ops' kernels on CPU unless CPU_KERNELS off)
     if backend.startswith('inference'):
         from inference import exported_predictor
         predictor = exported_predictor(model, config, 'bf16' if backend == 'inference_bf16' else 'fp32')
@@ -226,7 +227,7 @@ def measure(args, processes: int = 1) -> dict:
         import timm.models.beit  # noqa: F401
         build = timm_step
     else:
-        import beit  # noqa: F401
+        import job  # noqa: F401
         build = paddle_step
     framework_mb = start_peak_memory()  # counted out: the frameworks' own import footprints differ
     step = build(config, args.child, args.mode, args.batch_size, processes)

@@ -1,9 +1,8 @@
-"""YACS configuration: defaults, YAML files with BASE inheritance, and the single-dash command line.
+"""YACS configuration: defaults, YAML files with BASE inheritance, -opts overrides and validation.
 
 Defaults describe beit_base_patch16_224 fine-tuned with the official recipe; YAML files in configs/ set
 any subset. Unknown keys and values of the wrong type are errors that name the key and the file.
 """
-import argparse
 import ast
 import os
 from collections.abc import Sequence
@@ -11,10 +10,15 @@ from collections.abc import Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
-# Choices that datasets.py implements, defined here once: validate_config checks them and datasets.py imports
-# them (config.py itself imports no paddle).
-DATASETS = ('imagenet2012', 'imagefolder')  # list files, class folders
-BAD_IMAGE_POLICIES = ('error', 'skip')
+# Choices, defined here once: validate_config checks them and the module that implements them imports them
+# (config.py itself imports no paddle).
+DATASETS = ('imagenet2012', 'imagefolder')  # datasets.py: list files, class folders
+BAD_IMAGE_POLICIES = ('error', 'skip')  # datasets.py
+INTERPOLATIONS = ('bilinear', 'bicubic')  # transforms.py
+SECOND_INTERPOLATIONS = (*INTERPOLATIONS, 'lanczos')  # transforms.py: the tokenizer's input
+REL_POS_INTERPOLATIONS = ('cubic', 'linear')  # pos_resample.py
+MIXUP_MODES = ('batch', 'pair', 'elem')  # mixup.py
+RANDOM_ERASE_MODES = ('const', 'rand', 'pixel')  # random_erasing.py
 
 _C = CN()
 
@@ -130,16 +134,17 @@ _C.SEED = 0
 _C.EVAL = False
 _C.EVAL_BACKEND = 'dygraph'  # -eval runs: dygraph, or the exported model in Paddle Inference (CPU) fp32 / bf16
 _C.NGPUS = -1  # processes for main_multi_gpu.py; -1 uses every visible GPU
+_C.CPU_KERNELS = True  # CPU dygraph: cpu_ops.py's gradient kernels (the same results, faster); False: Paddle's own ops
 
 _CHOICES = {
     'EVAL_BACKEND': ('dygraph', 'inference', 'inference_bf16'),
-    'DATA.INTERPOLATION': ('bilinear', 'bicubic'),
-    'PRETRAIN.SECOND_INTERPOLATION': ('bilinear', 'bicubic', 'lanczos'),
+    'DATA.INTERPOLATION': INTERPOLATIONS,
+    'PRETRAIN.SECOND_INTERPOLATION': SECOND_INTERPOLATIONS,
     'DATA.BAD_IMAGE_POLICY': BAD_IMAGE_POLICIES,
     'DATA.DATASET': DATASETS,
-    'MODEL.REL_POS_INTERP': ('cubic', 'linear'),
-    'TRAIN.MIXUP_MODE': ('batch', 'pair', 'elem'),
-    'TRAIN.RANDOM_ERASE_MODE': ('const', 'rand', 'pixel'),
+    'MODEL.REL_POS_INTERP': REL_POS_INTERPOLATIONS,
+    'TRAIN.MIXUP_MODE': MIXUP_MODES,
+    'TRAIN.RANDOM_ERASE_MODE': RANDOM_ERASE_MODES,
     'AMP_LEVEL': ('O1', 'O2'),
     'AMP_DTYPE': ('float16', 'bfloat16'),
 }
@@ -349,58 +354,4 @@ def get_config(cfg_file: str | None = None) -> CN:
     if cfg_file:
         merge_yaml(config, cfg_file)
     validate_config(config)
-    return config
-
-
-_FLAG_TO_KEY = {
-    'dataset': 'DATA.DATASET',
-    'data_path': 'DATA.DATA_PATH',
-    'batch_size': 'DATA.BATCH_SIZE',
-    'batch_size_eval': 'DATA.BATCH_SIZE_EVAL',
-    'image_size': 'DATA.IMAGE_SIZE',
-    'num_classes': 'MODEL.NUM_CLASSES',
-    'pretrained': 'MODEL.PRETRAINED',
-    'resume': 'MODEL.RESUME',
-    'last_epoch': 'TRAIN.LAST_EPOCH',
-    'accum_iter': 'TRAIN.ACCUM_ITER',
-    'output': 'SAVE',
-    'ngpus': 'NGPUS',
-}
-
-
-def build_arg_parser(description: str = 'BEiT') -> argparse.ArgumentParser:
-    """The single-dash flags shared by every script."""
-    parser = argparse.ArgumentParser(description)
-    parser.add_argument('-cfg', type=str, default=None, help='YAML config file')
-    for flag in ('dataset', 'data_path', 'pretrained', 'resume', 'output'):
-        parser.add_argument(f'-{flag}', type=str, default=None)
-    for flag in ('batch_size', 'batch_size_eval', 'image_size', 'num_classes', 'last_epoch', 'accum_iter', 'ngpus'):
-        parser.add_argument(f'-{flag}', type=int, default=None)
-    parser.add_argument('-eval', action='store_true', help='evaluate only')
-    parser.add_argument('-amp', action='store_true', help='mixed precision (AMP_LEVEL, AMP_DTYPE)')
-    parser.add_argument('-opts', nargs='+', action='extend', default=[], metavar='KEY VALUE',
-                        help='override config keys, e.g. -opts TRAIN.BASE_LR 1e-3 MODEL.DROPPATH 0.2 (given twice, '
-                             'both apply in order)')
-    return parser
-
-
-def update_config(config: CN, args: argparse.Namespace) -> CN:
-    """Apply the command-line flags (then -opts) to ``config``, validate and freeze it."""
-    config.defrost()
-    if getattr(args, 'cfg', None):
-        merge_yaml(config, args.cfg)
-    for flag, key in _FLAG_TO_KEY.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            set_value(config, key, value, f'-{flag}')
-    if getattr(args, 'eval', False):
-        config.EVAL = True
-        if getattr(args, 'batch_size', None) is not None and getattr(args, 'batch_size_eval', None) is None:
-            # the usage document evaluates with `-eval -batch_size N`: N is then the evaluation batch
-            set_value(config, 'DATA.BATCH_SIZE_EVAL', args.batch_size, '-batch_size')
-    if getattr(args, 'amp', False):
-        config.AMP = True
-    merge_opts(config, getattr(args, 'opts', None) or [])
-    validate_config(config)
-    config.freeze()
     return config

@@ -1,4 +1,5 @@
-"""Layer ops whose CPU backward passes are GEMMs: the same function and gradients as Paddle's ops, faster on CPU.
+"""Layer ops whose CPU backward passes are GEMMs: the same function and gradients as Paddle's ops, faster on CPU,
+and ``use_cpu_kernels``, which puts them into a built BEiT (the model files themselves use Paddle's ops only).
 
 Measured on Paddle 3.3.1 (2 cores, BEiT-B shapes): the CPU kernels that sum a gradient over broadcast axes
 are slow (the bias gradient of a [1576, 3072] activation, a column sum, takes ~60 ms; the GEMM producing it
@@ -14,8 +15,11 @@ export), the plain Paddle ops are used, so exported programs keep the patterns P
 import math
 
 import paddle
+import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
+
+from beit import Attention, Block
 
 
 def _on_cpu_dygraph(x: paddle.Tensor) -> bool:
@@ -144,3 +148,48 @@ def permute(x: paddle.Tensor, perm: list) -> paddle.Tensor:
     if _on_cpu_dygraph(x):
         return _Permute.apply(x, perm)
     return x.transpose(perm)
+
+
+class CpuLinear(nn.Linear):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class CpuLayerNorm(nn.LayerNorm):
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return layer_norm(x, self.weight, self.bias, self._epsilon)
+
+
+class CpuAttention(Attention):
+    """beit.Attention's explicit path with contiguous transposes and a GEMM-summed bias gradient."""
+
+    def _project_qkv(self, x: paddle.Tensor) -> paddle.Tensor:
+        return linear(x, self.qkv.weight, self._qkv_bias()).reshape([0, 0, 3, self.num_heads, self.head_dim])
+
+    def _explicit_attention(self, qkv: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:
+        q, k, v = paddle.unbind(permute(qkv, [2, 0, 3, 1, 4]), axis=0)
+        logits = paddle.matmul(q, k, transpose_y=True) * self.scale
+        if bias is not None:
+            logits = add_broadcast(logits, bias)
+        weights = F.dropout(F.softmax(logits, axis=-1), self._dropout_rate(), training=self.training)
+        return permute(paddle.matmul(weights, v), [0, 2, 1, 3])
+
+
+class CpuBlock(Block):
+    @staticmethod
+    def _layer_scale(x: paddle.Tensor, gamma: paddle.Tensor | None) -> paddle.Tensor:
+        return x if gamma is None else scale_channels(x, gamma)
+
+
+_CPU_VERSIONS = {nn.Linear: CpuLinear, nn.LayerNorm: CpuLayerNorm, Attention: CpuAttention, Block: CpuBlock}
+
+
+def use_cpu_kernels(model: nn.Layer) -> nn.Layer:
+    """Give every Linear, LayerNorm, attention and block of ``model`` (in place) the version computed by this
+    module's kernels: the same parameters, names and function. The layers still run Paddle's ops off the CPU and
+    in static graphs, so the model stays right to move, export or compile."""
+    for layer in model.sublayers(include_self=True):
+        faster = _CPU_VERSIONS.get(type(layer))
+        if faster is not None:
+            layer.__class__ = faster
+    return model

@@ -1,20 +1,20 @@
-"""One process's share of a training or evaluation run, the code path of every entry point, for fine-tuning and
-pre-training alike (tasks.py holds what differs).
+"""One process's share of a training or evaluation run, the code path of every entry point and every task (a
+tasks.Task holds what differs: model, data, objective, evaluation).
 
 ``prepare`` checks every input and builds everything in memory (data, model, weights, optimizer, resumed state)
 before the output folder is touched, so bad input ends the run with a clear error and nothing written.
 ``train`` then runs epoch by epoch: seeded from (SEED, epoch, rank), logged, evaluated, checkpointed.
-main_single_gpu.py runs it in one process; main_multi_gpu.py in one process per device.
+cli.py runs it from the command line: in one process, or one per device.
 """
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import paddle
 import paddle.distributed as dist
 from paddle.utils import unique_name
 
+import cpu_ops
 import cpu_runtime
 import run_folder
 from beit import CheckpointMismatchError
@@ -22,6 +22,7 @@ from checkpoint import (
     BEST_CHECKPOINT,
     CheckpointError,
     check_exact_fit,
+    check_pretrained_path,
     checkpoint_path,
     checkpoints_in,
     checkpoints_written_before,
@@ -31,16 +32,15 @@ from checkpoint import (
     resolve_resume_path,
     save_checkpoint,
 )
-from config import ConfigError, build_arg_parser, get_config, update_config
-from datasets import DatasetError, get_dataloader, get_dataset, lists_checked_once_per_machine
-from engine import Amp, NonFiniteLossError, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
+from config import ConfigError
+from datasets import DatasetError, get_dataloader, lists_checked_once_per_machine
+from engine import Amp, NonFiniteLossError, Objective, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
 from inference import PredictorAsModel, WeightsError
 from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer
 from run_folder import RunFolderBusyError
-from tasks import FINE_TUNING, Task
+from tasks import Task
 from utils import (
-    LOGGER_NAME,
     append_jsonl,
     attach_log_file,
     derived_seed,
@@ -52,16 +52,14 @@ from utils import (
 )
 
 INPUT_ERRORS = (ConfigError, DatasetError, CheckpointError, CheckpointMismatchError, WeightsError,
-                RunFolderBusyError)
-EXIT_BAD_INPUT = 2
-EXIT_TRAINING_FAILED = 1
+                RunFolderBusyError)  # what bad input raises: the run stops before writing anything
 
 
 @dataclass
 class Job:
-    """A checked run, built in memory: ``model`` is the bare BEiT (for -eval with EVAL_BACKEND inference*, its
-    Paddle Inference copy), ``trainer`` (training only) holds what the optimizer steps need;
-    ``last_checkpoint`` is the newest checkpoint this run can fall back on. A task without evaluation
+    """A checked run, built in memory: ``model`` is the bare model (for -eval with EVAL_BACKEND inference*, its
+    Paddle Inference copy), ``objective`` the task's, ``trainer`` (training only) holds what the optimizer steps
+    need; ``last_checkpoint`` is the newest checkpoint this run can fall back on. A task without evaluation
     (pre-training) has no val set."""
 
     config: object
@@ -69,6 +67,7 @@ class Job:
     logger: logging.Logger
     amp: Amp
     model: object
+    objective: Objective
     val_set: object = None
     val_loader: object = None
     train_set: object = None
@@ -78,7 +77,7 @@ class Job:
     start_epoch: int = 0  # epochs already finished (training), or the evaluated checkpoint's
     steps_per_epoch: int = 0
     last_checkpoint: str = ''
-    best: dict | None = None  # {acc1, epoch, weights} of the best validation so far, carried over by -resume
+    best: dict | None = None  # {<metric>, epoch, weights} of the best validation so far, carried over by -resume
     written: list = field(default_factory=list)  # epoch checkpoints this run wrote, oldest first
     lock: object = None  # the main process's hold on the output folder (run_folder.lock)
 
@@ -155,8 +154,8 @@ def _restore_training_state(trainer: Trainer, checkpoint: dict, logger: logging.
 
 
 def _build_trainer(config, model, world: World, amp: Amp, steps_per_epoch: int, checkpoint: dict | None,
-                   logger: logging.Logger, task: Task) -> tuple[Trainer, dict]:
-    """Optimizer, schedule, scaler, EMA (from the loaded weights) and the task's objective around ``model``."""
+                   logger: logging.Logger, objective: Objective) -> tuple[Trainer, dict]:
+    """Optimizer, schedule, scaler, EMA (from the loaded weights) and the objective around ``model``."""
     model_ema = ModelEma(model, config.TRAIN.MODEL_EMA_DECAY) if config.TRAIN.MODEL_EMA else None
     lr_scheduler = build_lr_scheduler(config, steps_per_epoch, world.size)
     optimizer, settings = build_optimizer(config, model, lr_scheduler)
@@ -168,7 +167,7 @@ def _build_trainer(config, model, world: World, amp: Amp, steps_per_epoch: int, 
                                                save_dtype='float32')
     trainer = Trainer(model=paddle.DataParallel(model) if world.size > 1 else model, module=model,
                       optimizer=optimizer, lr_scheduler=lr_scheduler, grad_scaler=grad_scaler,
-                      objective=task.build_objective(config, world), world=world, amp=amp,
+                      objective=objective, world=world, amp=amp,
                       model_ema=model_ema, accum_iter=config.TRAIN.ACCUM_ITER,
                       global_step=config.TRAIN.LAST_EPOCH * steps_per_epoch)
     if checkpoint is not None:
@@ -190,13 +189,13 @@ def _evaluation_model(config, model):
 def _datasets(config, world: World, task: Task) -> tuple:
     """(val set or None, train set or None under -eval), their lists checked once per machine."""
     with lists_checked_once_per_machine(world.local_rank, world.size > 1):
-        val_set = get_dataset(config, 'val') if task.evaluates else None
+        val_set = task.build_val_set(config) if task.evaluates else None
         train_set = None if config.EVAL else task.build_train_set(config)
     return val_set, train_set
 
 
-def prepare(config, world: World, logger: logging.Logger, task: Task = FINE_TUNING) -> Job:
-    """Check every input and build the run in memory; raises one of INPUT_ERRORS, having written nothing."""
+def check_run_config(config, task: Task) -> None:
+    """What the config alone makes impossible for ``task``: raises ConfigError (or RunFolderBusyError)."""
     if config.EVAL and config.MODEL.RESUME:
         raise ConfigError('-eval evaluates the -pretrained weights (a training checkpoint works there); '
                           '-resume continues training')
@@ -205,17 +204,44 @@ def prepare(config, world: World, logger: logging.Logger, task: Task = FINE_TUNI
     if config.EVAL and not config.MODEL.PRETRAINED:
         raise ConfigError('-eval needs -pretrained WEIGHTS (converted weights or a training checkpoint): '
                           'it never evaluates a randomly initialised model')
+
+
+def check_before_launch(config, task: Task) -> None:
+    """What ``prepare`` checks without building the model: the config, the output folder, the list files (read
+    once per machine: the processes then reuse them) and that the weight files exist. The launching process runs
+    it before it starts any; the processes check the rest (the files' contents) before they write anything."""
+    check_run_config(config, task)
+    _datasets(config, World(), task)
+    if config.MODEL.RESUME and not config.EVAL:
+        resolve_resume_path(config.MODEL.RESUME)
+    elif config.MODEL.PRETRAINED:
+        check_pretrained_path(config.MODEL.PRETRAINED)
+
+
+def build_model(config, task: Task):
+    """The task's model; in CPU dygraph with CPU_KERNELS, computed by cpu_ops' kernels (same function, faster
+    gradients): the one place they are applied to a run's model."""
+    model = task.build_model(config)
+    if config.CPU_KERNELS and paddle.get_device().startswith('cpu'):
+        cpu_ops.use_cpu_kernels(model)
+    return model
+
+
+def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
+    """Check every input and build the run in memory; raises one of INPUT_ERRORS, having written nothing."""
+    check_run_config(config, task)
     amp = amp_for(config, logger)
     multi_process = world.size > 1
     val_set, train_set = _datasets(config, world, task)
     val_loader = get_dataloader(config, val_set, 'val', multi_process) if task.evaluates else None
     seed_everything(config.SEED)
-    model = task.build_model(config)
+    model = build_model(config, task)
+    objective = task.build_objective(config, world)
     if config.EVAL:
         epoch = _load_starting_weights(config, model, logger)
         if amp.enabled and amp.level == 'O2':
             model = paddle.amp.decorate(models=model, level='O2', dtype=amp.dtype, save_dtype='float32')
-        return Job(config, world, logger, amp, _evaluation_model(config, model), val_set, val_loader,
+        return Job(config, world, logger, amp, _evaluation_model(config, model), objective, val_set, val_loader,
                    start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch)
     train_loader = get_dataloader(config, train_set, 'train', multi_process)
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
@@ -230,9 +256,10 @@ def prepare(config, world: World, logger: logging.Logger, task: Task = FINE_TUNI
         raise ConfigError(f'{start_epoch} epochs are already done and TRAIN.NUM_EPOCHS is '
                           f'{config.TRAIN.NUM_EPOCHS}: nothing to train')
     _refuse_to_overwrite(config.SAVE, start_epoch + 1, config.TRAIN.NUM_EPOCHS, resuming=checkpoint is not None)
-    trainer, settings = _build_trainer(config, model, world, amp, steps_per_epoch, checkpoint, logger, task)
+    trainer, settings = _build_trainer(config, model, world, amp, steps_per_epoch, checkpoint, logger, objective)
     resumed = checkpoint or {}
-    return Job(config, world, logger, amp, model, val_set, val_loader, train_set, train_loader, trainer, settings,
+    return Job(config, world, logger, amp, model, objective, val_set, val_loader, train_set, train_loader, trainer,
+               settings,
                start_epoch, steps_per_epoch, resume_path, best=resumed.get('best'),
                written=checkpoints_written_before(resumed, resume_path, config.SAVE) if checkpoint else [])
 
@@ -271,21 +298,21 @@ def _record(job: Job, record: dict) -> None:
         append_jsonl(os.path.join(job.config.SAVE, 'metrics.jsonl'), record)
 
 
-def _log_evaluation(job: Job, label: str, result: dict) -> None:
-    job.logger.info(f'{label}: loss {result["loss"]:.4f} acc1 {result["acc1"]:.4f} acc5 {result["acc5"]:.4f} '
-                    f'on {result["num_samples"]} images ({result["images_per_sec"]:.1f} images/s)')
+def _evaluate_and_log(job: Job, model, label: str) -> dict:
+    result = evaluate(model, job.val_loader, job.world, job.amp, job.objective)
+    metrics = ' '.join(f'{key} {result[key]:.4f}' for key in job.objective.logged)
+    job.logger.info(f'{label}: {metrics} on {result["num_samples"]} images ({result["images_per_sec"]:.1f} images/s)')
+    return result
 
 
 def _validate(job: Job, epoch: int, lr: float) -> dict:
     trainer = job.trainer
-    result = evaluate(trainer.module, job.val_loader, job.world, job.amp)
-    _log_evaluation(job, f'epoch {epoch} val', result)
+    result = _evaluate_and_log(job, trainer.module, f'epoch {epoch} val')
     record = {'split': 'val', 'epoch': epoch, **_metric_fields(result), 'lr': lr,
               'bad_images': _bad_images(job, job.val_set)}
     if trainer.model_ema is not None:
-        ema = evaluate(trainer.model_ema.module, job.val_loader, job.world, job.amp)
-        _log_evaluation(job, f'epoch {epoch} val EMA', ema)
-        record.update(ema_loss=ema['loss'], ema_acc1=ema['acc1'], ema_acc5=ema['acc5'])
+        ema = _evaluate_and_log(job, trainer.model_ema.module, f'epoch {epoch} val EMA')
+        record.update({f'ema_{key}': ema[key] for key in job.objective.logged})
     _record(job, record)
     return record
 
@@ -316,14 +343,16 @@ def _save(job: Job, epoch: int) -> None:
 
 
 def _track_best(job: Job, epoch: int, record: dict) -> bool:
-    """Whether this evaluation is the best so far by top-1, of the EMA weights when there is an EMA (timm's rule)."""
-    weights = 'EMA' if 'ema_acc1' in record else 'model'
-    acc1 = record['ema_acc1' if weights == 'EMA' else 'acc1']
-    improved = job.best is None or acc1 > job.best['acc1']
+    """Whether this evaluation is the best so far by the objective's metric (top-1 for classification), of the EMA
+    weights when there is an EMA (timm's rule)."""
+    metric = job.objective.metric
+    weights = 'EMA' if f'ema_{metric}' in record else 'model'
+    value = record[f'ema_{metric}' if weights == 'EMA' else metric]
+    improved = job.best is None or value > job.best[metric]
     if improved:
-        job.best = {'acc1': acc1, 'epoch': epoch, 'weights': weights}
+        job.best = {metric: value, 'epoch': epoch, 'weights': weights}
     best = job.best
-    job.logger.info(f'best val acc1 so far {best["acc1"]:.4f} (epoch {best["epoch"]}, {best["weights"]} weights)')
+    job.logger.info(f'best val {metric} so far {best[metric]:.4f} (epoch {best["epoch"]}, {best["weights"]} weights)')
     return improved
 
 
@@ -336,7 +365,8 @@ def _save_best(job: Job, epoch: int) -> None:
         publish_copy(job.last_checkpoint, path)
     else:
         _write_checkpoint(job, path, epoch, job.written)
-    job.logger.info(f'saved {path} (epoch {epoch}, by the val acc1 of the {job.best["weights"]} weights)')
+    job.logger.info(f'saved {path} (epoch {epoch}, by the val {job.objective.metric} of the {job.best["weights"]} '
+                    'weights)')
 
 
 def _due(epoch: int, every: int, last: int) -> bool:
@@ -366,7 +396,7 @@ def train(job: Job) -> None:
         except NonFiniteLossError as err:
             kept = job.last_checkpoint or 'none was saved yet'
             raise NonFiniteLossError(f'{err}. The last good checkpoint: {kept}') from None
-        metric = job.trainer.objective.metric
+        metric = job.objective.metric
         logger.info(f'epoch {epoch} train: loss {result["loss"]:.4f} {metric} {result[metric]:.4f} '
                     f'time {result["time"]:.1f}s ({result["images_per_sec"]:.1f} images/s), '
                     f'{result["skipped_steps"]} steps skipped for inf/nan gradients')
@@ -384,15 +414,16 @@ def train(job: Job) -> None:
 def evaluate_weights(job: Job) -> dict:
     if job.config.EVAL_BACKEND != 'dygraph':
         job.logger.info(f'evaluating the exported model in Paddle Inference ({job.config.EVAL_BACKEND})')
-    result = evaluate(job.model, job.val_loader, job.world, job.amp)
-    _log_evaluation(job, 'val', result)
+    result = _evaluate_and_log(job, job.model, 'val')
     record = {'split': 'val', 'epoch': job.start_epoch, **_metric_fields(result), 'lr': None,
               'bad_images': _bad_images(job, job.val_set), 'weights': job.config.MODEL.PRETRAINED}
     _record(job, record)
     return record
 
 
-def _run(config, multi_process: bool, task: Task) -> None:
+def execute(config, multi_process: bool, task: Task) -> None:
+    """Run this process's part of ``task``: evaluate (-eval) or train; raises one of INPUT_ERRORS for bad input,
+    having written nothing, or NonFiniteLossError when training diverges."""
     world = init_world(multi_process)
     logger = start_logger(world.is_main)
     threads = use_all_cpu_cores(world.local_size) if paddle.get_device().startswith('cpu') else None
@@ -406,45 +437,3 @@ def _run(config, multi_process: bool, task: Task) -> None:
             evaluate_weights(job)
         else:
             train(job)
-
-
-def run(config, multi_process: bool, task: Task = FINE_TUNING) -> int:
-    """Run this process's part and return the exit code, after printing a clear message for a failure the user
-    can fix (bad input: EXIT_BAD_INPUT) or a diverged training (EXIT_TRAINING_FAILED)."""
-    try:
-        _run(config, multi_process, task)
-    except INPUT_ERRORS as err:
-        logging.getLogger(LOGGER_NAME).error(f'error: {err}')
-        return EXIT_BAD_INPUT
-    except NonFiniteLossError as err:
-        logging.getLogger(LOGGER_NAME).error(f'error: {err}')
-        return EXIT_TRAINING_FAILED
-    return 0
-
-
-def check_inputs(config, task: Task = FINE_TUNING) -> int:
-    """What ``run`` would refuse, found before processes are started: 0, or EXIT_BAD_INPUT after the message.
-
-    The check runs on the CPU, so that the starting process holds no GPU memory while the run goes on."""
-    logger = start_logger(is_main=False)
-    device = paddle.get_device()
-    paddle.set_device('cpu')
-    try:
-        with unique_name.guard():
-            prepare(config, World(), logger, task)
-    except INPUT_ERRORS as err:
-        logger.error(f'error: {err}')
-        return EXIT_BAD_INPUT
-    finally:
-        paddle.set_device(device)
-    return 0
-
-
-def parse_config(argv, description: str):
-    """The config from the command line (the flags of config.build_arg_parser), or None after printing why not."""
-    args = build_arg_parser(description).parse_args(argv)
-    try:
-        return update_config(get_config(), args)
-    except ConfigError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return None

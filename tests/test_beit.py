@@ -7,16 +7,16 @@ import paddle.distributed as dist
 import paddle.nn.functional as F
 import pytest
 import torch
-from conftest import ROOT
 from paddle.jit.dy2static.program_translator import StaticFunction
 from timm.layers.pos_embed_rel import gen_relative_position_index
-from timm_reference import TINY, config_for, logits_difference, random_batch, timm_model
 
 import beit
 import cpu_ops
 from beit import build_beit, layer_id_for_lr_decay, lr_scale_for_param, relative_position_index
 from config import get_config
+from conftest import ROOT
 from load_pytorch_weights import convert_state_dict
+from timm_reference import TINY, config_for, logits_difference, random_batch, timm_model
 
 
 @pytest.mark.parametrize('cfg_name, expected', [
@@ -63,7 +63,7 @@ def test_initialisation_follows_unilm():
         assert state[f'blocks.{layer_id - 1}.mlp.fc2.weight'].std() == pytest.approx(expected, rel=0.1)
 
 
-MODEL_KEYS_NOT_ARCHITECTURE = {'TYPE', 'NAME', 'RESUME', 'PRETRAINED', 'PRETRAINED_EMA', 'REL_POS_INTERP'}
+MODEL_KEYS_NOT_ARCHITECTURE = {'NAME', 'RESUME', 'PRETRAINED', 'PRETRAINED_EMA', 'REL_POS_INTERP'}
 # key -> (a non-default value, what that value must change in the built model)
 MODEL_KEY_EFFECTS = {
     'NUM_CLASSES': (5, lambda m: m.head.weight.shape == [32, 5]),
@@ -119,10 +119,13 @@ def test_dropout_and_drop_path_act_in_training_only():
     np.testing.assert_array_equal(model(x).numpy(), model(x).numpy())
 
 
-def _trained_copy_pair(spec, **extra):
-    """Two models with identical random weights, the second built with ``extra`` options."""
+def _trained_copy_pair(spec, cpu_kernels: bool = False, **extra):
+    """Two models with identical random weights, the second built with ``extra`` options (and cpu_ops' kernels
+    with ``cpu_kernels``)."""
     first = build_beit(config_for(spec))
     second = build_beit(config_for(spec, **extra))
+    if cpu_kernels:
+        cpu_ops.use_cpu_kernels(second)
     state = {name: paddle.randn(value.shape) * 0.1 for name, value in first.state_dict().items()}
     first.set_state_dict(state)
     second.set_state_dict(state)
@@ -134,11 +137,6 @@ def _loss_and_grads(model, images):
     loss = model(paddle.to_tensor(images)).square().mean()
     loss.backward()
     return loss.item(), {name: p.grad.numpy() for name, p in model.named_parameters()}
-
-
-def _plain_paddle_ops(monkeypatch):
-    """The reference path: Paddle's own ops instead of cpu_ops' autograd functions."""
-    monkeypatch.setattr(cpu_ops, '_on_cpu_dygraph', lambda x: False)
 
 
 def flash_contract_sdpa(calls: list):
@@ -169,26 +167,25 @@ def _fused_kernel_on_cpu(monkeypatch, calls: list | None = None):
     monkeypatch.setattr(F, 'scaled_dot_product_attention', flash_contract_sdpa([] if calls is None else calls))
 
 
-FAST_PATHS = {  # name -> (config keys, what to patch for the run of the fast model)
-    'cpu_ops autograd': ({}, None),
+FAST_PATHS = {  # name -> (options of the fast model, what to patch for its run)
+    'cpu_ops kernels': ({'cpu_kernels': True}, None),
     'fused attention': ({'FUSED_ATTN': True}, _fused_kernel_on_cpu),
     'recompute': ({'RECOMPUTE': True}, None),
     'to_static': ({'TO_STATIC': True}, None),
+    'to_static with cpu_ops kernels': ({'TO_STATIC': True, 'cpu_kernels': True}, None),
 }
 
 
 @pytest.mark.parametrize('path', FAST_PATHS)
 def test_fast_paths_compute_the_same_function(path, monkeypatch):
-    """Loss and every gradient of a fast path equal those of the plain path (Paddle ops, explicit attention)."""
+    """Loss and every gradient of a fast path equal those of the plain model (Paddle ops, explicit attention)."""
     spec = {**TINY, 'USE_SHARED_REL_POS_BIAS': True, 'USE_ABS_POS_EMB': True, 'DROPPATH': 0.0}
     extra, patch = FAST_PATHS[path]
     plain, fast = _trained_copy_pair(spec, **extra)
     images = random_batch(3, 32)
     plain.train()
     fast.train()
-    with monkeypatch.context() as patched:
-        _plain_paddle_ops(patched)
-        loss_plain, grads_plain = _loss_and_grads(plain, images)
+    loss_plain, grads_plain = _loss_and_grads(plain, images)
     with monkeypatch.context() as patched:
         if patch is not None:
             patch(patched)
@@ -253,11 +250,14 @@ def test_recompute_with_two_processes_trains_as_one_process(tmp_path):
         np.testing.assert_allclose(two[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_gradients_match_timm():
-    """The backward pass (cpu_ops on CPU) gives timm's gradients for every parameter."""
+@pytest.mark.parametrize('kernels', ['paddle', 'cpu_ops'])
+def test_gradients_match_timm(kernels):
+    """The backward pass, of Paddle's ops and of cpu_ops' kernels, gives timm's gradients for every parameter."""
     spec = {**TINY, 'USE_SHARED_REL_POS_BIAS': True, 'USE_ABS_POS_EMB': True}
     reference = timm_model(spec)  # built without dropout or drop path
     model = build_beit(config_for(spec, DROPPATH=0.0))
+    if kernels == 'cpu_ops':
+        cpu_ops.use_cpu_kernels(model)
     fitted, _ = convert_state_dict({n: v.numpy() for n, v in reference.state_dict().items()}, model)
     model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
     images = random_batch(3, 32)
