@@ -9,16 +9,17 @@ Files are read and checked completely before a run touches its output folder.
 import os
 import re
 
+import numpy as np
 import paddle
 
 from beit import CheckpointMismatchError, adapt_state_dict
-from load_pytorch_weights import ConversionError, unwrap_state_dict
 from optim import float32_weights
 from utils import save_atomically
 
 CHECKPOINT_PATTERN = re.compile(r'^checkpoint-epoch-(\d+)\.pdparams$')
 BEST_CHECKPOINT = 'checkpoint-best.pdparams'  # the training checkpoint of the best validation top-1 so far
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'global_step')
+_WRAPPER_KEYS = ('model', 'module', 'state_dict', 'model_ema')  # what holds a state dict in the files of each zoo
 
 
 class CheckpointError(ValueError):
@@ -121,11 +122,28 @@ def check_exact_fit(state_dict: dict, model, path: str) -> None:
                                       f'describes ({"; ".join(details)})')
 
 
+def unwrap_state_dict(obj, source: str) -> dict:
+    """The tensors of a training checkpoint or bare state dict, without a DataParallel ``module.`` prefix."""
+    while isinstance(obj, dict):
+        wrapper = next((key for key in _WRAPPER_KEYS if isinstance(obj.get(key), dict)), None)
+        if wrapper is None:
+            break
+        obj = obj[wrapper]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, np.ndarray) for v in obj.values()):
+        found = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f'{source}: no state dict of tensors found (top level holds {found})')
+    return {key[len('module.'):] if key.startswith('module.') else key: value for key, value in obj.items()}
+
+
+def check_pretrained_path(path: str) -> None:
+    if not os.path.isfile(path):
+        raise CheckpointError(f'-pretrained: file not found: {path}')
+
+
 def pretrained_state_dict(path: str, use_ema: bool) -> tuple[dict, int | None]:
     """(name -> numpy array, epoch) from a converted .pdparams, a bare state dict (epoch None), or a training
     checkpoint's model (or its EMA with ``use_ema``)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f'-pretrained: file not found: {path}')
+    check_pretrained_path(path)
     obj = _read(path, '-pretrained', return_numpy=True)
     is_training_checkpoint = isinstance(obj, dict) and isinstance(obj.get('model'), dict)
     epoch = obj.get('epoch') if is_training_checkpoint else None
@@ -135,10 +153,7 @@ def pretrained_state_dict(path: str, use_ema: bool) -> tuple[dict, int | None]:
         obj = obj['model_ema']
     elif is_training_checkpoint:
         obj = obj['model']
-    try:
-        return unwrap_state_dict(obj, path), epoch
-    except ConversionError as err:
-        raise CheckpointError(f'-pretrained: {err}') from err
+    return unwrap_state_dict(obj, f'-pretrained: {path}'), epoch
 
 
 def load_pretrained(model, path: str, use_ema: bool, rel_pos_interp: str,

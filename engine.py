@@ -1,4 +1,4 @@
-"""The training and evaluation loops, identical for one process and many.
+"""The training and evaluation loops of every task, identical for one process and many.
 
 Per optimizer step the processes exchange one small vector (the task's counts, e.g. loss sum, correct counts and
 samples, plus the grad scaler's inf/nan flag), so every logged number is the global one and a non-finite loss stops
@@ -17,13 +17,9 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn as nn
 
-from losses import cross_entropy
-from mixup import Mixup
 from model_ema import ModelEma
 from optim import float32_weights
 from utils import ProgressBar
-
-TOP_K = (1, 5)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,15 +53,21 @@ class Amp:
 
 
 class Objective(Protocol):
-    """What a task trains for: one batch from the loader -> (loss to minimise, float64 counts of the batch).
+    """What a task trains for: one batch from the loader -> (loss to minimise, float64 counts of the batch), and
+    for a task with a val split, ``evaluate_batch``: one val batch -> its counts (no gradient).
 
-    Counts add up over micro-batches and processes; ``summarise`` turns their totals into the logged metrics
-    (``loss``, ``metric``, ``num_samples`` and any others). ``reseed`` re-seeds its own randomness at each epoch."""
+    Counts add up over micro-batches, batches and processes; ``summarise`` turns their totals into the metrics
+    (``loss``, ``metric``, ``num_samples`` and any others). ``metric`` is the one training logs and the best
+    checkpoint is chosen by (higher is better); ``logged`` the ones an evaluation logs and records for the EMA.
+    ``reseed`` re-seeds its own randomness at each epoch."""
 
     metric: str
+    logged: tuple[str, ...]
     num_counts: int
 
     def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]: ...
+
+    def evaluate_batch(self, model: nn.Layer, batch, amp: Amp) -> paddle.Tensor: ...
 
     def summarise(self, totals: np.ndarray) -> dict: ...
 
@@ -95,57 +97,6 @@ def all_reduce_sum(values: paddle.Tensor, world: World) -> np.ndarray:
     if world.size > 1:
         dist.all_reduce(values)
     return values.numpy().astype(np.float64)
-
-
-def topk_correct(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-    """float64 [len(TOP_K)]: how many rows have their label among the k largest logits, for each k of TOP_K."""
-    k_max = min(max(TOP_K), logits.shape[1])
-    top = paddle.topk(logits, k_max, axis=1)[1]
-    hits = (top == labels.reshape([-1, 1]).astype(top.dtype)).astype('float64')
-    return paddle.stack([hits[:, :min(k, k_max)].sum() for k in TOP_K])
-
-
-def batch_counts(loss_sum: paddle.Tensor, logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-    """float64 [loss sum, correct@1, correct@5, samples] of one batch: what is summed over batches and ranks."""
-    count = paddle.full([1], labels.shape[0], dtype='float64')
-    return paddle.concat([loss_sum.astype('float64').reshape([1]), topk_correct(logits, labels), count])
-
-
-def summarise(totals: np.ndarray) -> dict:
-    loss_sum, correct1, correct5, count = totals
-    count = max(count, 1.0)
-    return {'loss': loss_sum / count, 'acc1': correct1 / count, 'acc5': correct5 / count,
-            'num_samples': int(totals[3])}
-
-
-class ClassificationObjective:
-    """Fine-tuning: (images, labels) -> ``criterion`` of the logits (against Mixup/CutMix targets when ``mixup``);
-    counts [loss sum, correct@1, correct@5, images], the accuracies measured against the un-mixed labels."""
-
-    metric = 'acc1'
-    num_counts = 4
-
-    def __init__(self, criterion: nn.Layer, mixup: Mixup | None = None):
-        self.criterion = criterion
-        self.mixup = mixup
-
-    def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]:
-        images, labels = batch
-        targets = labels
-        if self.mixup is not None:
-            images, targets = self.mixup(images, labels)
-        with amp.autocast():
-            logits = model(images)
-        logits = logits.astype('float32')
-        loss = self.criterion(logits, targets)
-        with paddle.no_grad():
-            return loss, batch_counts(loss.detach() * labels.shape[0], logits.detach(), labels)
-
-    summarise = staticmethod(summarise)
-
-    def reseed(self, seed: int) -> None:
-        if self.mixup is not None:
-            self.mixup.rng = np.random.default_rng(seed)
 
 
 def _forward_backward(trainer: Trainer, batch, sync: bool) -> paddle.Tensor:
@@ -232,21 +183,18 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int, num_epochs: int, steps
 
 
 @paddle.no_grad()
-def evaluate(model: nn.Layer, loader, world: World, amp: Amp) -> dict:
-    """Loss, acc1 and acc5 over every sample of ``loader`` on all processes, with the sample count and the
-    throughput. ``model`` is the plain BEiT (no DataParallel: evaluation needs no gradient sync)."""
+def evaluate(model: nn.Layer, loader, world: World, amp: Amp, objective: Objective) -> dict:
+    """The objective's metrics over every sample of ``loader`` on all processes, with the sample count and the
+    throughput. ``model`` is the plain model (no DataParallel: evaluation needs no gradient sync)."""
     model.eval()
-    totals = paddle.zeros([4], dtype='float64')
+    totals = paddle.zeros([objective.num_counts], dtype='float64')
     progress = ProgressBar(len(loader), 'eval', world.is_main)
     start = time.time()
-    for done, (images, labels) in enumerate(loader, start=1):
-        with amp.autocast():
-            logits = model(images)
-        logits = logits.astype('float32')
-        totals += batch_counts(cross_entropy(logits, labels, reduction='sum'), logits, labels)
+    for done, batch in enumerate(loader, start=1):
+        totals += objective.evaluate_batch(model, batch, amp)
         progress.show(done)
     progress.clear()
-    result = summarise(all_reduce_sum(totals, world))
+    result = objective.summarise(all_reduce_sum(totals, world))
     elapsed = time.time() - start
     result.update(time=elapsed, images_per_sec=result['num_samples'] / max(elapsed, 1e-9))
     return result

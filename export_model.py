@@ -11,7 +11,8 @@ model, as the config in PREFIX.yaml describes. Exit codes: 0 exported; 2 bad arg
 """
 import sys
 
-from config import ConfigError, build_arg_parser, get_default_config, update_config
+from cli import build_arg_parser, update_config
+from config import ConfigError, get_default_config
 from inference import WeightsError, export, load_model
 
 

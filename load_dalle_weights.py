@@ -1,4 +1,4 @@
-"""Convert OpenAI's DALL-E dVAE encoder to the Paddle state dict that dall_e.build_tokenizer loads.
+"""Convert OpenAI's DALL-E dVAE encoder to the Paddle state dict that dalle_tokenizer.build_tokenizer loads.
 
     python load_dalle_weights.py -src encoder.pkl -dst dalle_encoder.pdparams
 
@@ -14,7 +14,8 @@ import sys
 
 import paddle
 
-from dall_e import Encoder, TokenizerWeightsError, check_state_dict_fits, encoder_kwargs_from_state_dict
+from checkpoint import CheckpointError
+from dalle_tokenizer import Encoder, TokenizerWeightsError, check_state_dict_fits, encoder_kwargs_from_state_dict
 from load_pytorch_weights import ConversionError, read_checkpoint, to_paddle_layout
 from utils import save_atomically
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         encoder_kwargs = convert_file(args.src, args.dst)
-    except (ConversionError, TokenizerWeightsError) as err:
+    except (ConversionError, CheckpointError, TokenizerWeightsError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     settings = ', '.join(f'{key}={value}' for key, value in encoder_kwargs.items())

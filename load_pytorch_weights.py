@@ -23,6 +23,7 @@ import paddle.nn as nn
 
 from beit import CheckpointMismatchError, adapt_state_dict, build_beit
 from beit_pretrain import build_beit_pretrain
+from checkpoint import CheckpointError, unwrap_state_dict
 from config import ConfigError, get_config, merge_opts, validate_config
 from utils import save_atomically
 
@@ -30,7 +31,6 @@ CHECK_TOLERANCE = 1e-4
 _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': np.uint16,
                        'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
                        'BOOL': np.bool_}
-_WRAPPER_KEYS = ('model', 'module', 'state_dict', 'model_ema')
 
 
 class ConversionError(ValueError):
@@ -149,19 +149,6 @@ def _tensors_to_numpy(obj, torch):
     return obj
 
 
-def unwrap_state_dict(obj, path: str) -> dict:
-    """The tensors of a training checkpoint or bare state dict, without a DataParallel ``module.`` prefix."""
-    while isinstance(obj, dict):
-        wrapper = next((key for key in _WRAPPER_KEYS if isinstance(obj.get(key), dict)), None)
-        if wrapper is None:
-            break
-        obj = obj[wrapper]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, np.ndarray) for v in obj.values()):
-        found = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ConversionError(f'{path}: no state dict of tensors found (top level holds {found})')
-    return {key[len('module.'):] if key.startswith('module.') else key: value for key, value in obj.items()}
-
-
 def read_checkpoint(path: str, trust_pickle: bool = False, module_classes: tuple[str, ...] = ()) -> dict:
     """name -> numpy array in PyTorch layout, from any supported file (see read_torch_checkpoint)."""
     if not os.path.isfile(path):
@@ -259,7 +246,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         convert_file(args.cfg, args.src, args.dst, args.opts, args.check, args.trust_pickle, args.mim)
-    except (ConversionError, CheckpointMismatchError, ConfigError) as err:
+    except (ConversionError, CheckpointError, CheckpointMismatchError, ConfigError) as err:
         hint = ' (if you trust the file, add -trust_pickle)' if isinstance(err, RefusedPickleError) else ''
         print(f'error: {err}{hint}', file=sys.stderr)
         return 2

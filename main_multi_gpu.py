@@ -15,10 +15,11 @@ import tempfile
 import paddle
 import paddle.distributed as dist
 
+from cli import EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, check_inputs, parse_config, run
 from config import ConfigError
 from datasets import lists_checked_once
-from job import EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, check_inputs, parse_config, run
-from tasks import FINE_TUNING, Task
+from task_finetune import FINE_TUNING
+from tasks import Task
 from utils import die_with_parent
 
 
@@ -68,11 +69,22 @@ def main(argv=None, task: Task = FINE_TUNING, description: str = 'Train or evalu
         code = check_inputs(config, task)
         if code:
             return code
-        try:
-            dist.spawn(_spawned_process, args=(config, task), nprocs=nprocs)
-        except Exception as err:  # spawn re-raises a failed process's exit or traceback as a plain Exception
-            print(f'error: a training process failed: {err}', file=sys.stderr)
-            return EXIT_TRAINING_FAILED
+        return _spawn_and_wait(config, task, nprocs)
+
+
+def _spawn_and_wait(config, task: Task, nprocs: int) -> int:
+    """Run the processes to the end. A process that found bad input printed why and wrote nothing: the run then
+    exits with EXIT_BAD_INPUT, as one process would."""
+    context = None
+    try:
+        context = dist.spawn(_spawned_process, args=(config, task), nprocs=nprocs, join=False)
+        while not context.join():
+            pass
+    except Exception as err:  # spawn re-raises a failed process's exit or traceback as a plain Exception
+        if context is not None and any(p.exitcode == EXIT_BAD_INPUT for p in context.processes):
+            return EXIT_BAD_INPUT
+        print(f'error: a training process failed: {err}', file=sys.stderr)
+        return EXIT_TRAINING_FAILED
     return 0
 
 

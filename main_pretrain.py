@@ -11,7 +11,7 @@ converted with ``load_pytorch_weights.py -mim``). Its checkpoints start fine-tun
 import sys
 
 import main_multi_gpu
-from tasks import PRETRAINING
+from task_pretrain import PRETRAINING
 
 
 def main(argv=None) -> int:

@@ -5,14 +5,15 @@
 """
 import sys
 
-from job import EXIT_BAD_INPUT, parse_config, run
+from cli import EXIT_BAD_INPUT, parse_config, run
+from task_finetune import FINE_TUNING
 
 
 def main(argv=None) -> int:
     config = parse_config(argv, 'Train or evaluate BEiT in one process')
     if config is None:
         return EXIT_BAD_INPUT
-    return run(config, multi_process=False)
+    return run(config, multi_process=False, task=FINE_TUNING)
 
 
 if __name__ == '__main__':

@@ -12,9 +12,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from config import MIXUP_MODES
 from losses import check_class_labels
-
-MODES = ('batch', 'pair', 'elem')
 
 
 @dataclass(frozen=True)
@@ -107,8 +106,8 @@ def _with_untouched(values: np.ndarray, filler) -> np.ndarray:
 
 def _check_settings(num_classes, mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode,
                     label_smoothing) -> None:
-    if mode not in MODES:
-        raise ValueError(f'mode (TRAIN.MIXUP_MODE) must be one of {list(MODES)}, got {mode!r}')
+    if mode not in MIXUP_MODES:
+        raise ValueError(f'mode (TRAIN.MIXUP_MODE) must be one of {list(MIXUP_MODES)}, got {mode!r}')
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes (MODEL.NUM_CLASSES) must be a positive int for Mixup, got {num_classes!r}')
     for name, key, value in (('mixup_alpha', 'TRAIN.MIXUP_ALPHA', mixup_alpha),

@@ -13,8 +13,9 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from config import REL_POS_INTERPOLATIONS
+
 NUM_CLS_RELATIONS = 3
-REL_POS_INTERPOLATIONS = ('cubic', 'linear')
 
 
 def geometric_source_offsets(src_side: int, dst_side: int) -> np.ndarray:

@@ -20,7 +20,8 @@ import sys
 
 import numpy as np
 
-from config import ConfigError, build_arg_parser, get_default_config, update_config
+from cli import build_arg_parser, update_config
+from config import ConfigError, get_default_config
 from datasets import DECODE_ERRORS, load_rgb_image
 from inference import (
     PRECISIONS,

@@ -8,7 +8,8 @@ import random
 
 import numpy as np
 
-MODES = ('const', 'rand', 'pixel')
+from config import RANDOM_ERASE_MODES
+
 _TRIES_PER_BOX = 10  # a box that does not fit in this many draws is dropped
 
 
@@ -28,8 +29,8 @@ class RandomErasing:
 
     def __init__(self, probability=0.5, mode='const', min_count=1, max_count=None, area_range=(0.02, 1 / 3),
                  aspect_range=(0.3, 1 / 0.3), num_splits=0):
-        if mode not in MODES:
-            raise ValueError(f'RandomErasing mode must be one of {list(MODES)}, got {mode!r}')
+        if mode not in RANDOM_ERASE_MODES:
+            raise ValueError(f'RandomErasing mode must be one of {list(RANDOM_ERASE_MODES)}, got {mode!r}')
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f'RandomErasing probability must lie in [0, 1], got {probability!r}')
         max_count = min_count if max_count is None else max_count

@@ -15,11 +15,19 @@ from paddle.vision.transforms import functional as F
 from PIL import Image
 
 from auto_augment import auto_augment_from_string, rand_augment_from_string
-from dall_e import map_pixels
+from config import INTERPOLATIONS
 from random_erasing import RandomErasing
 
-_PIL_FILTERS = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC}
+_PIL_FILTERS = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
 _SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
+LOGIT_LAPLACE_EPS = 0.1  # the DALL-E dVAE's pixel margin
+
+
+def map_pixels(x, eps: float = LOGIT_LAPLACE_EPS):
+    """Pixels in [0, 1] into [eps, 1 - eps], the range the DALL-E tokenizer was trained on (arrays or tensors)."""
+    return (1 - 2 * eps) * x + eps
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -134,7 +142,7 @@ class TwoViewTransform:
 def get_pretrain_transforms(config) -> TwoViewTransform:
     """unilm's pre-training pipeline: colour augmentation and flip of the whole image, one random resized crop
     seen at DATA.IMAGE_SIZE (DATA.INTERPOLATION, normalised) and at PRETRAIN.SECOND_INPUT_SIZE
-    (PRETRAIN.SECOND_INTERPOLATION, scaled to [0, 1] then dall_e.map_pixels, the tokenizer's input range)."""
+    (PRETRAIN.SECOND_INTERPOLATION, scaled to [0, 1] then map_pixels, the tokenizer's input range)."""
     train = config.TRAIN
     steps = [to_rgb, *_colour_augmentation(config)]
     if train.HFLIP_PROB > 0:

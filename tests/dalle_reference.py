@@ -1,43 +1,28 @@
 """OpenAI's dall_e package as the oracle: random-weight encoders, saved the way encoder.pkl was, and inputs.
 
-This repository's dall_e.py owns the name ``dall_e`` here, so the two modules of the package that the encoder
-needs are loaded from its installed files under their own names (``dall_e.utils``, ``dall_e.encoder``): the
-classes then carry the module names that torch.save writes into a pickle, as in OpenAI's encoder.pkl.
+The package's classes carry the module names (``dall_e.encoder``) that torch.save writes into a pickle, as in
+OpenAI's encoder.pkl.
 """
-import importlib.metadata
-import importlib.util
-import sys
-
 import attr
 import numpy as np
 import torch
+from dall_e.decoder import Decoder
+from dall_e.encoder import Encoder
 from PIL import Image
 
-from dall_e import map_pixels
+from transforms import map_pixels
 
 TINY = {'n_hid': 16, 'vocab_size': 512}  # below the package's limits (n_hid >= 64): its validators are off
 SMALL = {'n_hid': 64, 'n_blk_per_group': 1, 'vocab_size': 1024, 'input_channels': 4}
 TOKENIZER_SIZE = 112  # BEiT tokenizes a 112 px view: 14x14 ids
 
 
-def openai_module(name: str):
-    if name not in sys.modules:
-        path = importlib.metadata.distribution('DALL-E').locate_file(name.replace('.', '/') + '.py')
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def openai_encoder(seed: int = 0, bias_std: float = 0.1, **kwargs) -> torch.nn.Module:
     """The package's Encoder with its own random init, plus random biases (it starts them at zero, which would
     hide a bias mapped to the wrong place)."""
-    openai_module('dall_e.utils')
-    encoder_class = openai_module('dall_e.encoder').Encoder
     torch.manual_seed(seed)
     with attr.validators.disabled():
-        encoder = encoder_class(**kwargs)
+        encoder = Encoder(**kwargs)
     with torch.no_grad():
         for name, param in encoder.named_parameters():
             if name.endswith('.b'):
@@ -47,10 +32,8 @@ def openai_encoder(seed: int = 0, bias_std: float = 0.1, **kwargs) -> torch.nn.M
 
 def openai_decoder(**kwargs) -> torch.nn.Module:
     """The package's Decoder (random weights): converting decoder.pkl by mistake must be caught."""
-    openai_module('dall_e.utils')
-    decoder_class = openai_module('dall_e.decoder').Decoder
     with attr.validators.disabled():
-        return decoder_class(**kwargs)
+        return Decoder(**kwargs)
 
 
 def photo_batch(paths, size: int = TOKENIZER_SIZE, channels: int = 3) -> np.ndarray:

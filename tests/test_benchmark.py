@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 from conftest import ROOT
-
 from cpu_runtime import cpu_vendor
 
 

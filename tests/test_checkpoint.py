@@ -2,8 +2,6 @@
 import numpy as np
 import paddle
 import pytest
-from conftest import ROOT
-from tiny_data import TINY_CONFIG
 
 from beit import CheckpointMismatchError, build_beit
 from beit_pretrain import build_beit_pretrain
@@ -17,8 +15,10 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import get_config
+from conftest import ROOT
 from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer, float32_weights
+from tiny_data import TINY_CONFIG
 
 
 def tiny(**model):

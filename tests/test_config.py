@@ -6,15 +6,12 @@ import re
 import pytest
 from yacs.config import CfgNode
 
-from beit import build_beit
-from config import ConfigError, build_arg_parser, get_config, update_config, validate_pretraining_config
+from cli import update_config
+from config import ConfigError, get_config, validate_pretraining_config
 from conftest import ROOT
+from test_cli import parse
 
 CONFIGS = sorted(glob.glob(str(ROOT / 'configs' / '*.yaml')))
-
-
-def parse(*argv):
-    return build_arg_parser().parse_args(list(argv))
 
 
 def write(path, text):
@@ -60,36 +57,6 @@ def test_base_loop_is_an_error(tmp_path):
     write(tmp_path / 'b.yaml', 'BASE: a.yaml\n')
     with pytest.raises(ConfigError, match='loops'):
         get_config(str(tmp_path / 'a.yaml'))
-
-
-def test_flags_and_opts_override_the_file():
-    args = parse('-cfg', str(ROOT / 'configs/beit_base_patch16_224.yaml'), '-dataset', 'imagenet2012',
-                 '-data_path', '/data/in1k', '-batch_size', '16', '-batch_size_eval', '32', '-image_size', '384',
-                 '-pretrained', 'w.pdparams', '-resume', 'ckpt.pdparams', '-last_epoch', '3', '-eval', '-amp',
-                 '-output', '/tmp/run', '-accum_iter', '4',
-                 '-opts', 'TRAIN.BASE_LR', '1e-3', 'MODEL.DROPPATH', '0', 'MODEL.INIT_VALUES', 'null',
-                 'TRAIN.OPTIMIZER.BETAS', '[0.9, 0.98]', 'DATA.DATA_PATH', '12345')
-    config = update_config(get_config(), args)
-    assert config.DATA.DATA_PATH == '12345'  # -opts come last; a path stays a string
-    assert (config.DATA.BATCH_SIZE, config.DATA.BATCH_SIZE_EVAL, config.DATA.IMAGE_SIZE) == (16, 32, 384)
-    assert (config.MODEL.PRETRAINED, config.MODEL.RESUME, config.TRAIN.LAST_EPOCH) == ('w.pdparams', 'ckpt.pdparams', 3)
-    assert config.EVAL and config.AMP and config.SAVE == '/tmp/run' and config.TRAIN.ACCUM_ITER == 4
-    assert config.TRAIN.BASE_LR == 1e-3 and config.MODEL.DROPPATH == 0.0 and config.MODEL.INIT_VALUES is None
-    assert config.TRAIN.OPTIMIZER.BETAS == [0.9, 0.98]
-    assert config.is_frozen()
-    assert build_beit(config).blocks[0].gamma_1 is None
-
-
-def test_eval_batch_size_follows_batch_size_under_eval():
-    assert update_config(get_config(), parse('-eval', '-batch_size', '256')).DATA.BATCH_SIZE_EVAL == 256
-    assert update_config(get_config(), parse('-batch_size', '256')).DATA.BATCH_SIZE_EVAL == 64
-    assert update_config(get_config(), parse('-eval', '-batch_size', '256', '-batch_size_eval', '8')
-                         ).DATA.BATCH_SIZE_EVAL == 8
-
-
-def test_defaults_are_usable_without_a_file():
-    config = update_config(get_config(), parse())
-    assert config.DATA.BATCH_SIZE_EVAL == 64 and config.MODEL.NAME == 'beit_base_patch16_224'
 
 
 @pytest.mark.parametrize('yaml_text, message', [
@@ -142,35 +109,6 @@ def test_unusable_values_name_the_key(tmp_path, yaml_text, message):
 def test_integers_are_accepted_for_floats(tmp_path):
     config = get_config(write(tmp_path / 'ints.yaml', 'TRAIN:\n  WEIGHT_DECAY: 0\n  BASE_LR: 1\n'))
     assert config.TRAIN.WEIGHT_DECAY == 0.0 and isinstance(config.TRAIN.WEIGHT_DECAY, float)
-
-
-@pytest.mark.parametrize('opts, message', [
-    (['TRAIN.BASE_LR'], 'KEY VALUE pairs'),
-    (['TRAIN.BASE_RL', '1'], '-opts: unknown config key TRAIN.BASE_RL'),
-    (['TRAIN.BASE_LR', 'fast'], "-opts: TRAIN.BASE_LR expects a float like 2e-05, got 'fast'"),
-    (['TRAIN', '1'], 'TRAIN is a group of keys'),
-    (['MODEL.INIT_VALUES', '-0.1'], 'MODEL.INIT_VALUES must be positive (layer scale init), or 0 or null'),
-])
-def test_bad_opts_name_the_key(opts, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        update_config(get_config(), parse('-opts', *opts))
-
-
-def test_opts_given_twice_both_apply():
-    """run_*_multi.sh pass -opts of their own before the user's."""
-    config = update_config(get_config(), parse('-opts', 'TRAIN.BASE_LR', '1', 'SEED', '3', '-eval',
-                                               '-opts', 'TRAIN.BASE_LR', '2'))
-    assert (config.TRAIN.BASE_LR, config.SEED, config.EVAL) == (2.0, 3, True)
-
-
-def test_missing_config_file():
-    with pytest.raises(ConfigError, match='config file not found: .*nope.yaml'):
-        update_config(get_config(), parse('-cfg', 'nope.yaml'))
-
-
-def test_bad_flag_value_names_the_key():
-    with pytest.raises(ConfigError, match='DATA.BATCH_SIZE_EVAL must be positive, got 0'):
-        update_config(get_config(), parse('-batch_size_eval', '0'))
 
 
 def test_pretraining_config_holds_unilms_pt22k_recipe(tmp_path):

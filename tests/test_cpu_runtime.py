@@ -2,12 +2,12 @@
 import os
 
 import pytest
-from tiny_data import TINY_CONFIG
 
 import cpu_runtime
 from beit import build_beit
 from beit_pretrain import build_beit_pretrain
 from config import get_config
+from tiny_data import TINY_CONFIG
 
 VARIABLE = cpu_runtime.MKL_CPU_TYPE_VARIABLE
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
 
 import beit
 import inference
@@ -13,6 +12,7 @@ from config import get_config
 from datasets import load_rgb_image
 from export_model import main
 from inference import DygraphPredictor, ExportedPredictor, WeightsError, load_model
+from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
 from transforms import get_val_transforms
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference

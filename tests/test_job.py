@@ -6,8 +6,8 @@ import logging
 import numpy as np
 import paddle
 import pytest
-from tiny_data import TINY_CONFIG, write_dataset
 
+import cli
 import job
 import main_single_gpu
 from beit import build_beit, relative_position_index
@@ -15,6 +15,8 @@ from checkpoint import save_checkpoint
 from config import get_config
 from engine import NonFiniteLossError, World
 from optim import build_lr_scheduler, build_optimizer
+from task_finetune import FINE_TUNING
+from tiny_data import TINY_CONFIG, write_dataset
 
 FAST = ['DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE', '8', 'TRAIN.NUM_EPOCHS', '2']
 
@@ -86,7 +88,7 @@ def test_bad_input_is_refused_before_any_work(case, data, used_output, tmp_path,
     before = snapshot(used_output)
     code = main_single_gpu.main(args(data, used_output, *make_flags(data, tmp_path)))  # a later flag wins
     captured = capsys.readouterr()
-    assert code == job.EXIT_BAD_INPUT
+    assert code == cli.EXIT_BAD_INPUT
     assert message in captured.err
     assert 'epoch 1' not in captured.out
     assert snapshot(used_output) == before
@@ -98,9 +100,9 @@ def test_ema_starts_from_the_pretrained_weights_with_index_buffers_untouched(dat
     source = build_beit(config).state_dict()
     weights = tmp_path / 'weights.pdparams'
     paddle.save(source, str(weights))
-    config = job.parse_config(args(data, tmp_path / 'out', '-pretrained', str(weights),
+    config = cli.parse_config(args(data, tmp_path / 'out', '-pretrained', str(weights),
                                    opts=['TRAIN.MODEL_EMA', 'True']), 'test')
-    prepared = job.prepare(config, World(), logging.getLogger('test_job'))
+    prepared = job.prepare(config, World(), logging.getLogger('test_job'), FINE_TUNING)
     ema = prepared.trainer.model_ema
     for name, value in source.items():
         np.testing.assert_array_equal(ema.state_dict()[name].numpy(), value.numpy(), err_msg=name)
@@ -143,7 +145,7 @@ def test_diverged_training_stops_after_the_last_good_checkpoint(data, tmp_path, 
     monkeypatch.setattr(job, 'train_one_epoch', diverge_in_epoch_two)
     output = tmp_path / 'diverged'
     code = main_single_gpu.main(args(data, output))
-    assert code == job.EXIT_TRAINING_FAILED
+    assert code == cli.EXIT_TRAINING_FAILED
     message = capsys.readouterr().err
     assert 'nan at epoch 2' in message and str(output / 'checkpoint-epoch-1.pdparams') in message
     assert sorted(p.name for p in output.glob('checkpoint-epoch-*')) == ['checkpoint-epoch-1.pdparams']
@@ -252,6 +254,6 @@ def test_a_fresh_run_never_replaces_another_runs_best(data, tmp_path, capsys):
     output = tmp_path / 'run'
     output.mkdir()
     (output / 'checkpoint-best.pdparams').write_bytes(b'an earlier best')
-    assert main_single_gpu.main(args(data, output)) == job.EXIT_BAD_INPUT
+    assert main_single_gpu.main(args(data, output)) == cli.EXIT_BAD_INPUT
     assert "already holds another run's checkpoint-best.pdparams" in capsys.readouterr().err
     assert (output / 'checkpoint-best.pdparams').read_bytes() == b'an earlier best'

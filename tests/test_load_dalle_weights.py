@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 import pytest
 import torch
+
 from conftest import ROOT, assert_output_untouched, existing_output, truncated, write_file
 from dalle_reference import (
     TINY,
@@ -19,8 +20,7 @@ from dalle_reference import (
     photo_batch,
     random_batch,
 )
-
-from dall_e import build_tokenizer
+from dalle_tokenizer import build_tokenizer
 from load_dalle_weights import main
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference

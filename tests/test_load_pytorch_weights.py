@@ -7,8 +7,14 @@ import numpy as np
 import paddle
 import pytest
 import torch
-from conftest import ROOT, assert_output_untouched, existing_output, truncated, write_file
 from timm.models.beit import checkpoint_filter_fn
+
+import load_pytorch_weights
+from beit import CheckpointMismatchError, build_beit
+from beit_pretrain import build_beit_pretrain
+from checkpoint import load_pretrained
+from conftest import ROOT, assert_output_untouched, existing_output, truncated, write_file
+from load_pytorch_weights import ConversionError, convert_file, read_checkpoint
 from timm_reference import (
     CHECKPOINT_FORMATS,
     PRETRAIN_SPEC,
@@ -23,12 +29,6 @@ from timm_reference import (
     timm_model,
     torch_state_dict,
 )
-
-import load_pytorch_weights
-from beit import CheckpointMismatchError, build_beit
-from beit_pretrain import build_beit_pretrain
-from checkpoint import load_pretrained
-from load_pytorch_weights import ConversionError, convert_file, read_checkpoint
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
 

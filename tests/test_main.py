@@ -1,6 +1,7 @@
 """The entry scripts as users run them, in subprocesses on the tiny config: two processes through
 paddle.distributed.launch and through main_multi_gpu.py's own spawn, exact evaluation across processes, a
-SIGKILLed run resumed to the same weights as an uninterrupted one, the per-step LR in the log, bad input."""
+SIGKILLed run resumed to the same weights as an uninterrupted one, the per-step LR in the log, bad input, the
+modules a fine-tuning run imports."""
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+
 from tiny_data import TINY_CONFIG, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,15 +225,20 @@ sys.addaudithook(_count_opens)
 '''
 
 
-def list_reads(cmd, data, tmp_path):
-    """{list file name: how many times any process of ``cmd`` opened it}, counted by an audit hook that
-    sitecustomize installs in every Python process started with the test's PYTHONPATH."""
+def run_with_audit_hook(cmd, tmp_path, hook_source: str, **env):
+    """Run ``cmd`` with an audit hook that sitecustomize installs in every Python process started with the test's
+    PYTHONPATH (spawned processes and loader workers included)."""
     hook = tmp_path / 'hook'
-    hook.mkdir()
-    (hook / 'sitecustomize.py').write_text(OPEN_COUNTER)
+    hook.mkdir(exist_ok=True)
+    (hook / 'sitecustomize.py').write_text(hook_source)
+    return run(cmd, PYTHONPATH=str(hook), **env)
+
+
+def list_reads(cmd, data, tmp_path):
+    """{list file name: how many times any process of ``cmd`` opened it}."""
     counts = tmp_path / 'opens.txt'
     watched = os.pathsep.join(os.path.realpath(data / f'{split}_list.txt') for split in ('train', 'val'))
-    run(cmd, PYTHONPATH=str(hook), BEIT_TEST_WATCHED=watched, BEIT_TEST_OPENS=str(counts))
+    run_with_audit_hook(cmd, tmp_path, OPEN_COUNTER, BEIT_TEST_WATCHED=watched, BEIT_TEST_OPENS=str(counts))
     names = [line.split()[1] for line in counts.read_text().splitlines()]
     return {name: names.count(name) for name in sorted(set(names))}
 
@@ -245,6 +252,45 @@ def test_the_lists_are_read_and_checked_once_per_run(starter, data, tmp_path):
                   str(tmp_path / 'launch_logs'), *script[1:]]
     assert list_reads(script, data, tmp_path) == {'train_list.txt': 1, 'val_list.txt': 1}
     assert [record['epoch'] for record in records(tmp_path / 'run', 'val')] == [1]
+
+
+IMPORT_RECORDER = '''
+import os
+import sys
+
+_WATCHED = set(os.environ['BEIT_TEST_WATCHED_MODULES'].split(','))
+
+
+def _record_imports(event, args):
+    if event == 'import' and args[0] in _WATCHED:
+        with open(os.environ['BEIT_TEST_IMPORTS'], 'a') as f:
+            f.write(f'{os.getpid()} {args[0]}\\n')
+
+
+sys.addaudithook(_record_imports)
+'''
+# The tokenizer, the converters and what only they need: a fine-tuning run has no use for any of them.
+NOT_FOR_FINE_TUNING = ('dalle_tokenizer', 'dall_e', 'load_pytorch_weights', 'load_dalle_weights', 'beit_pretrain',
+                       'task_pretrain', 'torch', 'timm')
+
+
+def test_fine_tuning_evaluation_and_resume_import_no_tokenizer_or_converter(data, tmp_path):
+    imports = tmp_path / 'imports.txt'
+    env = {'BEIT_TEST_WATCHED_MODULES': ','.join((*NOT_FOR_FINE_TUNING, 'task_finetune')),
+           'BEIT_TEST_IMPORTS': str(imports)}
+    output = tmp_path / 'run'
+    train = command('main_multi_gpu.py', data, output, '-ngpus', '2', '-batch_size', '8',
+                    opts=['TRAIN.NUM_EPOCHS', '1'])
+    run_with_audit_hook(train, tmp_path, IMPORT_RECORDER, **env)
+    resume = command('main_single_gpu.py', data, output, '-batch_size', '8', '-resume', str(output),
+                     opts=['TRAIN.NUM_EPOCHS', '2'])
+    run_with_audit_hook(resume, tmp_path, IMPORT_RECORDER, **env)
+    evaluate = command('main_single_gpu.py', data, tmp_path / 'eval', '-eval', '-pretrained',
+                       str(output / 'checkpoint-epoch-2.pdparams'))
+    run_with_audit_hook(evaluate, tmp_path, IMPORT_RECORDER, **env)
+    recorded = [line.split() for line in imports.read_text().splitlines()]
+    assert len({pid for pid, name in recorded if name == 'task_finetune'}) >= 4  # the hook saw every run's processes
+    assert sorted({name for _, name in recorded} - {'task_finetune'}) == []
 
 
 DEMO_CONFIG = str(ROOT / 'configs' / 'beit_tiny_fashion_mnist.yaml')

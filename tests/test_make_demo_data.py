@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
 from PIL import Image
 
+from conftest import ROOT
 from datasets import scan_image_folder, validate_list_file
 from make_demo_data import CLASS_NAMES, DEFAULT_SOURCE, SourceError, main, read_idx_ubyte
 

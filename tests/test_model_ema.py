@@ -2,11 +2,11 @@
 import numpy as np
 import paddle
 import pytest
-from tiny_data import TINY_CONFIG
 
 from beit import build_beit, relative_position_index
 from config import get_config
 from model_ema import ModelEma
+from tiny_data import TINY_CONFIG
 
 
 @pytest.fixture()

@@ -4,12 +4,12 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import ROOT
-from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
 
 import export_model
 import predict
+from conftest import ROOT
 from inference import bf16_supported
+from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
 
 FP32_TOLERANCE = 1e-4  # max abs logit difference, dygraph vs exported fp32
 BF16_RELATIVE_TOLERANCE = 0.02  # max abs logit difference / max abs logit, dygraph vs exported bf16

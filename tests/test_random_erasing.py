@@ -9,7 +9,8 @@ import torch
 from scipy import stats
 from timm.data.random_erasing import RandomErasing as TimmRandomErasing
 
-from random_erasing import MODES, RandomErasing
+from config import RANDOM_ERASE_MODES as MODES
+from random_erasing import RandomErasing
 
 SHAPE = (3, 20, 28)
 

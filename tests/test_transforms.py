@@ -2,18 +2,20 @@
 import pickle
 
 import numpy as np
+import paddle
 import pytest
 import timm
 import torch
-from conftest import ROOT
+from dall_e import utils as dall_e_utils
 from PIL import Image
-from test_auto_augment import op_settings, seed_all
 from timm.data import auto_augment as timm_aa
 from timm.data import create_transform, resolve_data_config
 
 import auto_augment as aa
 import transforms as tr
 from config import get_config
+from conftest import ROOT
+from test_auto_augment import op_settings, seed_all
 
 BICUBIC = Image.Resampling.BICUBIC
 BILINEAR = Image.Resampling.BILINEAR
@@ -257,7 +259,7 @@ def test_pretrain_views_show_the_same_flipped_region_in_their_ranges(flip):
         assert patch_view.shape == (3, 64, 64) and tokenizer_view.shape == (3, 32, 32)
         assert patch_view.dtype == tokenizer_view.dtype == np.float32
         pixels = patch_view * 0.5 + 0.5  # normalised with mean = std = 0.5
-        tokenizer_pixels = (tokenizer_view - 0.1) / 0.8  # dall_e.map_pixels: (1 - 2 * 0.1) x + 0.1
+        tokenizer_pixels = (tokenizer_view - 0.1) / 0.8  # transforms.map_pixels: (1 - 2 * 0.1) x + 0.1
         assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
         assert tokenizer_view.min() >= 0.1 - 1e-6 and tokenizer_view.max() <= 0.9 + 1e-6
         np.testing.assert_allclose(pixels[2], 128 / 255, atol=1e-6)
@@ -278,3 +280,13 @@ def test_pretrain_transform_uses_colour_jitter_and_survives_pickling(small_photo
     assert len(jitter) == 1 and jitter[0].hue == 0
     patch_view, tokenizer_view = pipeline(small_photos[0].convert('L'))
     assert patch_view.shape == (3, 64, 64) and tokenizer_view.shape == (3, 32, 32)
+
+
+def test_map_pixels_matches_the_dall_e_package_on_arrays_and_tensors():
+    pixels = np.random.default_rng(0).random((2, 3, 5, 5), dtype=np.float32)
+    expected = dall_e_utils.map_pixels(torch.from_numpy(pixels)).numpy()
+    assert dall_e_utils.logit_laplace_eps == tr.LOGIT_LAPLACE_EPS
+    mapped = tr.map_pixels(pixels)
+    assert mapped.dtype == np.float32
+    np.testing.assert_allclose(mapped, expected, rtol=1e-6)
+    np.testing.assert_allclose(tr.map_pixels(paddle.to_tensor(pixels)).numpy(), expected, rtol=1e-6)

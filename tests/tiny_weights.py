@@ -1,10 +1,10 @@
 """A tiny BEiT with trained-like random weights on disk, for the prediction and export tests."""
 import numpy as np
 import paddle
-from conftest import ROOT
 
 from beit import build_beit
 from config import get_config, merge_opts, validate_config
+from conftest import ROOT
 
 TINY_CFG = str(ROOT / 'configs' / 'beit_tiny_patch4_32.yaml')
 

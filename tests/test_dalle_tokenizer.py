@@ -1,9 +1,9 @@
-"""dall_e.py against OpenAI's dall_e package: same parameters, logits and token ids; build_tokenizer and its errors.
+"""dalle_tokenizer.py against OpenAI's dall_e package: same parameters, logits and token ids; build_tokenizer, errors.
 (The converter and the full-size encoder: test_load_dalle_weights.py.)"""
 import numpy as np
 import paddle
 import pytest
-import torch
+
 from conftest import write_file
 from dalle_reference import (
     SMALL,
@@ -11,20 +11,10 @@ from dalle_reference import (
     compare_with_openai,
     numpy_state_dict,
     openai_encoder,
-    openai_module,
     photo_batch,
     random_batch,
 )
-
-from dall_e import (
-    LOGIT_LAPLACE_EPS,
-    Encoder,
-    TokenizerWeightsError,
-    build_tokenizer,
-    encoder_from_state_dict,
-    map_pixels,
-    unmap_pixels,
-)
+from dalle_tokenizer import Encoder, TokenizerWeightsError, build_tokenizer, encoder_from_state_dict
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
 
@@ -49,22 +39,6 @@ def test_logits_and_ids_match_the_package(photo_paths, size):
         difference, id_agreement = compare_with_openai(reference, ours, images)
         assert difference <= TOLERANCE
         assert id_agreement >= 0.99
-
-
-def test_map_pixels_matches_the_package_on_arrays_and_tensors():
-    utils = openai_module('dall_e.utils')
-    pixels = np.random.default_rng(0).random((2, 3, 5, 5), dtype=np.float32)
-    expected = utils.map_pixels(torch.from_numpy(pixels)).numpy()
-    assert utils.logit_laplace_eps == LOGIT_LAPLACE_EPS
-    mapped = map_pixels(pixels)
-    assert mapped.dtype == np.float32
-    np.testing.assert_allclose(mapped, expected, rtol=1e-6)
-    np.testing.assert_allclose(map_pixels(paddle.to_tensor(pixels)).numpy(), expected, rtol=1e-6)
-    beyond = np.array([[[[-0.5, 0.05, 0.5, 0.95, 1.5]]]], dtype=np.float32)
-    expected_unmapped = utils.unmap_pixels(torch.from_numpy(beyond)).numpy()
-    np.testing.assert_allclose(unmap_pixels(beyond), expected_unmapped, rtol=1e-6)
-    np.testing.assert_allclose(unmap_pixels(paddle.to_tensor(beyond)).numpy(), expected_unmapped, rtol=1e-6)
-    np.testing.assert_allclose(unmap_pixels(mapped), pixels, atol=1e-6)
 
 
 def test_group_count_sets_the_downsampling():

@@ -4,8 +4,6 @@ BEiT's targets are the ids this encoder gives the 14x14 cells of a 112 px view (
 Parameter names and layouts are those of the ``dall_e`` package's Encoder state dict (``blocks.input.w``,
 ``blocks.group_1.block_1.res_path.conv_1.b``, ...: convolution kernels [out, in, k, k] in both frameworks),
 so a converted file is that state dict unchanged; ``load_dalle_weights.py`` writes it.
-
-This module's name shadows the ``dall_e`` package inside this repository; nothing here needs that package.
 """
 import math
 import os
@@ -15,23 +13,12 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-LOGIT_LAPLACE_EPS = 0.1
 _GROUP_NAME = re.compile(r'blocks\.group_(\d+)\.')
 _FIRST_GROUP_BLOCK_NAME = re.compile(r'blocks\.group_1\.block_(\d+)\.')
 
 
 class TokenizerWeightsError(ValueError):
     """Tokenizer weights that are missing, unreadable or not a DALL-E encoder of the asked size."""
-
-
-def map_pixels(x, eps: float = LOGIT_LAPLACE_EPS):
-    """Pixels in [0, 1] into [eps, 1 - eps], the range the dVAE was trained on (numpy arrays or tensors)."""
-    return (1 - 2 * eps) * x + eps
-
-
-def unmap_pixels(x, eps: float = LOGIT_LAPLACE_EPS):
-    """The inverse of ``map_pixels``, clipped to [0, 1]."""
-    return ((x - eps) / (1 - 2 * eps)).clip(0, 1)
 
 
 class Conv2d(nn.Layer):

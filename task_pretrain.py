@@ -1,0 +1,87 @@
+"""Masked image modeling pre-training: the task of main_pretrain.py (no evaluation split).
+
+The frozen DALL-E tokenizer labels every patch with its visual token; the model predicts the tokens of the
+masked patches.
+"""
+import paddle
+import paddle.nn as nn
+
+from beit_pretrain import build_beit_pretrain
+from config import ConfigError, validate_pretraining_config
+from dalle_tokenizer import build_tokenizer
+from datasets import get_pretraining_dataset
+from engine import Amp, World
+from losses import cross_entropy
+from tasks import Task
+
+
+def build_tokenizer_for(config) -> nn.Layer:
+    """The frozen DALL-E encoder of ``config.PRETRAIN``: converted weights, or random ones (seeded by SEED, so every
+    process and every resumed run has the same) when PRETRAIN.RANDOM_TOKENIZER allows it."""
+    pretrain = config.PRETRAIN
+    path = pretrain.TOKENIZER_WEIGHTS or None
+    if path is None:
+        paddle.seed(config.SEED)
+    try:
+        tokenizer = build_tokenizer(path, n_hid=pretrain.TOKENIZER_HIDDEN,
+                                    n_blk_per_group=pretrain.TOKENIZER_BLOCKS_PER_GROUP,
+                                    vocab_size=pretrain.VOCAB_SIZE)
+    except ValueError as err:  # dalle_tokenizer.TokenizerWeightsError: missing, unreadable or another size
+        raise ConfigError(f'PRETRAIN.TOKENIZER_WEIGHTS: cannot load {path} as a DALL-E encoder with '
+                          f'TOKENIZER_HIDDEN {pretrain.TOKENIZER_HIDDEN}, TOKENIZER_BLOCKS_PER_GROUP '
+                          f'{pretrain.TOKENIZER_BLOCKS_PER_GROUP}, VOCAB_SIZE {pretrain.VOCAB_SIZE}: {err}') from err
+    return tokenizer  # frozen, in eval mode
+
+
+class MaskedImageModelingObjective:
+    """A pre-training batch (patch view, tokenizer view, mask) -> (loss, counts).
+
+    The tokenizer labels each patch with its visual token (no gradient, float32); the loss is the cross entropy
+    of lm_head's logits against those labels over all masked patches of the batch, as unilm averages it. Counts,
+    summed over micro-batches and processes: [loss sum, correct predictions, masked patches, images].
+    """
+
+    metric = 'mlm_acc'
+    logged = ('loss', 'mlm_acc')
+    num_counts = 4
+
+    def __init__(self, tokenizer: nn.Layer):
+        self.tokenizer = tokenizer
+
+    @paddle.no_grad()
+    def visual_tokens(self, tokenizer_view: paddle.Tensor) -> paddle.Tensor:
+        """int64 [B, N]: the tokenizer's codebook index of every patch."""
+        return self.tokenizer.get_codebook_indices(tokenizer_view)
+
+    def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]:
+        images, tokenizer_view, mask = batch
+        mask = mask.astype('bool')
+        labels = self.visual_tokens(tokenizer_view)[mask]
+        with amp.autocast():
+            logits = model(images, mask)
+        logits = logits.astype('float32')
+        loss = cross_entropy(logits, labels)
+        with paddle.no_grad():
+            num_masked = labels.shape[0]
+            correct = (logits.argmax(axis=-1) == labels).astype('float64').sum()
+            counts = paddle.stack([loss.detach().astype('float64') * num_masked, correct,
+                                   paddle.to_tensor(float(num_masked), dtype='float64'),
+                                   paddle.to_tensor(float(images.shape[0]), dtype='float64')])
+        return loss, counts
+
+    @staticmethod
+    def summarise(totals) -> dict:
+        loss_sum, correct, num_masked, num_images = totals
+        return {'loss': loss_sum / max(num_masked, 1.0), 'mlm_acc': correct / max(num_masked, 1.0),
+                'num_samples': int(num_images), 'num_masked': int(num_masked)}
+
+    def reseed(self, seed: int) -> None:
+        """Nothing of the objective is random."""
+
+
+def _masked_image_modeling_objective(config, world: World) -> MaskedImageModelingObjective:
+    return MaskedImageModelingObjective(build_tokenizer_for(config))
+
+
+PRETRAINING = Task('masked image modeling pre-training', build_beit_pretrain, get_pretraining_dataset, None,
+                   _masked_image_modeling_objective, validate_pretraining_config)
