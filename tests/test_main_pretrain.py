@@ -16,7 +16,8 @@ import main_pretrain
 from config import get_config, merge_opts
 from datasets import get_pretraining_dataset
 from engine import World
-from task_pretrain import PRETRAINING, build_tokenizer_for
+from task_finetune import FINE_TUNING
+from task_pretrain import build_tokenizer_for
 from utils import seed_everything, start_logger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_fine_tuning_starts_from_the_pretraining_checkpoint(pretrain_run, demo_s
     config = get_config(FINE_TUNE_CONFIG)
     merge_opts(config, ['DATA.DATA_PATH', str(demo_subset), 'MODEL.PRETRAINED', str(weights), 'SAVE',
                         str(tmp_path / 'in_process'), 'DATA.NUM_WORKERS', '0'])
-    start = job.prepare(config, World(), start_logger(is_main=False), PRETRAINING)
+    start = job.prepare(config, World(), start_logger(is_main=False), FINE_TUNING)
     for block in start.model.blocks:
         np.testing.assert_array_equal(block.attn.relative_position_bias_table.numpy(), shared)
 
