@@ -133,14 +133,14 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize('ngpus', ['1', '2'])
 @pytest.mark.parametrize('case', sorted(BAD_INPUTS))
-def test_bad_input_exits_2_naming_the_key_and_writes_nothing(case, ngpus, demo_subset, used_output, capsys):
+def test_bad_input_exits_2_naming_the_key_and_writes_nothing(case, ngpus, demo_subset, used_output, capfd):
     """The earlier run's checkpoint-epoch-2 lies beyond this 1-epoch run: only the bad input stops it."""
     opts, message = BAD_INPUTS[case]
     before = {path.name: path.read_bytes() for path in used_output.iterdir()}
     code = main_pretrain.main(['-cfg', PRETRAIN_CONFIG, '-data_path', str(demo_subset), '-output', str(used_output),
                                '-ngpus', ngpus, '-opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.NUM_EPOCHS', '1', *opts])
     assert code == 2
-    assert message in capsys.readouterr().err
+    assert message in capfd.readouterr().err  # capfd: a spawned process's error reaches the terminal, not sys.stderr
     assert {path.name: path.read_bytes() for path in used_output.iterdir()} == before
 
 
