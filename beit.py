@@ -4,6 +4,7 @@ Parameter names follow the official checkpoints so that converted PyTorch weight
 ``model.set_state_dict``; only Linear weights differ in layout (Paddle stores them [in, out]).
 """
 import math
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from cpu_runtime import use_fast_blas_kernels
 from pos_resample import NUM_CLS_RELATIONS, resample_abs_pos_embed, resample_rel_pos_table
 
 LAYER_NORM_EPS = 1e-6
+OUTPUT_FORMATS = ('NCHW', 'NLC')  # of forward_intermediates, as timm's
 
 trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
 zeros_ = nn.initializer.Constant(0.0)
@@ -35,6 +37,27 @@ def fused_attention_applies(qkv: paddle.Tensor, bias: paddle.Tensor | None) -> b
     too, so a traced program does not depend on the device it was traced on.
     """
     return paddle.in_dynamic_mode() and on_accelerator(qkv) and (bias is None or bias.stop_gradient)
+
+
+def resolve_block_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's choice of blocks as sorted absolute indices: None = all, an int n = the last n, else block indices,
+    negative ones counting from the end. A choice outside the model is an error, never an empty result."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f'indices={indices} asks for the last {indices} blocks; the model has 1 to {num_blocks}')
+        return list(range(num_blocks - indices, num_blocks))
+    resolved = set()
+    for index in indices:
+        absolute = operator.index(index) + (num_blocks if index < 0 else 0)
+        if not 0 <= absolute < num_blocks:
+            raise ValueError(f'block index {index} is out of range for {num_blocks} blocks '
+                             f'(0 to {num_blocks - 1}, or -{num_blocks} to -1)')
+        resolved.add(absolute)
+    if not resolved:
+        raise ValueError('indices is empty: give at least one block index, an int n for the last n, or None for all')
+    return sorted(resolved)
 
 
 def relative_position_table_size(grid: tuple[int, int]) -> int:
@@ -282,18 +305,27 @@ class BeitEncoder(nn.Layer):
 
     def encode(self, patch_tokens: paddle.Tensor) -> paddle.Tensor:
         """Patch tokens [B, N, D] -> all tokens after the last block (and ``norm``), [B, N+1, D]; token 0 is cls."""
+        return self.norm(self.run_blocks(patch_tokens)[0])
+
+    def run_blocks(self, patch_tokens: paddle.Tensor, taken: Sequence[int] = (),
+                   num_blocks: int | None = None) -> tuple[paddle.Tensor, list[paddle.Tensor]]:
+        """Patch tokens [B, N, D] through the first ``num_blocks`` blocks (all by default): the tokens [B, N+1, D]
+        after the last of them (before ``norm``) and, in block order, the outputs of the blocks in ``taken``."""
         x = paddle.concat([self.cls_token.expand([patch_tokens.shape[0], -1, -1]).astype(patch_tokens.dtype),
                            patch_tokens], axis=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.pos_drop(x)
         shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        for block in self.blocks:
+        outputs = []
+        for index, block in enumerate(list(self.blocks)[:num_blocks]):
             if self.recompute and self.training:  # non-reentrant: the PyLayer version breaks DataParallel's reducer
                 x = recompute(block, x, shared_bias, use_reentrant=False)
             else:
                 x = block(x, shared_bias)
-        return self.norm(x)
+            if index in taken:
+                outputs.append(x)
+        return x, outputs
 
 
 class Beit(BeitEncoder):
@@ -335,6 +367,39 @@ class Beit(BeitEncoder):
 
     def forward_head(self, features: paddle.Tensor) -> paddle.Tensor:
         return self.head(features)
+
+    def forward_intermediates(self, x: paddle.Tensor, indices: int | Sequence[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = 'NCHW', intermediates_only: bool = False):
+        """The outputs of chosen blocks, for dense tasks and linear probing, with timm's arguments and results.
+
+        ``indices``: None for every block, an int n for the last n, or block indices (negative from the end);
+        the outputs come in block order, once each. ``norm`` applies the final ``norm`` (the identity with mean
+        pooling, as in timm). Each output drops the cls token: 'NLC' gives the patch tokens [B, N, D], 'NCHW'
+        the map [B, D, H/p, W/p]; ``return_prefix_tokens`` pairs it with its cls token [B, 1, D].
+        ``stop_early`` skips the blocks after the last one chosen. Returns the list alone with
+        ``intermediates_only``, else (``norm`` of the tokens [B, N+1, D] after the last block run, the list).
+        """
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ValueError(f'output_fmt must be one of {list(OUTPUT_FORMATS)}, got {output_fmt!r}')
+        taken = resolve_block_indices(len(self.blocks), indices)
+        x, outputs = self.run_blocks(self.patch_embed(x), taken, taken[-1] + 1 if stop_early else None)
+        if norm:
+            outputs = [self.norm(tokens) for tokens in outputs]
+        intermediates = [self._patch_features(tokens, output_fmt) for tokens in outputs]
+        if return_prefix_tokens:
+            intermediates = [(features, tokens[:, :1]) for features, tokens in zip(intermediates, outputs)]
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def _patch_features(self, tokens: paddle.Tensor, output_fmt: str) -> paddle.Tensor:
+        """All tokens [B, N+1, D] -> the patch tokens [B, N, D] ('NLC') or their map [B, D, H/p, W/p] ('NCHW')."""
+        patches = tokens[:, 1:]
+        if output_fmt == 'NLC':
+            return patches
+        height, width = self.patch_embed.grid
+        return patches.reshape([0, height, width, -1]).transpose([0, 3, 1, 2])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -1,39 +1,56 @@
 """Export a trained BEiT for Paddle Inference, with a dynamic batch size.
 
     python export_model.py -cfg configs/beit_base_patch16_224.yaml -pretrained beit_base_patch16_224.pdparams \
-        -output exported/beit_base_patch16_224 [-ema]
+        -output exported/beit_base_patch16_224 [-ema] [-block_features 3 5 7 11]
     python predict.py -inference_model exported/beit_base_patch16_224 [-precision bf16] dog.jpg
 
 Writes PREFIX.json + PREFIX.pdiparams (the network as a PIR program and its weights; ``paddle.inference.Config``
 reads them) and PREFIX.yaml (the config). The program takes normalised [B, 3, S, S] batches: the eval
 preprocessing stays in Python, where predict.py applies the same transform to the exported and the dygraph
-model, as the config in PREFIX.yaml describes. Exit codes: 0 exported; 2 bad arguments, config or weights.
+model, as the config in PREFIX.yaml describes. With -block_features the program is a backbone for dense tasks
+instead of the classifier: one output per chosen block (negative indices count from the end), its map
+[B, D, S/p, S/p] without the final norm (inference.ExportedPredictor.run returns them).
+Exit codes: 0 exported; 2 bad arguments, config or weights.
 """
 import sys
 
+from beit import resolve_block_indices
 from cli import build_arg_parser, update_config
 from config import ConfigError, get_default_config
-from inference import WeightsError, export, load_model
+from inference import BlockFeatures, WeightsError, export, load_model
 
 
 def main(argv=None) -> int:
     parser = build_arg_parser('Export a BEiT for Paddle Inference')
     parser.add_argument('-ema', action='store_true', help="a training checkpoint's EMA weights instead of its model")
+    parser.add_argument('-block_features', type=int, nargs='+', metavar='INDEX',
+                        help='export the feature maps of these blocks instead of the logits (e.g. 3 5 7 11)')
     args = parser.parse_args(argv)
     if not args.pretrained or not args.output:
         parser.error('-pretrained WEIGHTS and -output PREFIX are required')
     try:
         config = update_config(get_default_config(), args)
+        if args.block_features:
+            check_block_indices(parser, config, args.block_features)
         model, notes = load_model(config, config.MODEL.PRETRAINED, args.ema)
-        export(model, config, args.output)
+        export(BlockFeatures(model, args.block_features) if args.block_features else model, config, args.output)
     except (ConfigError, WeightsError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     for note in notes:
         print(f'note: {note}')
-    print(f'exported {config.MODEL.NAME} ({config.DATA.IMAGE_SIZE} px, any batch size) to '
+    what = f'the maps of blocks {args.block_features} of ' if args.block_features else ''
+    print(f'exported {what}{config.MODEL.NAME} ({config.DATA.IMAGE_SIZE} px, any batch size) to '
           f'{args.output}.json, .pdiparams and .yaml')
     return 0
+
+
+def check_block_indices(parser, config, indices: list[int]) -> None:
+    """Refuse blocks the model does not have before any weights are read (exit 2, as any bad argument)."""
+    try:
+        resolve_block_indices(config.MODEL.DEPTH, indices)
+    except ValueError as err:
+        parser.error(f'-block_features: {err}')
 
 
 if __name__ == '__main__':

@@ -43,6 +43,19 @@ def load_model(config, weights_path: str, use_ema: bool = False) -> tuple[paddle
     return model.eval(), notes
 
 
+class BlockFeatures(paddle.nn.Layer):
+    """A BEiT as a backbone for dense tasks: the program's outputs are the maps [B, D, S/p, S/p] of the chosen
+    blocks (``Beit.forward_intermediates`` without the final norm), one output per block in block order."""
+
+    def __init__(self, model: paddle.nn.Layer, indices: int | list[int]):
+        super().__init__()
+        self.model = model
+        self.indices = indices
+
+    def forward(self, images: paddle.Tensor) -> list[paddle.Tensor]:
+        return self.model.forward_intermediates(images, self.indices, stop_early=True, intermediates_only=True)
+
+
 def export(model: paddle.nn.Layer, config, prefix: str) -> None:
     """Trace ``model`` for [any batch, C, S, S] float32 input and save it with its config next to it."""
     size = config.DATA.IMAGE_SIZE
@@ -123,18 +136,28 @@ class ExportedPredictor:
         config.enable_onednn()  # its fused fc/attention kernels: ~1.9x the images/s of the plain fp32 kernels
         if precision == 'bf16':
             config.enable_onednn_bfloat16()
+        self.prefix = prefix
         self.precision = precision
         self.predictor = paddle_infer.create_predictor(config)
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
-        self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        self.outputs = [self.predictor.get_output_handle(name) for name in self.predictor.get_output_names()]
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output of the program: the logits, or the maps of a block-feature export."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         self.input.reshape(list(batch.shape))
         self.input.copy_from_cpu(batch)
         with _native_stdout_to_stderr():
             self.predictor.run()
-        return self.output.copy_to_cpu()
+        return [output.copy_to_cpu() for output in self.outputs]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """The logits [B, NUM_CLASSES]; a block-feature export is refused rather than read as logits."""
+        outputs = self.run(batch)
+        if len(outputs) != 1 or outputs[0].ndim != 2:
+            raise WeightsError(f'{self.prefix} returns block features {[list(out.shape) for out in outputs]}, '
+                               'not logits (exported with -block_features): export the classifier without it')
+        return outputs[0]
 
 
 def exported_predictor(model: paddle.nn.Layer, config, precision: str) -> ExportedPredictor:

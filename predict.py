@@ -164,7 +164,11 @@ def main(argv=None) -> int:
         print(f'error: cannot read {failure["image"]}: {failure["error"]}', file=sys.stderr)
     results = []
     if arrays:
-        logits = predict_logits(predictor, arrays, config.DATA.BATCH_SIZE_EVAL)
+        try:
+            logits = predict_logits(predictor, arrays, config.DATA.BATCH_SIZE_EVAL)
+        except WeightsError as err:  # an export of block features shows itself at its first run
+            print(f'error: {err}', file=sys.stderr)
+            return 2
         results = top_k(paths, logits, names, min(args.topk, config.MODEL.NUM_CLASSES))
     if args.json:
         print(json.dumps({'predictions': results, 'errors': failures}, indent=2))

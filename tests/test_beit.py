@@ -1,4 +1,5 @@
-"""The Paddle model itself: structure, initialisation, fast paths and the layer-decay rule."""
+"""The Paddle model itself: structure, initialisation, fast paths, block features and the layer-decay rule."""
+import itertools
 import math
 
 import numpy as np
@@ -9,12 +10,14 @@ import pytest
 import torch
 from paddle.jit.dy2static.program_translator import StaticFunction
 from timm.layers.pos_embed_rel import gen_relative_position_index
+from timm.models._features import feature_take_indices
 
 import beit
 import cpu_ops
-from beit import build_beit, layer_id_for_lr_decay, lr_scale_for_param, relative_position_index
+from beit import build_beit, layer_id_for_lr_decay, lr_scale_for_param, relative_position_index, resolve_block_indices
 from config import get_config
 from conftest import ROOT
+from inference import BlockFeatures
 from load_pytorch_weights import convert_state_dict
 from timm_reference import TINY, config_for, logits_difference, random_batch, timm_model
 
@@ -96,6 +99,13 @@ def test_every_model_key_reaches_the_model():
         assert effect(build_beit(config_for({**TINY, key: value}))), f'MODEL.{key} was ignored by build_beit'
 
 
+def load_timm_weights(model, reference):
+    """``reference``'s weights, converted, into ``model``; returns ``model``."""
+    fitted, _ = convert_state_dict({name: value.numpy() for name, value in reference.state_dict().items()}, model)
+    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    return model
+
+
 @pytest.mark.parametrize('init_values', [0.0, None])
 def test_layer_scale_is_off_at_zero_and_null_as_in_timm(init_values):
     """unilm's --layer_scale_init_value 0 and timm's init_values=0 build no gammas: neither do we."""
@@ -105,8 +115,7 @@ def test_layer_scale_is_off_at_zero_and_null_as_in_timm(init_values):
     assert all(block.gamma_1 is None and block.gamma_2 is None for block in model.blocks)
     theirs = {name for name in reference.state_dict() if not name.endswith('relative_position_index')}
     assert set(model.state_dict()) == theirs
-    fitted, _ = convert_state_dict({name: value.numpy() for name, value in reference.state_dict().items()}, model)
-    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    load_timm_weights(model, reference)
     assert logits_difference(reference, model, random_batch(2, 32)) <= 1e-4
 
 
@@ -258,8 +267,7 @@ def test_gradients_match_timm(kernels):
     model = build_beit(config_for(spec, DROPPATH=0.0))
     if kernels == 'cpu_ops':
         cpu_ops.use_cpu_kernels(model)
-    fitted, _ = convert_state_dict({n: v.numpy() for n, v in reference.state_dict().items()}, model)
-    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    load_timm_weights(model, reference)
     images = random_batch(3, 32)
     reference.train()
     model.train()
@@ -275,10 +283,7 @@ def test_gradients_match_timm(kernels):
 
 def test_plain_attention_path_matches_timm():
     reference = timm_model(TINY)
-    model = build_beit(config_for(TINY, FUSED_ATTN=False))
-    tensors = {name: value.numpy() for name, value in reference.state_dict().items()}
-    fitted, _ = convert_state_dict(tensors, model)
-    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    model = load_timm_weights(build_beit(config_for(TINY, FUSED_ATTN=False)), reference)
     assert logits_difference(reference, model, random_batch(2, 32)) <= 1e-4
 
 
@@ -293,6 +298,105 @@ def test_export_with_dynamic_batch(tmp_path):
     loaded = paddle.jit.load(str(tmp_path / 'beit'))
     images = paddle.to_tensor(random_batch(5, 32))
     np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-5)
+
+
+FEATURE_SPEC = {**TINY, 'DEPTH': 4}
+# None: every block; 2: the last two; a list in any order, negative from the end, repeats once (-3 is block 1)
+INDEX_CHOICES = [None, 2, [0, -1], [-1, 0], [-2], [-3, 1]]
+# (norm, stop_early, intermediates_only): every pair of values of any two of them, in four runs instead of eight
+SWITCH_PAIRS = [(False, False, False), (False, True, True), (True, False, True), (True, True, False)]
+
+
+def test_block_indices_are_timms():
+    for indices in [*INDEX_CHOICES, 1, 4, [3], [-4, 2]]:
+        timm_indices, _ = feature_take_indices(4, indices)
+        assert resolve_block_indices(4, indices) == sorted(set(timm_indices)), indices
+
+
+def _flat_arrays(result) -> list[np.ndarray]:
+    """forward_intermediates' result (a tensor, lists and (map, prefix) pairs nested) as a flat list of arrays."""
+    if isinstance(result, list | tuple):
+        return [array for item in result for array in _flat_arrays(item)]
+    return [result.numpy()]
+
+
+def _intermediates_difference(reference, model, images: np.ndarray, **options) -> float:
+    """Max abs difference of every tensor both models' forward_intermediates return; shapes and counts must agree."""
+    with torch.no_grad():
+        theirs = _flat_arrays(reference.forward_intermediates(torch.from_numpy(images), **options))
+    with paddle.no_grad():
+        ours = _flat_arrays(model.forward_intermediates(paddle.to_tensor(images), **options))
+    assert [a.shape for a in ours] == [a.shape for a in theirs], options
+    return max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize('batch_size', [1, 3])
+@pytest.mark.parametrize('kernels', ['paddle', 'cpu_ops'])
+@pytest.mark.parametrize('mean_pooling', [True, False], ids=['mean-pooling', 'cls-token'])
+def test_forward_intermediates_match_timm(mean_pooling, kernels, batch_size):
+    """Every index choice, format, norm, early stop and result form gives timm's tensors (the final tokens too)."""
+    spec = {**FEATURE_SPEC, 'USE_MEAN_POOLING': mean_pooling, 'USE_ABS_POS_EMB': True}
+    reference = timm_model(spec)
+    model = load_timm_weights(build_beit(config_for(spec)), reference).eval()
+    if kernels == 'cpu_ops':
+        cpu_ops.use_cpu_kernels(model)
+    images = random_batch(batch_size, 32)
+    for indices, output_fmt, (norm, stop_early, only) in itertools.product(
+            INDEX_CHOICES, ['NCHW', 'NLC'], SWITCH_PAIRS):
+        options = dict(indices=indices, output_fmt=output_fmt, norm=norm, stop_early=stop_early,
+                       intermediates_only=only)
+        assert _intermediates_difference(reference, model, images, **options) <= 1e-4, options
+    options = dict(indices=[0, -1], return_prefix_tokens=True, norm=True)
+    assert _intermediates_difference(reference, model, images, **options) <= 1e-4
+
+
+def test_forward_intermediates_shapes_and_final_tokens():
+    """NCHW maps are the NLC patch tokens on the grid; the final tokens are forward_tokens' unless stopped early."""
+    model = build_beit(config_for({**FEATURE_SPEC, 'USE_MEAN_POOLING': False})).eval()
+    images = paddle.to_tensor(random_batch(3, 32))
+    final, maps = model.forward_intermediates(images, indices=[1, -1])
+    tokens = model.forward_intermediates(images, indices=[1, -1], output_fmt='NLC', intermediates_only=True)
+    assert [m.shape for m in maps] == [[3, 32, 4, 4]] * 2 and [t.shape for t in tokens] == [[3, 16, 32]] * 2
+    for grid, patches in zip(maps, tokens):
+        np.testing.assert_array_equal(grid.flatten(2).transpose([0, 2, 1]).numpy(), patches.numpy())
+    np.testing.assert_array_equal(final.numpy(), model.forward_tokens(images).numpy())
+    early, _ = model.forward_intermediates(images, indices=[1], stop_early=True)
+    assert not np.allclose(early.numpy(), final.numpy())
+
+
+@pytest.mark.parametrize('options, message', [
+    ({'indices': 0}, 'the last 0 blocks; the model has 1 to 4'),
+    ({'indices': 5}, 'the last 5 blocks; the model has 1 to 4'),
+    ({'indices': [4]}, 'block index 4 is out of range for 4 blocks'),
+    ({'indices': [0, -5]}, 'block index -5 is out of range for 4 blocks'),
+    ({'indices': []}, 'indices is empty'),
+    ({'output_fmt': 'NHWC'}, "output_fmt must be one of \\['NCHW', 'NLC'\\], got 'NHWC'"),
+])
+def test_forward_intermediates_refuse_bad_choices(options, message):
+    model = build_beit(config_for(FEATURE_SPEC))
+    with pytest.raises(ValueError, match=message):
+        model.forward_intermediates(paddle.zeros([1, 3, 32, 32]), **options)
+
+
+@pytest.mark.parametrize('kernels', ['paddle', 'cpu_ops'])
+def test_block_features_export_with_dynamic_batch(tmp_path, kernels):
+    """A forward_intermediates model traced for [None, 3, S, S] gives the dygraph maps for any batch, also saved."""
+    model = build_beit(config_for(FEATURE_SPEC)).eval()
+    if kernels == 'cpu_ops':
+        cpu_ops.use_cpu_kernels(model)
+    features = BlockFeatures(model, [1, -1]).eval()
+    static = paddle.jit.to_static(features, input_spec=[paddle.static.InputSpec([None, 3, 32, 32], 'float32')],
+                                  full_graph=True)
+    paddle.jit.save(static, str(tmp_path / 'features'))
+    loaded = paddle.jit.load(str(tmp_path / 'features'))
+    for batch_size in (1, 3):
+        images = paddle.to_tensor(random_batch(batch_size, 32, seed=batch_size))
+        with paddle.no_grad():
+            expected = [maps.numpy() for maps in features(images)]
+        assert [maps.shape for maps in expected] == [(batch_size, 32, 4, 4)] * 2
+        for traced in (static, loaded):
+            for ours, theirs in zip(traced(images), expected, strict=True):
+                np.testing.assert_allclose(ours.numpy(), theirs, rtol=0, atol=1e-5)
 
 
 def test_wrong_input_size_is_a_clear_error():

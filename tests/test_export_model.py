@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import paddle
 import pytest
 
 import beit
@@ -65,6 +66,35 @@ def test_ema_weights_are_exported_on_request(tmp_path, photo_paths):
     exported = ExportedPredictor(export(tmp_path, checkpoint, '-ema'))(images)
     ema_model, _ = load_model(config, save_weights(tmp_path / 'ema.pdparams', ema_state))
     np.testing.assert_allclose(exported, DygraphPredictor(ema_model)(images), rtol=0, atol=TOLERANCE)
+
+
+def test_block_features_export_matches_dygraph_for_any_batch_size(tmp_path, photo_paths):
+    """-block_features: a backbone program with one [B, D, S/p, S/p] output per block, the dygraph maps for any
+    batch; as a classifier (predict.py) it is refused, not read as logits."""
+    config = tiny_config()
+    weights = save_weights(tmp_path / 'weights.pdparams', trained_like_state(config))
+    exported = ExportedPredictor(export(tmp_path, weights, '-block_features', '-1', '1'))
+    model, _ = load_model(config, weights)
+    images = photo_batch(photo_paths, config)
+    for batch in (images[:1], images[:3]):
+        with paddle.no_grad():
+            expected = model.forward_intermediates(paddle.to_tensor(batch), [1, -1], intermediates_only=True)
+        outputs = exported.run(batch)
+        assert [out.shape for out in outputs] == [(len(batch), 96, 8, 8)] * 2
+        for ours, theirs in zip(outputs, expected, strict=True):
+            np.testing.assert_allclose(ours, theirs.numpy(), rtol=0, atol=TOLERANCE)
+    with pytest.raises(WeightsError, match=r'returns block features \[\[1, 96, 8, 8\], \[1, 96, 8, 8\]\]'):
+        exported(images[:1])
+
+
+def test_blocks_the_model_lacks_exit_2_before_reading_weights(tmp_path, capsys):
+    prefix = str(tmp_path / 'out' / 'm')
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-cfg', TINY_CFG, '-pretrained', str(tmp_path / 'none.pdparams'), '-output', prefix,
+              '-block_features', '1', '4'])
+    assert exit_info.value.code == 2
+    assert '-block_features: block index 4 is out of range for 4 blocks' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
 
 
 def test_missing_weights_exit_2_and_write_nothing(tmp_path, capsys):

@@ -8,8 +8,10 @@ import pytest
 import export_model
 import predict
 from conftest import ROOT
-from inference import bf16_supported
+from datasets import load_rgb_image
+from inference import DygraphPredictor, bf16_supported, load_model
 from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
+from transforms import get_val_transforms
 
 FP32_TOLERANCE = 1e-4  # max abs logit difference, dygraph vs exported fp32
 BF16_RELATIVE_TOLERANCE = 0.02  # max abs logit difference / max abs logit, dygraph vs exported bf16
@@ -140,6 +142,34 @@ def test_training_checkpoint_model_or_ema(capsys, tmp_path, photo_paths):
     assert code == 2 and 'holds no EMA weights' in err
 
 
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # BEiT v2's normalisation
+
+
+def test_the_configs_normalisation_prepares_the_input_of_both_predictors(capsys, tmp_path, photo_paths, weights):
+    """A config with BEiT v2's ImageNet mean/std (as configs/beitv2_*.yaml) normalises predict.py's input, and its
+    export keeps them (PREFIX.yaml): both give the model's logits on the photos normalised that way by hand."""
+    cfg_file = tmp_path / 'v2.yaml'
+    cfg_file.write_text(f'BASE: {TINY_CFG}\nDATA:\n  IMAGENET_MEAN: {IMAGENET_MEAN}\n  IMAGENET_STD: {IMAGENET_STD}\n')
+    prefix = str(tmp_path / 'v2')
+    assert export_model.main(['-cfg', str(cfg_file), '-pretrained', weights, '-output', prefix]) == 0
+    capsys.readouterr()
+    num_classes = tiny_config().MODEL.NUM_CLASSES
+    dygraph = run_json(capsys, '-cfg', cfg_file, '-pretrained', weights, '-topk', num_classes, *photo_paths)
+    exported = run_json(capsys, '-inference_model', prefix, '-topk', num_classes, *photo_paths)
+    unnormalised = tiny_config('DATA.IMAGENET_MEAN', '[0.0, 0.0, 0.0]', 'DATA.IMAGENET_STD', '[1.0, 1.0, 1.0]')
+    pixels = np.stack([get_val_transforms(unnormalised)(load_rgb_image(str(path))) for path in photo_paths])
+    predictor = DygraphPredictor(load_model(tiny_config(), weights)[0])
+    expected = predictor(normalised(pixels, IMAGENET_MEAN, IMAGENET_STD))
+    np.testing.assert_allclose(all_logits(dygraph, num_classes), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(all_logits(exported, num_classes), expected, rtol=0, atol=FP32_TOLERANCE)
+    assert np.abs(predictor(normalised(pixels, [0.5] * 3, [0.5] * 3)) - expected).max() > 0.1  # it shows
+
+
+def normalised(pixels: np.ndarray, mean: list, std: list) -> np.ndarray:
+    """[B, 3, H, W] pixels in [0, 1] normalised per channel, as float32."""
+    return ((pixels - np.reshape(mean, (3, 1, 1))) / np.reshape(std, (3, 1, 1))).astype(np.float32)
+
+
 def test_exported_model_refuses_a_config_with_other_preprocessing(capsys, photo_paths, exported):
     code, _, err = run(capsys, '-inference_model', exported, '-cfg', TINY_CFG, photo_paths[0],
                        '-opts', 'DATA.CROP_PCT', '0.875')  # -opts takes every word after it: last
@@ -155,6 +185,14 @@ def test_missing_exported_model_exit_2(capsys, tmp_path, photo_paths, exported):
     shutil.copy(exported + '.json', str(partial) + '.json')
     code, _, err = run(capsys, '-inference_model', partial, photo_paths[0])
     assert code == 2 and 'partial.pdiparams' in err and 'partial.yaml' in err
+
+
+def test_an_export_of_block_features_is_refused_as_a_classifier(capsys, tmp_path, photo_paths, weights):
+    prefix = str(tmp_path / 'backbone')
+    assert export_model.main(['-cfg', TINY_CFG, '-pretrained', weights, '-output', prefix, '-block_features', '2']) == 0
+    capsys.readouterr()
+    code, out, err = run(capsys, '-inference_model', prefix, photo_paths[0])
+    assert code == 2 and out == '' and 'returns block features [[1, 96, 8, 8]], not logits' in err
 
 
 @pytest.mark.parametrize('argv, message', [
