@@ -5,7 +5,9 @@
 
 Reads unilm ``.pth`` files (a dict holding ``model``, ``module`` or a bare state dict), timm ``.pth`` /
 ``.bin`` files (both need PyTorch) and ``.safetensors`` files (read here, no PyTorch needed). The output is
-written only when the whole checkpoint fits the config.
+written only when the whole checkpoint fits the config. BEiT v2's fine-tuned files (unilm ``beit2/``, timm
+``beitv2_*``) have v1's tensor names and convert alike, with their own configs (configs/beitv2_*.yaml: the
+ImageNet mean/std).
 """
 import argparse
 import collections

@@ -26,22 +26,57 @@ def test_every_shipped_config_loads(cfg_file):
     assert config.DATA.BATCH_SIZE_EVAL > 0 and config.DATA.BATCH_SIZE > 0
 
 
-@pytest.mark.parametrize('name, size, crop, dim, depth, decay, drop_path', [
-    ('beit_base_patch16_224', 224, 0.9, 768, 12, 0.85, 0.1),
-    ('beit_base_patch16_384', 384, 1.0, 768, 12, 0.85, 0.1),
-    ('beit_large_patch16_224', 224, 0.9, 1024, 24, 0.9, 0.4),
-    ('beit_large_patch16_384', 384, 1.0, 1024, 24, 0.9, 0.4),
-    ('beit_large_patch16_512', 512, 1.0, 1024, 24, 0.9, 0.4),
+V1_NORMALISATION = ([0.5] * 3, [0.5] * 3)
+IMAGENET_NORMALISATION = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # BEiT v2 (unilm, timm)
+# unilm's fine-tuning recipes: (LR, the total batch it is the LR of, weight decay, epochs, warm-up epochs)
+V1_FT22K_TO_1K = (2e-5, 512, 1e-8, 30, 5)
+V2_BATCH, V2_WD = 1024, 0.05
+
+
+@pytest.mark.parametrize('name, size, crop, dim, depth, decay, drop_path, normalisation, recipe', [
+    ('beit_base_patch16_224', 224, 0.9, 768, 12, 0.85, 0.1, V1_NORMALISATION, V1_FT22K_TO_1K),
+    ('beit_base_patch16_384', 384, 1.0, 768, 12, 0.85, 0.1, V1_NORMALISATION, V1_FT22K_TO_1K),
+    ('beit_large_patch16_224', 224, 0.9, 1024, 24, 0.9, 0.4, V1_NORMALISATION, V1_FT22K_TO_1K),
+    ('beit_large_patch16_384', 384, 1.0, 1024, 24, 0.9, 0.4, V1_NORMALISATION, V1_FT22K_TO_1K),
+    ('beit_large_patch16_512', 512, 1.0, 1024, 24, 0.9, 0.4, V1_NORMALISATION, V1_FT22K_TO_1K),
+    ('beitv2_base_patch16_224_pt1k_ft1k', 224, 0.9, 768, 12, 0.6, 0.2, IMAGENET_NORMALISATION,
+     (5e-4, V2_BATCH, V2_WD, 100, 20)),
+    ('beitv2_base_patch16_224_pt1k_ft21kto1k', 224, 0.9, 768, 12, 0.75, 0.1, IMAGENET_NORMALISATION,
+     (5e-5, V2_BATCH, V2_WD, 30, 20)),
+    ('beitv2_large_patch16_224_pt1k_ft1k', 224, 0.95, 1024, 24, 0.8, 0.2, IMAGENET_NORMALISATION,
+     (2e-4, V2_BATCH, V2_WD, 50, 5)),
+    ('beitv2_large_patch16_224_pt1k_ft21kto1k', 224, 0.95, 1024, 24, 0.8, 0.25, IMAGENET_NORMALISATION,
+     (7e-5, V2_BATCH, V2_WD, 20, 5)),
 ])
-def test_zoo_configs_hold_the_official_settings(name, size, crop, dim, depth, decay, drop_path):
+def test_zoo_configs_hold_the_official_settings(name, size, crop, dim, depth, decay, drop_path, normalisation,
+                                                recipe):
+    """Crop as timm evaluates the weights (tests/test_transforms.py checks the whole eval transform)."""
     config = get_config(str(ROOT / 'configs' / f'{name}.yaml'))
+    train = config.TRAIN
     assert (size, crop) == (config.DATA.IMAGE_SIZE, config.DATA.CROP_PCT)
     assert (dim, depth, 16) == (config.MODEL.EMBED_DIM, config.MODEL.DEPTH, config.MODEL.PATCH_SIZE)
     assert config.MODEL.USE_MEAN_POOLING and config.MODEL.USE_REL_POS_BIAS and not config.MODEL.USE_ABS_POS_EMB
-    assert config.DATA.INTERPOLATION == 'bicubic' and config.DATA.IMAGENET_MEAN == [0.5, 0.5, 0.5]
-    assert (decay, drop_path) == (config.TRAIN.LAYER_DECAY, config.MODEL.DROPPATH)
-    assert (config.TRAIN.BASE_LR, config.TRAIN.WEIGHT_DECAY, config.TRAIN.NUM_EPOCHS) == (2e-5, 1e-8, 30)
+    assert config.DATA.INTERPOLATION == 'bicubic'
+    assert normalisation == (config.DATA.IMAGENET_MEAN, config.DATA.IMAGENET_STD)
+    assert (decay, drop_path) == (train.LAYER_DECAY, config.MODEL.DROPPATH)
+    assert recipe == (train.BASE_LR, train.LINEAR_SCALED_LR, train.WEIGHT_DECAY, train.NUM_EPOCHS, train.WARMUP_EPOCHS)
     assert (0.1 if dim == 768 else 1e-5) == config.MODEL.INIT_VALUES
+
+
+@pytest.mark.parametrize('name, mixup_cutmix', [
+    ('beitv2_base_patch16_224_pt1k_ft1k', (0.8, 1.0)),
+    ('beitv2_base_patch16_224_pt1k_ft21kto1k', (0.0, 0.0)),
+    ('beitv2_large_patch16_224_pt1k_ft1k', (0.8, 1.0)),
+    ('beitv2_large_patch16_224_pt1k_ft21kto1k', (0.0, 0.0)),
+])
+def test_beitv2_recipes_mix_only_from_the_pre_training(name, mixup_cutmix):
+    """unilm beit2: mixup 0.8 / cutmix 1.0 fine-tuning the pre-training, neither after the 21k intermediate
+    fine-tuning; its other defaults (smoothing, RandAugment, erasing, no clipping, no EMA) in every recipe."""
+    train = get_config(str(ROOT / 'configs' / f'{name}.yaml')).TRAIN
+    assert mixup_cutmix == (train.MIXUP_ALPHA, train.CUTMIX_ALPHA)
+    assert (train.SMOOTHING, train.RAND_AUGMENT, train.RAND_AUGMENT_CONFIG) == (0.1, True, 'rand-m9-mstd0.5-inc1')
+    assert (train.RANDOM_ERASE_PROB, train.GRAD_CLIP, train.MODEL_EMA) == (0.25, 0.0, False)
+    assert (train.WARMUP_START_LR, train.END_LR) == (1e-6, 1e-6)
 
 
 def test_base_inheritance_chain(tmp_path):

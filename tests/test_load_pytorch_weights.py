@@ -13,6 +13,7 @@ import load_pytorch_weights
 from beit import CheckpointMismatchError, build_beit
 from beit_pretrain import build_beit_pretrain
 from checkpoint import load_pretrained
+from config import get_config
 from conftest import ROOT, assert_output_untouched, existing_output, truncated, write_file
 from load_pytorch_weights import ConversionError, convert_file, read_checkpoint
 from timm_reference import (
@@ -27,8 +28,11 @@ from timm_reference import (
     random_batch,
     save_checkpoint,
     timm_model,
+    timm_zoo_model,
     torch_state_dict,
+    unilm_state_dict,
 )
+from transforms import get_val_transforms
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
 
@@ -79,6 +83,40 @@ def test_full_size_base_round_trip(tmp_path, photo_paths):
     assert sum(p.numel() for p in reference.parameters()) == 86_530_984
     assert logits_difference(reference, model, photo_batch(photo_paths[:1], 224)) <= TOLERANCE
     assert logits_difference(reference, model, photo_batch(photo_paths[:5], 224)) <= TOLERANCE
+
+
+@pytest.mark.parametrize('timm_name, cfg_name, num_params, unilm_format, batch_size', [
+    ('beitv2_base_patch16_224', 'beitv2_base_patch16_224_pt1k_ft1k', 86_530_984, 'unilm.pth', 2),
+    ('beitv2_large_patch16_224', 'beitv2_large_patch16_224_pt1k_ft21kto1k', 304_430_568, 'deepspeed.pth', 1),
+])
+def test_beitv2_files_of_unilm_and_timm_give_timms_logits(tmp_path, photos, timm_name, cfg_name, num_params,
+                                                           unilm_format, batch_size):
+    """BEiT v2 at full size: unilm's file and timm's .pth and .safetensors convert to the same tensors without a
+    note (nothing resampled or ignored; unilm's index buffers are left out, as always), and those in the zoo config's
+    model give timm's logits on real photos prepared by the config's eval transform (ImageNet mean/std). One
+    forward per model: large takes seconds on 2 cores."""
+    reference = timm_zoo_model(timm_name)
+    assert sum(p.numel() for p in reference.parameters()) == num_params
+    config = get_config(str(ROOT / 'configs' / f'{cfg_name}.yaml'))
+    model = build_beit(config)
+    weights = _converted_file(tmp_path, unilm_state_dict(reference), unilm_format, model)
+    for fmt in ('timm.pth', 'timm.safetensors'):
+        other = _converted_file(tmp_path, torch_state_dict(reference), fmt, model)
+        assert other.keys() == weights.keys() and all(np.array_equal(other[k], weights[k]) for k in weights), fmt
+    model.set_state_dict({name: paddle.to_tensor(value) for name, value in weights.items()})
+    images = np.stack([get_val_transforms(config)(photo) for photo in photos[:batch_size]])
+    assert logits_difference(reference, model, images, tokens=False) <= TOLERANCE
+
+
+def _converted_file(tmp_path, state_dict: dict, fmt: str, model) -> dict:
+    """``state_dict`` saved as ``fmt``, read back and converted for ``model`` (the file is removed: GBs at full size);
+    the conversion must need no adaptation."""
+    path = tmp_path / f'checkpoint.{fmt}'
+    save_checkpoint(state_dict, path, fmt)
+    weights, notes = load_pytorch_weights.convert_state_dict(read_checkpoint(str(path)), model)
+    path.unlink()
+    assert notes == [], notes
+    return weights
 
 
 def test_every_format_converts_to_the_same_weights(tmp_path):

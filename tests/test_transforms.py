@@ -43,11 +43,18 @@ def _mode_variants(photo: Image.Image, folder, stem: str) -> list:
 # ---------------------------------------------------------------------------------------------------- eval
 
 
-@pytest.mark.parametrize(('config_file', 'model_name'), [('beit_base_patch16_224.yaml', 'beit_base_patch16_224'),
-                                                         ('beit_base_patch16_384.yaml', 'beit_base_patch16_384')])
+@pytest.mark.parametrize(('config_file', 'model_name'), [
+    ('beit_base_patch16_224.yaml', 'beit_base_patch16_224'),
+    ('beit_base_patch16_384.yaml', 'beit_base_patch16_384'),
+    ('beitv2_base_patch16_224_pt1k_ft1k.yaml', 'beitv2_base_patch16_224.in1k_ft_in1k'),
+    ('beitv2_base_patch16_224_pt1k_ft21kto1k.yaml', 'beitv2_base_patch16_224.in1k_ft_in22k_in1k'),
+    ('beitv2_large_patch16_224_pt1k_ft1k.yaml', 'beitv2_large_patch16_224.in1k_ft_in1k'),
+    ('beitv2_large_patch16_224_pt1k_ft21kto1k.yaml', 'beitv2_large_patch16_224.in1k_ft_in22k_in1k'),
+])
 def test_eval_transform_equals_timm(config_file, model_name, photos, tmp_path):
+    """The config's eval transform is timm's for the weights it describes (on the meta device: no weights needed)."""
     config = get_config(str(ROOT / 'configs' / config_file))
-    model_cfg = resolve_data_config({}, model=timm.create_model(model_name, pretrained=False))
+    model_cfg = resolve_data_config({}, model=timm.create_model(model_name, pretrained=False, device='meta'))
     assert (model_cfg['crop_pct'], model_cfg['interpolation']) == (config.DATA.CROP_PCT, config.DATA.INTERPOLATION)
     assert model_cfg['mean'] == tuple(config.DATA.IMAGENET_MEAN) and model_cfg['std'] == tuple(config.DATA.IMAGENET_STD)
     theirs = create_transform(**model_cfg, is_training=False)
@@ -117,11 +124,10 @@ def test_to_rgb_rejects_non_images():
 # ---------------------------------------------------------------------------------------------------- train
 
 
-def _small_config(**train):
-    config = get_config()
+def _small_config(cfg_file=None, **train):
+    config = get_config(cfg_file)
     config.DATA.IMAGE_SIZE = 64
-    for key, value in train.items():
-        config.TRAIN[key] = value
+    config.TRAIN.update(train)
     return config
 
 
@@ -176,20 +182,24 @@ def test_train_config_errors_name_the_key():
         tr.get_train_transforms(_small_config(RANDOM_ERASE_COUNT=0))
 
 
-def test_train_transform_without_augmentation_is_deterministic(photos):
+@pytest.mark.parametrize('cfg_name', [None, 'beitv2_base_patch16_224_pt1k_ft1k.yaml'])
+def test_train_transform_without_augmentation_is_deterministic(photos, cfg_name):
     """Augmentations off (crop = whole image, flip always, no colour ops, no erasing): equal to a pure-PIL
-    reference and to timm's train transform with the same settings."""
+    reference and to timm's train transform with the same settings, normalised as the config says (BEiT v2:
+    the ImageNet mean/std)."""
     for photo in photos:
         ratio = photo.width / photo.height
-        config = _small_config(RAND_AUGMENT=False, COLOR_JITTER=0.0, HFLIP_PROB=1.0, RANDOM_ERASE_PROB=0.0,
-                               RRC_SCALE=[1.0, 1.0], RRC_RATIO=[ratio, ratio])
+        config = _small_config(cfg_name and str(ROOT / 'configs' / cfg_name), RAND_AUGMENT=False, COLOR_JITTER=0.0,
+                               HFLIP_PROB=1.0, RANDOM_ERASE_PROB=0.0, RRC_SCALE=[1.0, 1.0], RRC_RATIO=[ratio, ratio])
         config.DATA.IMAGE_SIZE = 224
+        mean, std = tuple(config.DATA.IMAGENET_MEAN), tuple(config.DATA.IMAGENET_STD)
         result = tr.get_train_transforms(config)(photo)
         flipped = photo.resize((224, 224), BICUBIC).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        reference = (np.asarray(flipped, dtype=np.float32).transpose(2, 0, 1) / 255 - 0.5) / 0.5
+        pixels = np.asarray(flipped, dtype=np.float32).transpose(2, 0, 1) / 255
+        reference = (pixels - np.reshape(mean, (3, 1, 1))) / np.reshape(std, (3, 1, 1))
         assert result.dtype == np.float32 and np.abs(result - reference).max() <= 1e-6
         timm_pipeline = create_transform(224, is_training=True, scale=(1.0, 1.0), ratio=(ratio, ratio), hflip=1.0,
-                                         color_jitter=None, interpolation='bicubic', mean=(0.5,) * 3, std=(0.5,) * 3)
+                                         color_jitter=None, interpolation='bicubic', mean=mean, std=std)
         assert _max_diff(result, timm_pipeline(photo)) <= 1e-6
 
 
@@ -290,3 +300,19 @@ def test_map_pixels_matches_the_dall_e_package_on_arrays_and_tensors():
     assert mapped.dtype == np.float32
     np.testing.assert_allclose(mapped, expected, rtol=1e-6)
     np.testing.assert_allclose(tr.map_pixels(paddle.to_tensor(pixels)).numpy(), expected, rtol=1e-6)
+
+
+def test_linear_probe_pipeline_crops_and_flips_only(small_photos):
+    """unilm's probe training: random resized crop and flip; no RandAugment and no erasing even when the config's
+    fine-tuning recipe has them. A crop of the whole square image, never flipped, is the eval pipeline's image."""
+    config = get_config(str(ROOT / 'configs' / 'beit_tiny_fashion_mnist.yaml'))
+    assert config.TRAIN.RAND_AUGMENT and config.TRAIN.RANDOM_ERASE_PROB > 0
+    config.DATA.IMAGE_SIZE, config.DATA.CROP_PCT = 32, 1.0
+    config.TRAIN.RRC_SCALE, config.TRAIN.RRC_RATIO, config.TRAIN.HFLIP_PROB = [1.0, 1.0], [1.0, 1.0], 0.0
+    config.TRAIN.RANDOM_ERASE_PROB = 1.0
+    photo = small_photos[0].crop((0, 0, min(small_photos[0].size), min(small_photos[0].size)))
+    probe, evaluation = tr.get_linear_probe_transforms(config), tr.get_val_transforms(config)
+    for _ in range(3):
+        np.testing.assert_array_equal(probe(photo), evaluation(photo))
+    config.TRAIN.HFLIP_PROB = 1.0
+    np.testing.assert_array_equal(tr.get_linear_probe_transforms(config)(photo), evaluation(photo)[:, :, ::-1])
