@@ -6,6 +6,7 @@ finished epochs, global step and the config. No RNG state: every epoch seeds eve
 epoch, rank), so a saved state would be overwritten before its first use (and a GPU's does not fit a CPU).
 Files are read and checked completely before a run touches its output folder.
 """
+import hashlib
 import os
 import re
 
@@ -76,7 +77,10 @@ def keep_newest(written: list[str], keep: int) -> list[str]:
 
 
 def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch: int,
-                    global_step: int, config, best: dict | None = None, written: list[str] = ()) -> None:
+                    global_step: int, config, best: dict | None = None, written: list[str] = (),
+                    frozen_weights: dict | None = None) -> None:
+    """``model`` is what a resumed run restores: the whole model, or the trained part of a partly frozen one, whose
+    frozen weights ``frozen_weights`` ({pretrained, digest}) identifies."""
     save_atomically({
         'model': float32_weights(model, optimizer),
         'optimizer': optimizer.state_dict(),
@@ -88,7 +92,19 @@ def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, grad_scaler, m
         'best': best,  # {acc1, epoch, weights}: the best validation so far, which a resumed run carries on
         'written': [os.path.basename(name) for name in written],  # the run's epoch checkpoints, for retention
         'config': config.dump(),
+        'frozen_weights': frozen_weights,
     }, path)
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of ``model``'s state dict (names, dtypes, shapes and bytes): the same weights give the same digest on
+    every device and process."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        values = np.ascontiguousarray(tensor.numpy())
+        digest.update(f'{name} {values.dtype} {values.shape}\n'.encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
 
 
 def _read(path: str, what: str, return_numpy: bool = False):

@@ -10,7 +10,7 @@ import sys
 
 from yacs.config import CfgNode as CN
 
-from config import ConfigError, get_config, merge_opts, merge_yaml, set_value, validate_config
+from config import ConfigError, get_config, lookup, merge_opts, merge_yaml, set_value, validate_config
 from engine import NonFiniteLossError
 from job import INPUT_ERRORS, check_before_launch, execute
 from tasks import Task
@@ -51,15 +51,17 @@ def build_arg_parser(description: str = 'BEiT') -> argparse.ArgumentParser:
     return parser
 
 
-def update_config(config: CN, args: argparse.Namespace) -> CN:
-    """Apply the command-line flags (then -opts) to ``config``, validate and freeze it."""
+def update_config(config: CN, args: argparse.Namespace, task: Task | None = None) -> CN:
+    """Apply the command-line flags (then -opts) to ``config``, then ``task``'s own keys (Task.own_keys) to the
+    shared ones they replace; validate and freeze it."""
+    own_keys = dict(task.own_keys) if task is not None else {}
     config.defrost()
     if getattr(args, 'cfg', None):
         merge_yaml(config, args.cfg)
     for flag, key in _FLAG_TO_KEY.items():
         value = getattr(args, flag, None)
         if value is not None:
-            set_value(config, key, value, f'-{flag}')
+            set_value(config, own_keys.get(key, key), value, f'-{flag}')
     if getattr(args, 'eval', False):
         config.EVAL = True
         if getattr(args, 'batch_size', None) is not None and getattr(args, 'batch_size_eval', None) is None:
@@ -67,17 +69,29 @@ def update_config(config: CN, args: argparse.Namespace) -> CN:
             set_value(config, 'DATA.BATCH_SIZE_EVAL', args.batch_size, '-batch_size')
     if getattr(args, 'amp', False):
         config.AMP = True
-    merge_opts(config, getattr(args, 'opts', None) or [])
-    validate_config(config)
+    opts = getattr(args, 'opts', None) or []
+    _refuse_replaced_keys(opts, own_keys, task)
+    merge_opts(config, opts)
+    validate_config(config)  # before the copies: a bad value is named by the key that was set (checked alike)
+    for shared, own in own_keys.items():
+        set_value(config, shared, lookup(config, own), own)
     config.freeze()
     return config
 
 
-def parse_config(argv, description: str):
-    """The config from the command line (the flags of build_arg_parser), or None after printing why not."""
+def _refuse_replaced_keys(opts, own_keys: dict, task: Task | None) -> None:
+    """A key the task replaces by its own would be silently ignored: -opts must name the task's key."""
+    for key in opts[0::2]:
+        if key in own_keys:
+            raise ConfigError(f'-opts: {task.name} takes {key} from {own_keys[key]}: set {own_keys[key]} instead')
+
+
+def parse_config(argv, description: str, task: Task | None = None):
+    """The config of ``task`` from the command line (the flags of build_arg_parser), or None after printing why
+    not."""
     args = build_arg_parser(description).parse_args(argv)
     try:
-        return update_config(get_config(), args)
+        return update_config(get_config(), args, task)
     except ConfigError as err:
         print(f'error: {err}', file=sys.stderr)
         return None

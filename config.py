@@ -19,6 +19,7 @@ SECOND_INTERPOLATIONS = (*INTERPOLATIONS, 'lanczos')  # transforms.py: the token
 REL_POS_INTERPOLATIONS = ('cubic', 'linear')  # pos_resample.py
 MIXUP_MODES = ('batch', 'pair', 'elem')  # mixup.py
 RANDOM_ERASE_MODES = ('const', 'rand', 'pixel')  # random_erasing.py
+LINPROBE_OPTIMIZERS = ('adamw', 'sgd')  # task_linprobe.py
 
 _C = CN()
 
@@ -116,6 +117,19 @@ _C.PRETRAIN.RANDOM_TOKENIZER = False  # no TOKENIZER_WEIGHTS: allow a random-wei
 _C.PRETRAIN.TOKENIZER_HIDDEN = 256  # DALL-E encoder width (n_hid)
 _C.PRETRAIN.TOKENIZER_BLOCKS_PER_GROUP = 2  # DALL-E encoder depth (n_blk_per_group)
 
+# linear probing (main_linprobe.py): unilm's beit/run_linear_eval.py protocol on the frozen encoder. The run trains
+# LINPROBE.NUM_EPOCHS epochs of LINPROBE.BATCH_SIZE images whatever TRAIN.NUM_EPOCHS and DATA.BATCH_SIZE (the
+# model's own recipe) say; no warm-up, cosine decay to 0, no gradient clipping.
+_C.LINPROBE = CN()
+_C.LINPROBE.BLOCKS = []  # block indices with a classifier (0-based, negative from the end); []: every block
+_C.LINPROBE.NUM_EPOCHS = 100
+_C.LINPROBE.BATCH_SIZE = 128  # per process (unilm's --batch_size_per_gpu); -batch_size sets it in main_linprobe.py
+_C.LINPROBE.OPTIMIZER = 'adamw'
+_C.LINPROBE.BASE_LR = 1e-3  # LR = BASE_LR * total batch / LINEAR_SCALED_LR
+_C.LINPROBE.LINEAR_SCALED_LR = 256  # 0 uses BASE_LR as it is
+_C.LINPROBE.WEIGHT_DECAY = 1e-4  # unilm: 1e-4 with adamw, 0 with sgd
+_C.LINPROBE.MOMENTUM = 0.9  # sgd only
+
 # mixed precision
 _C.AMP = False
 _C.AMP_LEVEL = 'O1'
@@ -145,6 +159,7 @@ _CHOICES = {
     'MODEL.REL_POS_INTERP': REL_POS_INTERPOLATIONS,
     'TRAIN.MIXUP_MODE': MIXUP_MODES,
     'TRAIN.RANDOM_ERASE_MODE': RANDOM_ERASE_MODES,
+    'LINPROBE.OPTIMIZER': LINPROBE_OPTIMIZERS,
     'AMP_LEVEL': ('O1', 'O2'),
     'AMP_DTYPE': ('float16', 'bfloat16'),
 }
@@ -152,13 +167,15 @@ _POSITIVE = ('DATA.BATCH_SIZE', 'DATA.BATCH_SIZE_EVAL', 'DATA.IMAGE_SIZE', 'DATA
              'MODEL.PATCH_SIZE', 'MODEL.EMBED_DIM', 'MODEL.DEPTH', 'MODEL.NUM_HEADS', 'MODEL.MLP_RATIO',
              'TRAIN.ACCUM_ITER', 'SAVE_FREQ', 'REPORT_FREQ', 'VALIDATE_FREQ', 'PRETRAIN.VOCAB_SIZE',
              'PRETRAIN.SECOND_INPUT_SIZE', 'PRETRAIN.NUM_MASK_PATCHES', 'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK',
-             'PRETRAIN.TOKENIZER_HIDDEN', 'PRETRAIN.TOKENIZER_BLOCKS_PER_GROUP')
+             'PRETRAIN.TOKENIZER_HIDDEN', 'PRETRAIN.TOKENIZER_BLOCKS_PER_GROUP', 'LINPROBE.NUM_EPOCHS',
+             'LINPROBE.BATCH_SIZE', 'LINPROBE.BASE_LR')
 _NON_NEGATIVE = ('DATA.NUM_WORKERS', 'MODEL.NUM_CLASSES', 'TRAIN.NUM_EPOCHS', 'TRAIN.WARMUP_EPOCHS',
                  'TRAIN.WEIGHT_DECAY', 'TRAIN.BASE_LR', 'TRAIN.LINEAR_SCALED_LR', 'TRAIN.GRAD_CLIP',
-                 'TRAIN.LAST_EPOCH', 'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK', 'KEEP_CHECKPOINTS')
+                 'TRAIN.LAST_EPOCH', 'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK', 'KEEP_CHECKPOINTS',
+                 'LINPROBE.LINEAR_SCALED_LR', 'LINPROBE.WEIGHT_DECAY')
 _PROBABILITIES = ('DATA.CROP_PCT', 'MODEL.DROPOUT', 'MODEL.ATTENTION_DROPOUT', 'MODEL.DROPPATH',
                   'TRAIN.LAYER_DECAY', 'TRAIN.MODEL_EMA_DECAY', 'TRAIN.SMOOTHING', 'TRAIN.MIXUP_PROB',
-                  'TRAIN.MIXUP_SWITCH_PROB', 'TRAIN.RANDOM_ERASE_PROB', 'TRAIN.HFLIP_PROB')
+                  'TRAIN.MIXUP_SWITCH_PROB', 'TRAIN.RANDOM_ERASE_PROB', 'TRAIN.HFLIP_PROB', 'LINPROBE.MOMENTUM')
 
 
 class ConfigError(ValueError):
@@ -169,7 +186,8 @@ def get_default_config() -> CN:
     return _C.clone()
 
 
-def _lookup(config: CN, key: str):
+def lookup(config: CN, key: str):
+    """The value of a dotted key (it must exist)."""
     node = config
     for part in key.split('.'):
         node = node[part]
@@ -282,17 +300,17 @@ def merge_opts(config: CN, opts: Sequence[str]) -> None:
 def validate_config(config: CN) -> None:
     """Reject values that YACS types allow but the model or trainer cannot use."""
     for key, choices in _CHOICES.items():
-        if _lookup(config, key) not in choices:
-            raise ConfigError(f'{key} must be one of {list(choices)}, got {_lookup(config, key)!r}')
+        if lookup(config, key) not in choices:
+            raise ConfigError(f'{key} must be one of {list(choices)}, got {lookup(config, key)!r}')
     for key in _POSITIVE:
-        if not _lookup(config, key) > 0:
-            raise ConfigError(f'{key} must be positive, got {_lookup(config, key)!r}')
+        if not lookup(config, key) > 0:
+            raise ConfigError(f'{key} must be positive, got {lookup(config, key)!r}')
     for key in _NON_NEGATIVE:
-        if _lookup(config, key) < 0:
-            raise ConfigError(f'{key} must not be negative, got {_lookup(config, key)!r}')
+        if lookup(config, key) < 0:
+            raise ConfigError(f'{key} must not be negative, got {lookup(config, key)!r}')
     for key in _PROBABILITIES:
-        if not 0.0 <= _lookup(config, key) <= 1.0:
-            raise ConfigError(f'{key} must lie in [0, 1], got {_lookup(config, key)!r}')
+        if not 0.0 <= lookup(config, key) <= 1.0:
+            raise ConfigError(f'{key} must lie in [0, 1], got {lookup(config, key)!r}')
     if config.MODEL.INIT_VALUES is not None and config.MODEL.INIT_VALUES < 0:
         raise ConfigError(f'MODEL.INIT_VALUES must be positive (layer scale init), or 0 or null for no layer scale; '
                           f'got {config.MODEL.INIT_VALUES!r}')
@@ -304,8 +322,8 @@ def validate_config(config: CN) -> None:
                           f'MODEL.NUM_HEADS {config.MODEL.NUM_HEADS}')
     for key, length in (('DATA.IMAGENET_MEAN', 3), ('DATA.IMAGENET_STD', 3), ('TRAIN.OPTIMIZER.BETAS', 2),
                         ('TRAIN.RRC_SCALE', 2), ('TRAIN.RRC_RATIO', 2)):
-        if len(_lookup(config, key)) != length:
-            raise ConfigError(f'{key} needs {length} values, got {list(_lookup(config, key))}')
+        if len(lookup(config, key)) != length:
+            raise ConfigError(f'{key} needs {length} values, got {list(lookup(config, key))}')
     if config.TRAIN.CUTMIX_MINMAX and len(config.TRAIN.CUTMIX_MINMAX) != 2:
         raise ConfigError(f'TRAIN.CUTMIX_MINMAX needs [min, max] or [], got {list(config.TRAIN.CUTMIX_MINMAX)}')
 

@@ -34,23 +34,26 @@ def sum_over_leading_axes(t: paddle.Tensor, kept_axes: int = 1) -> paddle.Tensor
 
 
 class _Linear(PyLayer):
+    """Gradients only for the inputs that need one (Paddle requires None for the others): a linear probe's
+    features and a frozen layer's weights need none, and their GEMMs are skipped."""
+
     @staticmethod
     def forward(ctx, x, weight, bias):
         rows = x.reshape([-1, x.shape[-1]])
         out = paddle.matmul(rows, weight) if bias is None else paddle.addmm(bias, rows, weight)
         ctx.save_for_backward(rows, weight)
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        ctx.x_shape = x.shape
+        ctx.needs_grad = [not tensor.stop_gradient for tensor in (x, weight, bias) if tensor is not None]
         return out.reshape([*x.shape[:-1], weight.shape[1]])
 
     @staticmethod
     def backward(ctx, grad):
         rows, weight = ctx.saved_tensor()
         grad = grad.reshape([-1, grad.shape[-1]])
-        grad_x = paddle.matmul(grad, weight, transpose_y=True).reshape(ctx.x_shape)
-        grad_weight = paddle.matmul(rows, grad, transpose_x=True)
-        if not ctx.has_bias:
-            return grad_x, grad_weight
-        return grad_x, grad_weight, sum_over_leading_axes(grad).reshape([-1])
+        grads = [lambda: paddle.matmul(grad, weight, transpose_y=True).reshape(ctx.x_shape),
+                 lambda: paddle.matmul(rows, grad, transpose_x=True),
+                 lambda: sum_over_leading_axes(grad).reshape([-1])]
+        return tuple(compute() if needed else None for compute, needed in zip(grads, ctx.needs_grad))
 
 
 def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:

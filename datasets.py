@@ -405,11 +405,13 @@ def lists_checked_once_per_machine(local_rank: int, multi_process: bool):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def get_dataset(config, mode: str) -> LabeledImageDataset:
-    """The checked train or val dataset of ``config`` with its transforms (from transforms.py)."""
+def get_dataset(config, mode: str, build_transform: Callable | None = None) -> LabeledImageDataset:
+    """The checked train or val dataset of ``config`` with the transform ``build_transform(config)`` gives, by
+    default the split's own from transforms.py."""
     samples, source = _checked_samples(config, mode, config.MODEL.NUM_CLASSES)
-    transform = get_train_transforms(config) if mode == 'train' else get_val_transforms(config)
-    return LabeledImageDataset(samples, transform, config.DATA.BAD_IMAGE_POLICY, source)
+    if build_transform is None:
+        build_transform = get_train_transforms if mode == 'train' else get_val_transforms
+    return LabeledImageDataset(samples, build_transform(config), config.DATA.BAD_IMAGE_POLICY, source)
 
 
 def build_mask_generator(config) -> MaskingGenerator:

@@ -31,13 +31,13 @@ from checkpoint import (
     load_training_checkpoint,
     resolve_resume_path,
     save_checkpoint,
+    weights_digest,
 )
 from config import ConfigError
 from datasets import DatasetError, get_dataloader, lists_checked_once_per_machine
 from engine import Amp, NonFiniteLossError, Objective, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
 from inference import PredictorAsModel, WeightsError
 from model_ema import ModelEma
-from optim import build_lr_scheduler, build_optimizer
 from run_folder import RunFolderBusyError
 from tasks import Task
 from utils import (
@@ -60,7 +60,8 @@ class Job:
     """A checked run, built in memory: ``model`` is the bare model (for -eval with EVAL_BACKEND inference*, its
     Paddle Inference copy), ``objective`` the task's, ``trainer`` (training only) holds what the optimizer steps
     need; ``last_checkpoint`` is the newest checkpoint this run can fall back on. A task without evaluation
-    (pre-training) has no val set."""
+    (pre-training) has no val set. ``saved_part`` is what checkpoints hold (the model, or a partly frozen model's
+    trained part, whose frozen part ``frozen_weights`` describes: {pretrained, digest})."""
 
     config: object
     world: World
@@ -80,6 +81,8 @@ class Job:
     best: dict | None = None  # {<metric>, epoch, weights} of the best validation so far, carried over by -resume
     written: list = field(default_factory=list)  # epoch checkpoints this run wrote, oldest first
     lock: object = None  # the main process's hold on the output folder (run_folder.lock)
+    saved_part: object = None
+    frozen_weights: dict | None = None
 
 
 def init_world(multi_process: bool) -> World:
@@ -114,18 +117,45 @@ def _load_starting_weights(config, model, logger: logging.Logger) -> int | None:
     return epoch
 
 
-def _resumed_checkpoint(config, model, logger: logging.Logger) -> tuple[dict | None, str]:
-    """(checkpoint, path) of -resume with its weights loaded into ``model``; (None, '') without -resume."""
+def _resumed_checkpoint(config, model, logger: logging.Logger, whole: bool) -> tuple[dict | None, str]:
+    """(checkpoint, path) of -resume with its weights loaded into ``model`` (the ``whole`` model, or the trained
+    part of a partly frozen one); (None, '') without -resume."""
     if not config.MODEL.RESUME:
         return None, ''
     path = resolve_resume_path(config.MODEL.RESUME)
     checkpoint = load_training_checkpoint(path)
     check_exact_fit(checkpoint['model'], model, path)
     model.set_state_dict(checkpoint['model'])
-    if config.MODEL.PRETRAINED:
+    if config.MODEL.PRETRAINED and whole:
         logger.info(f'-resume given: -pretrained {config.MODEL.PRETRAINED} is not used')
     logger.info(f'resumed from {path}: {checkpoint["epoch"]} epochs, {checkpoint["global_step"]} steps done')
     return checkpoint, path
+
+
+def _check_same_frozen_weights(checkpoint: dict, frozen_weights: dict, path: str) -> None:
+    """A partly frozen model's checkpoint trained its part on particular frozen weights: resuming it on others
+    would continue on other features."""
+    saved = checkpoint.get('frozen_weights') or {}
+    if saved.get('digest') != frozen_weights['digest']:
+        source = saved.get('pretrained') or 'none: the seeded random initialisation'
+        raise CheckpointError(f'-resume: {path} was trained on other frozen weights than this run loaded '
+                              f'(-pretrained {frozen_weights["pretrained"] or "none"}); resume with the -pretrained '
+                              f'of that run ({source})')
+
+
+def _start_from(config, model, task: Task, logger: logging.Logger) -> tuple[dict | None, str, object, dict | None]:
+    """(checkpoint or None, its path, the part checkpoints hold, the frozen part's record or None) of a training
+    run: -resume loaded into the trained part, -pretrained into the frozen one (the whole model unless resumed)."""
+    frozen, trained = task.split(model) if task.split is not None else (model, model)
+    checkpoint, path = _resumed_checkpoint(config, trained, logger, whole=trained is model)
+    if checkpoint is None or trained is not model:
+        _load_starting_weights(config, frozen, logger)
+    if trained is model:
+        return checkpoint, path, model, None
+    record = {'pretrained': config.MODEL.PRETRAINED, 'digest': weights_digest(frozen)}
+    if checkpoint is not None:
+        _check_same_frozen_weights(checkpoint, record, path)
+    return checkpoint, path, trained, record
 
 
 def _refuse_to_overwrite(output_dir: str, first_epoch: int, last_epoch: int, resuming: bool) -> None:
@@ -154,11 +184,11 @@ def _restore_training_state(trainer: Trainer, checkpoint: dict, logger: logging.
 
 
 def _build_trainer(config, model, world: World, amp: Amp, steps_per_epoch: int, checkpoint: dict | None,
-                   logger: logging.Logger, objective: Objective) -> tuple[Trainer, dict]:
-    """Optimizer, schedule, scaler, EMA (from the loaded weights) and the objective around ``model``."""
+                   logger: logging.Logger, objective: Objective, task: Task) -> tuple[Trainer, dict]:
+    """The task's optimizer and schedule, scaler, EMA (from the loaded weights) and the objective around
+    ``model``."""
     model_ema = ModelEma(model, config.TRAIN.MODEL_EMA_DECAY) if config.TRAIN.MODEL_EMA else None
-    lr_scheduler = build_lr_scheduler(config, steps_per_epoch, world.size)
-    optimizer, settings = build_optimizer(config, model, lr_scheduler)
+    optimizer, lr_scheduler, settings = task.build_optimizer(config, model, steps_per_epoch, world.size)
     grad_scaler = paddle.amp.GradScaler(
         enable=amp.enabled and amp.dtype == 'float16', init_loss_scaling=config.AMP_INIT_SCALE,
         incr_every_n_steps=config.AMP_INCR_EVERY_N_STEPS, decr_every_n_nan_or_inf=config.AMP_DECR_EVERY_N_NAN_OR_INF)
@@ -212,9 +242,10 @@ def check_before_launch(config, task: Task) -> None:
     it before it starts any; the processes check the rest (the files' contents) before they write anything."""
     check_run_config(config, task)
     _datasets(config, World(), task)
-    if config.MODEL.RESUME and not config.EVAL:
+    resuming = config.MODEL.RESUME and not config.EVAL
+    if resuming:
         resolve_resume_path(config.MODEL.RESUME)
-    elif config.MODEL.PRETRAINED:
+    if config.MODEL.PRETRAINED and (not resuming or task.split is not None):
         check_pretrained_path(config.MODEL.PRETRAINED)
 
 
@@ -248,20 +279,20 @@ def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
     if steps_per_epoch == 0:
         raise DatasetError(f'{len(train_loader)} batches per epoch are fewer than TRAIN.ACCUM_ITER '
                            f'{config.TRAIN.ACCUM_ITER}: no optimizer step would run')
-    checkpoint, resume_path = _resumed_checkpoint(config, model, logger)
-    if checkpoint is None:
-        _load_starting_weights(config, model, logger)
+    checkpoint, resume_path, saved_part, frozen_weights = _start_from(config, model, task, logger)
     start_epoch = checkpoint['epoch'] if checkpoint is not None else config.TRAIN.LAST_EPOCH
     if start_epoch >= config.TRAIN.NUM_EPOCHS:
         raise ConfigError(f'{start_epoch} epochs are already done and TRAIN.NUM_EPOCHS is '
                           f'{config.TRAIN.NUM_EPOCHS}: nothing to train')
     _refuse_to_overwrite(config.SAVE, start_epoch + 1, config.TRAIN.NUM_EPOCHS, resuming=checkpoint is not None)
-    trainer, settings = _build_trainer(config, model, world, amp, steps_per_epoch, checkpoint, logger, objective)
+    trainer, settings = _build_trainer(config, model, world, amp, steps_per_epoch, checkpoint, logger, objective,
+                                       task)
     resumed = checkpoint or {}
     return Job(config, world, logger, amp, model, objective, val_set, val_loader, train_set, train_loader, trainer,
                settings,
                start_epoch, steps_per_epoch, resume_path, best=resumed.get('best'),
-               written=checkpoints_written_before(resumed, resume_path, config.SAVE) if checkpoint else [])
+               written=checkpoints_written_before(resumed, resume_path, config.SAVE) if checkpoint else [],
+               saved_part=saved_part, frozen_weights=frozen_weights)
 
 
 def open_output(job: Job) -> None:
@@ -300,7 +331,8 @@ def _record(job: Job, record: dict) -> None:
 
 def _evaluate_and_log(job: Job, model, label: str) -> dict:
     result = evaluate(model, job.val_loader, job.world, job.amp, job.objective)
-    metrics = ' '.join(f'{key} {result[key]:.4f}' for key in job.objective.logged)
+    metrics = ' '.join(f'{key} {result[key]}' if isinstance(result[key], int) else f'{key} {result[key]:.4f}'
+                       for key in job.objective.logged)
     job.logger.info(f'{label}: {metrics} on {result["num_samples"]} images ({result["images_per_sec"]:.1f} images/s)')
     return result
 
@@ -324,9 +356,10 @@ def _metric_fields(result: dict) -> dict:
 
 def _write_checkpoint(job: Job, path: str, epoch: int, written: list[str]) -> None:
     trainer = job.trainer
-    save_checkpoint(path, model=trainer.module, optimizer=trainer.optimizer, lr_scheduler=trainer.lr_scheduler,
+    save_checkpoint(path, model=job.saved_part, optimizer=trainer.optimizer, lr_scheduler=trainer.lr_scheduler,
                     grad_scaler=trainer.grad_scaler, model_ema=trainer.model_ema, epoch=epoch,
-                    global_step=trainer.global_step, config=job.config, best=job.best, written=written)
+                    global_step=trainer.global_step, config=job.config, best=job.best, written=written,
+                    frozen_weights=job.frozen_weights)
 
 
 def _save(job: Job, epoch: int) -> None:

@@ -51,8 +51,9 @@ def _spawned_process(config, task: Task) -> None:
 
 
 def main(argv=None, task: Task = FINE_TUNING, description: str = 'Train or evaluate BEiT in several processes') -> int:
-    """Run ``task`` (fine-tuning or evaluation; main_pretrain.py passes pre-training) as the command line says."""
-    config = parse_config(argv, description)
+    """Run ``task`` (fine-tuning or evaluation; main_pretrain.py and main_linprobe.py pass theirs) as the command
+    line says."""
+    config = parse_config(argv, description, task)
     if config is None:
         return EXIT_BAD_INPUT
     if launched_by_paddle():

@@ -10,7 +10,7 @@ from task_finetune import FINE_TUNING
 
 
 def main(argv=None) -> int:
-    config = parse_config(argv, 'Train or evaluate BEiT in one process')
+    config = parse_config(argv, 'Train or evaluate BEiT in one process', FINE_TUNING)
     if config is None:
         return EXIT_BAD_INPUT
     return run(config, multi_process=False, task=FINE_TUNING)

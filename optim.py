@@ -94,6 +94,14 @@ def build_optimizer(config, model: nn.Layer, lr_scheduler: LRScheduler) -> tuple
     return optimizer, settings
 
 
+def build_training_optimizer(config, model: nn.Layer, steps_per_epoch: int,
+                             world_size: int) -> tuple[paddle.optimizer.AdamW, WarmupCosineLR, dict]:
+    """(optimizer, scheduler, settings table) of fine-tuning and pre-training: build_optimizer on build_lr_scheduler."""
+    lr_scheduler = build_lr_scheduler(config, steps_per_epoch, world_size)
+    optimizer, settings = build_optimizer(config, model, lr_scheduler)
+    return optimizer, lr_scheduler, settings
+
+
 def float32_weights(model: nn.Layer, optimizer: paddle.optimizer.Optimizer) -> dict:
     """``model``'s state dict as the optimizer updates it: under AMP O2 the parameters are float16/bfloat16 copies
     and the float32 master weights live in the optimizer state (Paddle keeps them by parameter name), so those

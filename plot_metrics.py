@@ -1,10 +1,13 @@
-"""Loss and accuracy curves of a run (fine-tuning, or pre-training's MLM accuracy), from its metrics.jsonl, as a PNG.
+"""Loss and accuracy curves of a run (fine-tuning, or pre-training's MLM accuracy), from its metrics.jsonl, as a PNG;
+for a linear-probing run also the val top-1 of each probed block at its last evaluation.
 
-    python plot_metrics.py -output ./output        # writes ./output/curves.png
+    python plot_metrics.py -output ./output        # writes ./output/curves.png (and blocks.png)
+    python plot_metrics.py -output ./probe_a -compare ./probe_b   # blocks.png: both runs' blocks, one line each
 """
 import argparse
 import json
 import os
+import re
 import sys
 
 import matplotlib
@@ -41,7 +44,8 @@ def plot_curves(records: list, png_path: str) -> None:
         if epochs:  # a run without evaluation (pre-training) or EMA has no such line
             loss_axes.plot(epochs, values, marker='.', label=label)
     for split, key, label in (('train', 'acc1', 'train (mixed targets)'), ('val', 'acc1', 'val'),
-                              ('val', 'ema_acc1', 'val EMA'), ('train', 'mlm_acc', 'train MLM (masked patches)')):
+                              ('val', 'ema_acc1', 'val EMA'), ('train', 'mlm_acc', 'train MLM (masked patches)'),
+                              ('val', 'best_acc1', 'val, best probed block')):
         epochs, values = series(records, split, key)
         if epochs:
             acc_axes.plot(epochs, [100 * v for v in values], marker='.', label=label)
@@ -55,18 +59,65 @@ def plot_curves(records: list, png_path: str) -> None:
     plt.close(figure)
 
 
+BLOCK_ACCURACY = re.compile(r'^acc1_block(\d+)$')  # a linear-probing run's per-block val top-1 (task_linprobe.py)
+
+
+def block_accuracies(records: list) -> tuple:
+    """(epoch, blocks, top-1 of each) of the last evaluation that has per-block accuracies; (None, (), ()) if
+    none does (not a linear-probing run)."""
+    for record in reversed(records):
+        found = sorted((int(match.group(1)), value) for key, value in record.items()
+                       if record.get('split') == 'val' and (match := BLOCK_ACCURACY.match(key)))
+        if found:
+            blocks, values = zip(*found)
+            return record['epoch'], blocks, values
+    return None, (), ()
+
+
+def plot_block_accuracy(runs: dict, png_path: str) -> None:
+    """Val top-1 per probed block, one line per run ({label: records}), from each run's last evaluation."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, records in runs.items():
+        epoch, blocks, values = block_accuracies(records)
+        axes.plot(blocks, [100 * v for v in values], marker='o', label=f'{label} (epoch {epoch})')
+    axes.set(xlabel='block (0 = first)', ylabel='val top-1 (%)', title='linear probe accuracy per block', ylim=(0, 100))
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+
+
+def _read_runs(folders: list) -> dict:
+    """{folder name: records} of each run folder's metrics.jsonl."""
+    return {os.path.basename(os.path.normpath(folder)): read_metrics(os.path.join(folder, 'metrics.jsonl'))
+            for folder in folders}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser('Plot a run\'s loss and accuracy curves')
     parser.add_argument('-output', required=True, help='the run folder holding metrics.jsonl')
+    parser.add_argument('-compare', nargs='+', default=[], metavar='FOLDER',
+                        help='other linear-probing runs to draw in blocks.png')
     args = parser.parse_args(argv)
     try:
-        records = read_metrics(os.path.join(args.output, 'metrics.jsonl'))
+        runs = _read_runs([args.output, *args.compare])
     except (FileNotFoundError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    png_path = os.path.join(args.output, 'curves.png')
-    plot_curves(records, png_path)
-    print(f'wrote {png_path}')
+    records = next(iter(runs.values()))
+    unprobed = [label for label, run in runs.items() if block_accuracies(run)[0] is None]
+    if args.compare and unprobed:
+        print(f'error: -compare draws linear-probing runs; no per-block accuracy in {", ".join(unprobed)}',
+              file=sys.stderr)
+        return 2
+    written = [os.path.join(args.output, 'curves.png')]
+    plot_curves(records, written[0])
+    if not unprobed:
+        written.append(os.path.join(args.output, 'blocks.png'))
+        plot_block_accuracy(runs, written[1])
+    print(f'wrote {", ".join(written)}')
     return 0
 
 

@@ -4,7 +4,8 @@
 return a normalised float32 CHW numpy array (numpy rather than a Paddle tensor keeps DataLoader workers light).
 Paddle's vision transforms do the crops, flips, resizes, colour jitter and normalisation; RandAugment and
 AutoAugment come from auto_augment.py. ``get_pretrain_transforms`` returns the pair (patch view, tokenizer view)
-of one random crop, as unilm's pre-training does.
+of one random crop, as unilm's pre-training does; ``get_linear_probe_transforms`` the crop-and-flip pipeline of
+unilm's linear probing.
 """
 import math
 from collections.abc import Callable
@@ -85,20 +86,31 @@ def _normalise(config) -> list:
     return [to_chw_float, T.Normalize(mean=list(config.DATA.IMAGENET_MEAN), std=list(config.DATA.IMAGENET_STD))]
 
 
-def get_train_transforms(config) -> Callable[[Image.Image], np.ndarray]:
-    """PIL image -> float32 CHW array: random resized crop, flip, colour augmentation, normalise, erase."""
+def _crop_and_flip(config) -> list:
+    """RGB, random resized crop to DATA.IMAGE_SIZE (TRAIN.RRC_SCALE, RRC_RATIO), horizontal flip (HFLIP_PROB)."""
     train = config.TRAIN
     steps = [to_rgb, T.RandomResizedCrop(config.DATA.IMAGE_SIZE, scale=tuple(train.RRC_SCALE),
                                          ratio=tuple(train.RRC_RATIO), interpolation=config.DATA.INTERPOLATION)]
     if train.HFLIP_PROB > 0:
         steps.append(T.RandomHorizontalFlip(train.HFLIP_PROB))
-    steps += _colour_augmentation(config)
-    steps += _normalise(config)
+    return steps
+
+
+def get_train_transforms(config) -> Callable[[Image.Image], np.ndarray]:
+    """PIL image -> float32 CHW array: random resized crop, flip, colour augmentation, normalise, erase."""
+    train = config.TRAIN
+    steps = _crop_and_flip(config) + _colour_augmentation(config) + _normalise(config)
     if train.RANDOM_ERASE_PROB > 0:
         steps.append(_from_config_key('TRAIN.RANDOM_ERASE_COUNT', RandomErasing, train.RANDOM_ERASE_PROB,
                                       mode=train.RANDOM_ERASE_MODE, max_count=train.RANDOM_ERASE_COUNT,
                                       num_splits=2 if train.RANDOM_ERASE_SPLIT else 0))
     return T.Compose(steps)
+
+
+def get_linear_probe_transforms(config) -> Callable[[Image.Image], np.ndarray]:
+    """PIL image -> float32 CHW array for training a linear probe: random resized crop, flip, normalise, and no
+    other augmentation (unilm's run_linear_eval.py)."""
+    return T.Compose(_crop_and_flip(config) + _normalise(config))
 
 
 def get_val_transforms(config) -> Callable[[Image.Image], np.ndarray]:

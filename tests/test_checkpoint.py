@@ -13,6 +13,7 @@ from checkpoint import (
     load_training_checkpoint,
     resolve_resume_path,
     save_checkpoint,
+    weights_digest,
 )
 from config import get_config
 from conftest import ROOT
@@ -192,3 +193,11 @@ def test_a_pretraining_checkpoint_starts_fine_tuning(tmp_path):
         np.testing.assert_array_equal(block.mlp.fc1.weight.numpy(), trained.mlp.fc1.weight.numpy())
     np.testing.assert_array_equal(model.fc_norm.weight.numpy(), fresh_fc_norm)
     assert not any(name.startswith(('mask_token', 'lm_head', 'rel_pos_bias')) for name in model.state_dict())
+
+
+def test_weights_digest_follows_every_value():
+    """-resume of a partly frozen model compares the frozen part's digest: equal weights, equal digests."""
+    (_, first), (_, second) = tiny(), tiny()
+    assert weights_digest(first) == weights_digest(second)
+    second.blocks[3].mlp.fc2.bias.set_value(second.blocks[3].mlp.fc2.bias + 1e-7)
+    assert weights_digest(first) != weights_digest(second)

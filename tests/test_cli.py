@@ -1,5 +1,6 @@
 """The command line: single-dash flags and -opts over a config file, validated and frozen, errors naming the key."""
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -7,6 +8,8 @@ from beit import build_beit
 from cli import build_arg_parser, update_config
 from config import ConfigError, get_config
 from conftest import ROOT
+from task_finetune import FINE_TUNING
+from tiny_data import TINY_CONFIG
 
 
 def parse(*argv):
@@ -70,3 +73,22 @@ def test_missing_config_file():
 def test_bad_flag_value_names_the_key():
     with pytest.raises(ConfigError, match='DATA.BATCH_SIZE_EVAL must be positive, got 0'):
         update_config(get_config(), parse('-batch_size_eval', '0'))
+
+
+PROBE_LIKE = replace(FINE_TUNING, name='probing', own_keys=(('TRAIN.NUM_EPOCHS', 'LINPROBE.NUM_EPOCHS'),
+                                                          ('DATA.BATCH_SIZE', 'LINPROBE.BATCH_SIZE')))
+
+
+def test_a_tasks_own_keys_replace_the_shared_ones():
+    """The file's recipe (TRAIN.NUM_EPOCHS 10, DATA.BATCH_SIZE 32) gives way; a flag sets the task's key."""
+    config = update_config(get_config(), parse('-cfg', TINY_CONFIG, '-opts', 'LINPROBE.NUM_EPOCHS', '7'), PROBE_LIKE)
+    assert (config.TRAIN.NUM_EPOCHS, config.DATA.BATCH_SIZE) == (7, 128)
+    config = update_config(get_config(), parse('-cfg', TINY_CONFIG, '-batch_size', '16'), PROBE_LIKE)
+    assert config.DATA.BATCH_SIZE == config.LINPROBE.BATCH_SIZE == 16
+    assert update_config(get_config(), parse('-cfg', TINY_CONFIG)).TRAIN.NUM_EPOCHS == 10  # other tasks: the file's
+
+
+def test_opts_naming_a_replaced_key_are_refused():
+    with pytest.raises(ConfigError, match=re.escape('-opts: probing takes TRAIN.NUM_EPOCHS from LINPROBE.NUM_EPOCHS: '
+                                                    'set LINPROBE.NUM_EPOCHS instead')):
+        update_config(get_config(), parse('-opts', 'TRAIN.NUM_EPOCHS', '3'), PROBE_LIKE)

@@ -56,6 +56,23 @@ def test_linear_without_bias():
     np.testing.assert_allclose(grad_w, np.einsum('bni,bno->io', x.numpy(), upstream.numpy()), rtol=1e-12)
 
 
+@pytest.mark.parametrize('frozen', ['input', 'weight'])
+def test_linear_gives_no_gradient_to_what_needs_none(frozen):
+    """A linear probe's input features (and a frozen layer's weight) carry stop_gradient: Paddle requires the
+    autograd function to return None for them, and the other gradients stay Paddle's."""
+    rng = np.random.default_rng(3)
+    x, weight, bias = _tensor(rng, (4, 3, 5), 'float64'), _tensor(rng, (5, 2), 'float64'), _tensor(rng, (2,), 'float64')
+    (x if frozen == 'input' else weight).stop_gradient = True
+    upstream = paddle.to_tensor(rng.standard_normal((4, 3, 2)))
+    expected = [paddle.grad(F.linear(x, weight, bias), t, upstream)[0].numpy() for t in (x, weight, bias)
+                if not t.stop_gradient]
+    cpu_ops.linear(x, weight, bias).backward(upstream)
+    grads = [t.grad for t in (x, weight, bias)]
+    assert grads[0 if frozen == 'input' else 1] is None
+    for grad, value in zip([g for g in grads if g is not None], expected, strict=True):
+        np.testing.assert_allclose(grad.numpy(), value, rtol=1e-12)
+
+
 def test_sum_over_leading_axes_is_a_column_sum():
     values = np.random.default_rng(2).standard_normal((3, 4, 5))
     summed = cpu_ops.sum_over_leading_axes(paddle.to_tensor(values), kept_axes=2)

@@ -3,7 +3,7 @@ import json
 
 from PIL import Image
 
-from plot_metrics import main, read_metrics, series
+from plot_metrics import block_accuracies, main, read_metrics, series
 
 RECORDS = [
     {'split': 'train', 'epoch': 1, 'loss': 2.0, 'acc1': 0.3},
@@ -39,3 +39,30 @@ def test_missing_or_broken_metrics_are_named(tmp_path, capsys):
     assert main(['-output', str(tmp_path)]) == 2
     assert 'line 5 is not JSON' in capsys.readouterr().err
     assert not (tmp_path / 'curves.png').exists()
+
+
+PROBE_RECORDS = [
+    {'split': 'train', 'epoch': 1, 'loss': 9.0, 'best_acc1': 0.3},
+    {'split': 'val', 'epoch': 1, 'loss': 8.0, 'best_acc1': 0.4, 'best_block': 1, 'acc1_block0': 0.2,
+     'acc1_block1': 0.4, 'acc5_block1': 0.9},
+    {'split': 'val', 'epoch': 2, 'loss': 7.0, 'best_acc1': 0.6, 'best_block': 10, 'acc1_block2': 0.3,
+     'acc1_block10': 0.6},
+]
+
+
+def test_block_accuracy_is_the_last_evaluations_in_block_order():
+    assert block_accuracies(PROBE_RECORDS) == (2, (2, 10), (0.3, 0.6))
+    assert block_accuracies(RECORDS) == (None, (), ())
+
+
+def test_a_probing_run_also_gets_its_block_plot_and_compares_with_others(tmp_path, capsys):
+    for name, records in (('pretrained', PROBE_RECORDS), ('random', PROBE_RECORDS[:2]), ('fine_tune', RECORDS)):
+        (tmp_path / name).mkdir()
+        write_metrics(tmp_path / name, records)
+    assert main(['-output', str(tmp_path / 'pretrained'), '-compare', str(tmp_path / 'random')]) == 0
+    with Image.open(tmp_path / 'pretrained' / 'blocks.png') as png:
+        assert png.format == 'PNG' and png.size == (600, 400)
+    assert 'blocks.png' in capsys.readouterr().out
+    assert main(['-output', str(tmp_path / 'fine_tune')]) == 0 and not (tmp_path / 'fine_tune' / 'blocks.png').exists()
+    assert main(['-output', str(tmp_path / 'pretrained'), '-compare', str(tmp_path / 'fine_tune')]) == 2
+    assert 'no per-block accuracy in fine_tune' in capsys.readouterr().err
