@@ -51,6 +51,15 @@ class Amp:
     def autocast(self):
         return paddle.amp.auto_cast(enable=self.enabled, level=self.level, dtype=self.dtype)
 
+    def forward(self, model: nn.Layer, *inputs):
+        """``model(*inputs)`` under autocast, its output (a tensor, or a list of them) in float32: losses and
+        counts are computed in float32."""
+        with self.autocast():
+            outputs = model(*inputs)
+        if isinstance(outputs, list):
+            return [output.astype('float32') for output in outputs]
+        return outputs.astype('float32')
+
 
 class Objective(Protocol):
     """What a task trains for: one batch from the loader -> (loss to minimise, float64 counts of the batch), and

@@ -29,13 +29,18 @@ def param_settings(model: nn.Layer, weight_decay: float, layer_decay: float) -> 
             for name, param in model.named_parameters() if not param.stop_gradient}
 
 
+def linear_scaling(config, world_size: int, reference_batch: float) -> float:
+    """The total batch (BATCH_SIZE x processes x ACCUM_ITER) / ``reference_batch``, the batch a recipe's LR is for
+    (the PaddleViT convention); 1 when ``reference_batch`` is 0 (the LR as given)."""
+    if reference_batch <= 0:
+        return 1.0
+    return config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUM_ITER / reference_batch
+
+
 def scaled_learning_rates(config, world_size: int) -> tuple[float, float, float]:
-    """(peak, warmup start, end) LR; with LINEAR_SCALED_LR > 0 all three are multiplied by the total batch
-    (BATCH_SIZE x processes x ACCUM_ITER) / LINEAR_SCALED_LR, the PaddleViT convention."""
+    """(peak, warmup start, end) LR, each scaled by linear_scaling for TRAIN.LINEAR_SCALED_LR."""
     train = config.TRAIN
-    factor = 1.0
-    if train.LINEAR_SCALED_LR > 0:
-        factor = config.DATA.BATCH_SIZE * world_size * train.ACCUM_ITER / train.LINEAR_SCALED_LR
+    factor = linear_scaling(config, world_size, train.LINEAR_SCALED_LR)
     return train.BASE_LR * factor, train.WARMUP_START_LR * factor, train.END_LR * factor
 
 

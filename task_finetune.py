@@ -48,9 +48,7 @@ class ClassificationObjective:
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
-        with amp.autocast():
-            logits = model(images)
-        logits = logits.astype('float32')
+        logits = amp.forward(model, images)
         loss = self.criterion(logits, targets)
         with paddle.no_grad():
             return loss, batch_counts(loss.detach() * labels.shape[0], logits.detach(), labels)
@@ -60,9 +58,7 @@ class ClassificationObjective:
     def evaluate_batch(model: nn.Layer, batch, amp: Amp) -> paddle.Tensor:
         """The counts of a val batch: plain cross entropy (no smoothing, no mixing)."""
         images, labels = batch
-        with amp.autocast():
-            logits = model(images)
-        logits = logits.astype('float32')
+        logits = amp.forward(model, images)
         return batch_counts(cross_entropy(logits, labels, reduction='sum'), logits, labels)
 
     @staticmethod

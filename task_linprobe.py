@@ -19,7 +19,7 @@ from config import ConfigError
 from datasets import get_dataset
 from engine import Amp, World
 from losses import cross_entropy
-from optim import WarmupCosineLR
+from optim import WarmupCosineLR, linear_scaling
 from task_finetune import topk_correct
 from tasks import Task
 from transforms import get_linear_probe_transforms
@@ -100,8 +100,7 @@ class LinearProbeObjective:
 
     def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]:
         images, labels = batch
-        with amp.autocast():
-            outputs = [logits.astype('float32') for logits in model(images)]
+        outputs = amp.forward(model, images)
         losses = [cross_entropy(logits, labels) for logits in outputs]
         with paddle.no_grad():
             counts = block_counts([loss.detach() * labels.shape[0] for loss in losses],
@@ -111,8 +110,7 @@ class LinearProbeObjective:
     @paddle.no_grad()
     def evaluate_batch(self, model: nn.Layer, batch, amp: Amp) -> paddle.Tensor:
         images, labels = batch
-        with amp.autocast():
-            outputs = [logits.astype('float32') for logits in model(images)]
+        outputs = amp.forward(model, images)
         return block_counts([cross_entropy(logits, labels, reduction='sum') for logits in outputs], outputs, labels)
 
     def summarise(self, totals: np.ndarray) -> dict:
@@ -139,9 +137,7 @@ def build_probe_optimizer(config, model: LinearProbe, steps_per_epoch: int, worl
     LINPROBE.WEIGHT_DECAY on every classifier tensor) or SGD with LINPROBE.MOMENTUM; LR BASE_LR x total batch /
     LINEAR_SCALED_LR, cosine to 0 over the run (stepped per optimizer step), no warm-up, no clipping."""
     probe, steps = config.LINPROBE, steps_per_epoch
-    peak = probe.BASE_LR
-    if probe.LINEAR_SCALED_LR > 0:
-        peak *= config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUM_ITER / probe.LINEAR_SCALED_LR
+    peak = probe.BASE_LR * linear_scaling(config, world_size, probe.LINEAR_SCALED_LR)
     scheduler = WarmupCosineLR(peak, peak, 0.0, warmup_steps=0, total_steps=config.TRAIN.NUM_EPOCHS * steps,
                                last_step=config.TRAIN.LAST_EPOCH * steps - 1)
     params = dict(model.classifiers.named_parameters(prefix='classifiers'))

@@ -57,9 +57,7 @@ class MaskedImageModelingObjective:
         images, tokenizer_view, mask = batch
         mask = mask.astype('bool')
         labels = self.visual_tokens(tokenizer_view)[mask]
-        with amp.autocast():
-            logits = model(images, mask)
-        logits = logits.astype('float32')
+        logits = amp.forward(model, images, mask)
         loss = cross_entropy(logits, labels)
         with paddle.no_grad():
             num_masked = labels.shape[0]
