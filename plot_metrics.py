@@ -89,10 +89,12 @@ def plot_block_accuracy(runs: dict, png_path: str) -> None:
     plt.close(figure)
 
 
-def _read_runs(folders: list) -> dict:
-    """{folder name: records} of each run folder's metrics.jsonl."""
-    return {os.path.basename(os.path.normpath(folder)): read_metrics(os.path.join(folder, 'metrics.jsonl'))
-            for folder in folders}
+def read_runs(folders: list) -> dict:
+    """{label: records} of each run folder's metrics.jsonl; the label is the folder's name, or its whole path where
+    two folders share a name."""
+    names = [os.path.basename(os.path.normpath(folder)) for folder in folders]
+    return {name if names.count(name) == 1 else os.path.normpath(folder):
+            read_metrics(os.path.join(folder, 'metrics.jsonl')) for name, folder in zip(names, folders)}
 
 
 def main(argv=None) -> int:
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
                         help='other linear-probing runs to draw in blocks.png')
     args = parser.parse_args(argv)
     try:
-        runs = _read_runs([args.output, *args.compare])
+        runs = read_runs([args.output, *args.compare])
     except (FileNotFoundError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

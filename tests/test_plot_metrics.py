@@ -3,7 +3,7 @@ import json
 
 from PIL import Image
 
-from plot_metrics import block_accuracies, main, read_metrics, series
+from plot_metrics import block_accuracies, main, read_metrics, read_runs, series
 
 RECORDS = [
     {'split': 'train', 'epoch': 1, 'loss': 2.0, 'acc1': 0.3},
@@ -66,3 +66,12 @@ def test_a_probing_run_also_gets_its_block_plot_and_compares_with_others(tmp_pat
     assert main(['-output', str(tmp_path / 'fine_tune')]) == 0 and not (tmp_path / 'fine_tune' / 'blocks.png').exists()
     assert main(['-output', str(tmp_path / 'pretrained'), '-compare', str(tmp_path / 'fine_tune')]) == 2
     assert 'no per-block accuracy in fine_tune' in capsys.readouterr().err
+
+
+def test_compared_runs_of_the_same_name_are_both_drawn(tmp_path):
+    for parent in ('a', 'b'):
+        (tmp_path / parent / 'probe').mkdir(parents=True)
+        write_metrics(tmp_path / parent / 'probe', PROBE_RECORDS)
+    runs = read_runs([str(tmp_path / 'a' / 'probe'), str(tmp_path / 'b' / 'probe')])
+    assert list(runs) == [str(tmp_path / 'a' / 'probe'), str(tmp_path / 'b' / 'probe')]
+    assert read_runs([str(tmp_path / 'a' / 'probe')]).keys() == {'probe'}
