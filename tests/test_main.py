@@ -323,12 +323,21 @@ def wait_for_line(process, log, line, timeout=120):
         time.sleep(0.05)
 
 
+def _children(pid) -> list[int]:
+    """The child pids of every thread of ``pid``; a thread or process that ended meanwhile has none."""
+    found = []
+    try:
+        for task in Path(f'/proc/{pid}/task').iterdir():
+            found += map(int, (task / 'children').read_text().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return found
+
+
 def descendants(pid):
     found = []
-    for task in Path(f'/proc/{pid}/task').iterdir():
-        children = (task / 'children').read_text().split()
-        for child in map(int, children):
-            found += [child, *descendants(child)]
+    for child in _children(pid):
+        found += [child, *descendants(child)]
     return found
 
 
