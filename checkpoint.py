@@ -13,6 +13,7 @@ import re
 import numpy as np
 import paddle
 
+import safe_pickle
 from beit import CheckpointMismatchError, adapt_state_dict
 from optim import float32_weights
 from utils import save_atomically
@@ -107,16 +108,19 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def _read(path: str, what: str, return_numpy: bool = False):
+def _read(path: str, what: str, *, return_numpy: bool = False, trust_pickle: bool = False):
+    """The object in ``path``, read without running code (safe_pickle) unless ``trust_pickle``."""
     try:
-        return paddle.load(path, return_numpy=return_numpy)
-    except Exception as err:  # paddle raises many types for truncated or foreign files
+        return safe_pickle.load(path, return_numpy=return_numpy, trust_pickle=trust_pickle)
+    except safe_pickle.UnsafePickleError as err:
+        raise CheckpointError(f'{what}: {err}') from None
+    except Exception as err:  # pickle and paddle raise many types for truncated or foreign files
         raise CheckpointError(f'{what}: cannot read {path}: {str(err).splitlines()[0] if str(err) else err!r}') from err
 
 
-def load_training_checkpoint(path: str) -> dict:
+def load_training_checkpoint(path: str, *, trust_pickle: bool = False) -> dict:
     """The checkpoint dict of a -resume file, refusing anything that is not a complete training checkpoint."""
-    checkpoint = _read(path, '-resume')
+    checkpoint = _read(path, '-resume', trust_pickle=trust_pickle)
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
         raise CheckpointError(f'-resume: {path} is not a training checkpoint (it needs {", ".join(REQUIRED_KEYS)}); '
                               'to start from weights only, use -pretrained')
@@ -156,11 +160,11 @@ def check_pretrained_path(path: str) -> None:
         raise CheckpointError(f'-pretrained: file not found: {path}')
 
 
-def pretrained_state_dict(path: str, use_ema: bool) -> tuple[dict, int | None]:
+def pretrained_state_dict(path: str, use_ema: bool, *, trust_pickle: bool = False) -> tuple[dict, int | None]:
     """(name -> numpy array, epoch) from a converted .pdparams, a bare state dict (epoch None), or a training
     checkpoint's model (or its EMA with ``use_ema``)."""
     check_pretrained_path(path)
-    obj = _read(path, '-pretrained', return_numpy=True)
+    obj = _read(path, '-pretrained', return_numpy=True, trust_pickle=trust_pickle)
     is_training_checkpoint = isinstance(obj, dict) and isinstance(obj.get('model'), dict)
     epoch = obj.get('epoch') if is_training_checkpoint else None
     if use_ema:
@@ -172,12 +176,12 @@ def pretrained_state_dict(path: str, use_ema: bool) -> tuple[dict, int | None]:
     return unwrap_state_dict(obj, f'-pretrained: {path}'), epoch
 
 
-def load_pretrained(model, path: str, use_ema: bool, rel_pos_interp: str,
-                    complete: bool = False) -> tuple[list, int | None]:
+def load_pretrained(model, path: str, use_ema: bool, rel_pos_interp: str, *, complete: bool = False,
+                    trust_pickle: bool = False) -> tuple[list, int | None]:
     """Fit the weights of ``path`` to ``model`` (shared bias spread, tables resampled, and to start fine-tuning a
     head of another class count dropped: beit.adapt_state_dict) and load them; returns adapt_state_dict's notes
     and the epoch of a training checkpoint. ``complete`` (evaluation): every model tensor must be in the file."""
-    state_dict, epoch = pretrained_state_dict(path, use_ema)
+    state_dict, epoch = pretrained_state_dict(path, use_ema, trust_pickle=trust_pickle)
     try:
         fitted, notes = adapt_state_dict(state_dict, model, rel_pos_interp, complete)
     except CheckpointMismatchError as err:

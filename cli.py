@@ -45,6 +45,9 @@ def build_arg_parser(description: str = 'BEiT') -> argparse.ArgumentParser:
         parser.add_argument(f'-{flag}', type=int, default=None)
     parser.add_argument('-eval', action='store_true', help='evaluate only')
     parser.add_argument('-amp', action='store_true', help='mixed precision (AMP_LEVEL, AMP_DTYPE)')
+    parser.add_argument('-trust_pickle', action='store_true',
+                        help='read .pdparams files with plain pickle, which runs any code they hold (only for files '
+                             'you trust that pickle more than tensors)')
     parser.add_argument('-opts', nargs='+', action='extend', default=[], metavar='KEY VALUE',
                         help='override config keys, e.g. -opts TRAIN.BASE_LR 1e-3 MODEL.DROPPATH 0.2 (given twice, '
                              'both apply in order)')
@@ -69,6 +72,8 @@ def update_config(config: CN, args: argparse.Namespace, task: Task | None = None
             set_value(config, 'DATA.BATCH_SIZE_EVAL', args.batch_size, '-batch_size')
     if getattr(args, 'amp', False):
         config.AMP = True
+    if getattr(args, 'trust_pickle', False):
+        config.TRUST_PICKLE = True
     opts = getattr(args, 'opts', None) or []
     _refuse_replaced_keys(opts, own_keys, task)
     merge_opts(config, opts)

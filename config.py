@@ -149,6 +149,9 @@ _C.EVAL = False
 _C.EVAL_BACKEND = 'dygraph'  # -eval runs: dygraph, or the exported model in Paddle Inference (CPU) fp32 / bf16
 _C.NGPUS = -1  # processes for main_multi_gpu.py; -1 uses every visible GPU
 _C.CPU_KERNELS = True  # CPU dygraph: cpu_ops.py's gradient kernels (the same results, faster); False: Paddle's own ops
+# Read .pdparams with plain pickle (paddle.load), which runs any code a file holds, instead of safe_pickle's
+# weights-only reader: set by the -trust_pickle flag (or -opts), never by a config file.
+_C.TRUST_PICKLE = False
 
 _CHOICES = {
     'EVAL_BACKEND': ('dygraph', 'inference', 'inference_bf16'),
@@ -287,6 +290,9 @@ def merge_yaml(config: CN, path: str, _chain: Sequence[str] = ()) -> None:
         merge_yaml(config, base, (*_chain, path))
     for key, value in _flatten(values):
         set_value(config, key, value, path)
+        if key == 'TRUST_PICKLE' and config.TRUST_PICKLE:
+            raise ConfigError(f'{path}: TRUST_PICKLE is set only on the command line (-trust_pickle): a config file '
+                              'cannot let weights files run code')
 
 
 def merge_opts(config: CN, opts: Sequence[str]) -> None:

@@ -13,6 +13,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+import safe_pickle
+
 _GROUP_NAME = re.compile(r'blocks\.group_(\d+)\.')
 _FIRST_GROUP_BLOCK_NAME = re.compile(r'blocks\.group_1\.block_(\d+)\.')
 
@@ -164,24 +166,27 @@ def encoder_from_state_dict(state_dict: dict, source: str, **expected_kwargs) ->
     return model
 
 
-def build_tokenizer(weights_path: str | None = None, **encoder_kwargs) -> Encoder:
-    """The frozen tokenizer in eval mode: converted weights from ``weights_path`` (size read from the file),
-    or random weights of the given size when it is None (tests, dry runs)."""
+def build_tokenizer(weights_path: str | None = None, *, trust_pickle: bool = False, **encoder_kwargs) -> Encoder:
+    """The frozen tokenizer in eval mode: converted weights from ``weights_path`` (size read from the file, read
+    without running code unless ``trust_pickle``), or random weights of the given size when it is None (tests, dry
+    runs)."""
     if weights_path is None:
         model = Encoder(**encoder_kwargs)
     else:
-        model = encoder_from_state_dict(_read_pdparams(weights_path), weights_path, **encoder_kwargs)
+        model = encoder_from_state_dict(_read_pdparams(weights_path, trust_pickle), weights_path, **encoder_kwargs)
     for param in model.parameters():
         param.stop_gradient = True
     return model.eval()
 
 
-def _read_pdparams(path: str) -> dict:
+def _read_pdparams(path: str, trust_pickle: bool) -> dict:
     if not os.path.isfile(path):
         raise TokenizerWeightsError(f'tokenizer weights not found: {path} (convert encoder.pkl with '
                                     'load_dalle_weights.py)')
     try:
-        state_dict = paddle.load(path)
+        state_dict = safe_pickle.load(path, trust_pickle=trust_pickle)
+    except safe_pickle.UnsafePickleError as err:
+        raise TokenizerWeightsError(str(err)) from None
     except Exception as err:  # paddle raises many types for foreign or truncated files
         raise TokenizerWeightsError(f'{path}: not a readable .pdparams file ({type(err).__name__}: '
                                     f'{str(err).splitlines()[0] if str(err) else ""})') from err

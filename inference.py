@@ -37,7 +37,8 @@ def load_model(config, weights_path: str, use_ema: bool = False) -> tuple[paddle
     the notes of the fitting too."""
     model = build_beit(config)
     try:
-        notes, _ = load_pretrained(model, weights_path, use_ema, config.MODEL.REL_POS_INTERP, complete=True)
+        notes, _ = load_pretrained(model, weights_path, use_ema, config.MODEL.REL_POS_INTERP, complete=True,
+                                   trust_pickle=config.TRUST_PICKLE)
     except (CheckpointError, CheckpointMismatchError) as err:
         raise WeightsError(str(err)) from err
     return model.eval(), notes
@@ -62,8 +63,11 @@ def export(model: paddle.nn.Layer, config, prefix: str) -> None:
     spec = InputSpec([None, config.DATA.IMAGE_CHANNELS, size, size], 'float32', 'image')
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     paddle.jit.save(paddle.jit.to_static(model.eval(), input_spec=[spec], full_graph=True), prefix)
+    recorded = config.clone()  # what predict.py re-reads: no -trust_pickle (a config file may not set it)
+    recorded.defrost()
+    recorded.TRUST_PICKLE = False
     with open(prefix + '.yaml', 'w', encoding='utf-8') as f:
-        f.write(config.dump())
+        f.write(recorded.dump())
 
 
 def bf16_supported() -> bool:

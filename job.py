@@ -111,7 +111,7 @@ def _load_starting_weights(config, model, logger: logging.Logger) -> int | None:
         logger.info('no -pretrained weights: the model keeps its random initialisation')
         return None
     notes, epoch = load_pretrained(model, config.MODEL.PRETRAINED, config.MODEL.PRETRAINED_EMA,
-                                   config.MODEL.REL_POS_INTERP, complete=config.EVAL)
+                                   config.MODEL.REL_POS_INTERP, complete=config.EVAL, trust_pickle=config.TRUST_PICKLE)
     which = 'EMA weights' if config.MODEL.PRETRAINED_EMA else 'weights'
     logger.info(f'loaded {which} from {config.MODEL.PRETRAINED}' + ''.join(f'\n  note: {note}' for note in notes))
     return epoch
@@ -123,7 +123,7 @@ def _resumed_checkpoint(config, model, logger: logging.Logger, whole: bool) -> t
     if not config.MODEL.RESUME:
         return None, ''
     path = resolve_resume_path(config.MODEL.RESUME)
-    checkpoint = load_training_checkpoint(path)
+    checkpoint = load_training_checkpoint(path, trust_pickle=config.TRUST_PICKLE)
     check_exact_fit(checkpoint['model'], model, path)
     model.set_state_dict(checkpoint['model'])
     if config.MODEL.PRETRAINED and whole:

@@ -23,7 +23,7 @@ def build_tokenizer_for(config) -> nn.Layer:
     if path is None:
         paddle.seed(config.SEED)
     try:
-        tokenizer = build_tokenizer(path, n_hid=pretrain.TOKENIZER_HIDDEN,
+        tokenizer = build_tokenizer(path, trust_pickle=config.TRUST_PICKLE, n_hid=pretrain.TOKENIZER_HIDDEN,
                                     n_blk_per_group=pretrain.TOKENIZER_BLOCKS_PER_GROUP,
                                     vocab_size=pretrain.VOCAB_SIZE)
     except ValueError as err:  # dalle_tokenizer.TokenizerWeightsError: missing, unreadable or another size

@@ -70,3 +70,42 @@ def assert_output_untouched(output: Path) -> None:
     """``existing_output`` unchanged, and no other (temporary) output next to it."""
     assert output.read_bytes() == b'previous result'
     assert sorted(p.name for p in output.parent.iterdir() if p.name.startswith(output.name)) == [output.name]
+
+
+def assert_reads_as_paddle_load(path: Path) -> None:
+    """safe_pickle.load returns what paddle.load returns for ``path``, as tensors and as numpy arrays: the same
+    structure, types, dtypes, values and tensor names."""
+    import paddle
+
+    import safe_pickle
+    for return_numpy in (False, True):
+        _assert_same(safe_pickle.load(str(path), return_numpy=return_numpy),
+                     paddle.load(str(path), return_numpy=return_numpy), str(path))
+
+
+def _assert_same(actual, expected, where: str) -> None:
+    import numpy as np
+    import paddle
+    assert type(actual) is type(expected), f'{where}: {type(actual)} != {type(expected)}'
+    if isinstance(expected, dict):
+        assert list(actual) == list(expected), where
+        for key in expected:
+            _assert_same(actual[key], expected[key], f'{where}[{key!r}]')
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for index, (left, right) in enumerate(zip(actual, expected)):
+            _assert_same(left, right, f'{where}[{index}]')
+    elif isinstance(expected, paddle.Tensor):
+        assert actual.dtype == expected.dtype, where
+        assert _saved_name(actual) == _saved_name(expected), where
+        np.testing.assert_array_equal(actual.numpy(), expected.numpy(), err_msg=where)
+    elif isinstance(expected, (np.ndarray, np.generic)):
+        assert actual.dtype == expected.dtype, where
+        np.testing.assert_array_equal(actual, expected, err_msg=where)
+    else:
+        assert actual == expected, where
+
+
+def _saved_name(tensor) -> str | None:
+    """A tensor's name from the file; one rebuilt from a bare array gets a fresh generated name on each read."""
+    return None if tensor.name.startswith('generated_tensor') else tensor.name

@@ -10,7 +10,7 @@ import paddle
 import pytest
 import torch
 
-from conftest import ROOT, assert_output_untouched, existing_output, truncated, write_file
+from conftest import ROOT, assert_output_untouched, assert_reads_as_paddle_load, existing_output, truncated, write_file
 from dalle_reference import (
     TINY,
     compare_with_openai,
@@ -61,6 +61,7 @@ def test_tiny_encoder_converts_from_every_format(tmp_path, capsys, photo_paths, 
     assert main(['-src', str(src), '-dst', str(dst)]) == 0
     assert f'n_hid=16, n_blk_per_group=2, input_channels=3, vocab_size=512) to {dst}' in capsys.readouterr().out
     converted = paddle.load(str(dst))
+    assert_reads_as_paddle_load(dst)
     expected = numpy_state_dict(reference)
     assert converted.keys() == expected.keys()
     for name, value in expected.items():

@@ -14,7 +14,7 @@ from beit import CheckpointMismatchError, build_beit
 from beit_pretrain import build_beit_pretrain
 from checkpoint import load_pretrained
 from config import get_config
-from conftest import ROOT, assert_output_untouched, existing_output, truncated, write_file
+from conftest import ROOT, assert_output_untouched, assert_reads_as_paddle_load, existing_output, truncated, write_file
 from load_pytorch_weights import ConversionError, convert_file, read_checkpoint
 from timm_reference import (
     CHECKPOINT_FORMATS,
@@ -62,6 +62,7 @@ def convert(tmp_path, spec, fmt='timm.safetensors', cfg_extra=None, source_spec=
     convert_file(str(cfg_file), str(src), str(dst), opts)
     model = build_beit(config)
     model.set_state_dict(paddle.load(str(dst)))  # the way users load weights
+    assert_reads_as_paddle_load(dst)  # and the way this project reads them
     return reference, model
 
 

@@ -10,6 +10,7 @@ import pytest
 
 import main_linprobe
 import plot_metrics
+from conftest import assert_reads_as_paddle_load
 from test_main_pretrain import EPOCHS as PRETRAIN_EPOCHS
 from test_main_pretrain import (  # noqa: F401 (fixtures: the 625 + 125 image subset, its 10-epoch pre-training)
     PRETRAIN_CONFIG,
@@ -57,6 +58,7 @@ def test_the_probe_of_a_pretraining_checkpoint_beats_chance_at_its_best_block(pr
     assert 'linear probing: 1 process(es)' in log and f'loaded weights from {pretrained}' in log
     assert f'epoch {EPOCHS} val: loss ' in log and f'best_block {last["best_block"]} acc1_block0 ' in log
     checkpoint = paddle.load(str(probe_run / f'checkpoint-epoch-{EPOCHS}.pdparams'))
+    assert_reads_as_paddle_load(probe_run / f'checkpoint-epoch-{EPOCHS}.pdparams')
     assert set(checkpoint['model']) == CLASSIFIER_KEYS  # the frozen encoder is not saved
     assert checkpoint['frozen_weights']['pretrained'] == str(pretrained)
     assert plot_metrics.main(['-output', str(probe_run)]) == 0

@@ -14,6 +14,7 @@ import pytest
 import job
 import main_pretrain
 from config import get_config, merge_opts
+from conftest import assert_reads_as_paddle_load
 from datasets import get_pretraining_dataset
 from engine import World
 from task_finetune import FINE_TUNING
@@ -91,7 +92,8 @@ def test_pretraining_loss_falls_and_mlm_accuracy_beats_the_best_constant_guess(p
     log = (pretrain_run / 'log.txt').read_text()
     assert 'masked image modeling pre-training: 1 process(es)' in log and f'epoch {EPOCHS}/{EPOCHS} step 19/19' in log
     assert 'mlm_acc' in log and records(pretrain_run, 'val') == []  # pre-training has no evaluation
-    checkpoint = paddle.load(str(pretrain_run / f'checkpoint-epoch-{EPOCHS}.pdparams'))
+    checkpoint = paddle.load(str(pretrain_run / f'checkpoint-epoch-{EPOCHS}.pdparams'))  # as other tools read it
+    assert_reads_as_paddle_load(pretrain_run / f'checkpoint-epoch-{EPOCHS}.pdparams')  # as this project reads it
     assert {'mask_token', 'lm_head.weight', 'rel_pos_bias.relative_position_bias_table'} <= set(checkpoint['model'])
 
 
