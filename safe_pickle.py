@@ -16,6 +16,7 @@ import pickle
 
 import numpy as np
 import paddle
+from paddle.base import libpaddle
 from paddle.framework import io as paddle_io
 from paddle.framework import io_utils as paddle_io_utils
 
@@ -62,6 +63,9 @@ ALLOWED_GLOBALS = {
     'builtins.eval': _dense_tensor_data, '__builtin__.eval': _dense_tensor_data,
     'collections.OrderedDict': collections.OrderedDict,  # Layer.state_dict()
     '_codecs.encode': _latin1_bytes,  # bytes (an array's data) under protocol 2
+    # paddle.get_rng_state(): this project's checkpoints held it until 2026-12-02 (ignored by a resume since); it is
+    # rebuilt from its seed, offset and engine state, numbers only
+    'paddle.base.libpaddle.GeneratorState': libpaddle.GeneratorState,
     **_numpy_globals(),
 }
 

@@ -4,6 +4,7 @@ numpy 1.x and 2.x names) reads exactly as paddle.load reads it."""
 import collections
 import pickle
 import pickletools
+import random
 
 import numpy as np
 import paddle
@@ -154,6 +155,14 @@ def test_paddle_saves_of_each_protocol_read_the_same(protocol, tmp_path):
     paddle.save({'model': paddlevit_state_dict(), 'epoch': 3, 'lr': np.float32(0.1), 'loss': 1.5, 'note': 'x',
                  'nothing': None, 'steps': [1, (2, 3)], 'half': paddle.ones([2]).astype('bfloat16')},
                 str(path), protocol=protocol)
+    assert_reads_as_paddle_load(path)
+
+
+def test_an_older_checkpoint_with_rng_states_reads_the_same(tmp_path):
+    """This project's checkpoints held the generators' states until a resume stopped using them."""
+    path = tmp_path / 'checkpoint-epoch-1.pdparams'
+    paddle.save({'model': paddlevit_state_dict(), 'rng_states': {
+        'python': random.getstate(), 'numpy': np.random.get_state(), 'paddle': paddle.get_rng_state() * 2}}, str(path))
     assert_reads_as_paddle_load(path)
 
 
