@@ -170,8 +170,19 @@ def _refuse_to_overwrite(output_dir: str, first_epoch: int, last_epoch: int, res
                               'replace: choose another -output, or -resume from its latest checkpoint')
 
 
+def _optimizer_state_for(trainer: Trainer, checkpoint: dict, logger: logging.Logger) -> dict:
+    """The checkpoint's optimizer state, without the master weights of an O2 run when this run is not O2: Paddle
+    would install them and keep saving them, never updated (the resumed model holds their values already)."""
+    state = checkpoint['optimizer']
+    if trainer.amp.o2 or 'master_weights' not in state:
+        return state
+    logger.info('the checkpoint was saved under AMP O2 and this run is not O2: its optimizer\'s float32 master '
+                'weights are dropped (the resumed model holds them)')
+    return {key: value for key, value in state.items() if key != 'master_weights'}
+
+
 def _restore_training_state(trainer: Trainer, checkpoint: dict, logger: logging.Logger) -> None:
-    trainer.optimizer.set_state_dict(checkpoint['optimizer'])
+    trainer.optimizer.set_state_dict(_optimizer_state_for(trainer, checkpoint, logger))
     trainer.lr_scheduler.set_state_dict(checkpoint['lr_scheduler'])
     if trainer.grad_scaler.is_enable() and checkpoint.get('grad_scaler'):
         trainer.grad_scaler.load_state_dict(checkpoint['grad_scaler'])
@@ -359,7 +370,7 @@ def _write_checkpoint(job: Job, path: str, epoch: int, written: list[str]) -> No
     save_checkpoint(path, model=job.saved_part, optimizer=trainer.optimizer, lr_scheduler=trainer.lr_scheduler,
                     grad_scaler=trainer.grad_scaler, model_ema=trainer.model_ema, epoch=epoch,
                     global_step=trainer.global_step, config=job.config, best=job.best, written=written,
-                    frozen_weights=job.frozen_weights)
+                    frozen_weights=job.frozen_weights, o2=job.amp.o2)
 
 
 def _save(job: Job, epoch: int) -> None:
