@@ -4,7 +4,7 @@ import paddle
 import pytest
 from paddle.amp.auto_cast import amp_initialize
 
-from beit import Attention, CheckpointMismatchError, build_beit
+from beit import CheckpointMismatchError, build_beit
 from beit_pretrain import build_beit_pretrain
 from checkpoint import (
     CheckpointError,
@@ -18,6 +18,7 @@ from checkpoint import (
 )
 from config import get_config
 from conftest import ROOT
+from gpu_runtime import O2_FLOAT32_LAYERS
 from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer, float32_weights
 from tiny_data import TINY_CONFIG
@@ -62,7 +63,7 @@ def o2_style_optimizer(config, model):
     the model's parameters are cast as decorate(level='O2') casts them on a GPU (amp_initialize, what it runs
     after its device check: bfloat16, the bias tables float32), and the master weights of the half-precision
     ones enter through the optimizer's own set_state_dict, the way a resumed O2 run loads them."""
-    amp_initialize(models=[model], dtype='bfloat16', excluded_layers=[Attention])
+    amp_initialize(models=[model], dtype='bfloat16', excluded_layers=list(O2_FLOAT32_LAYERS))
     scheduler = build_lr_scheduler(config, steps_per_epoch=4, world_size=1)
     optimizer, _ = build_optimizer(config, model, scheduler)
     masters = {param.name: param.astype('float32') + 1e-3 * (index + 1)
