@@ -106,7 +106,8 @@ class SharedRelativePositionBias(nn.Layer):
 
 
 class DropPath(nn.Layer):
-    """Stochastic depth: drops the whole residual branch per sample."""
+    """Stochastic depth: drops the whole residual branch per sample. The keep mask and the scaling are computed in
+    float32 whatever the input's dtype: bfloat16 would round keep_prob 0.9 to 0.8984 and 1/0.9 to 1.1094."""
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
@@ -117,8 +118,8 @@ class DropPath(nn.Layer):
             return x
         keep_prob = 1.0 - self.drop_prob
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
-        mask = paddle.bernoulli(paddle.full(shape, keep_prob, dtype=x.dtype))
-        return x * mask / keep_prob
+        scale = paddle.bernoulli(paddle.full(shape, keep_prob, dtype='float32')) / keep_prob
+        return (x.astype('float32') * scale).astype(x.dtype)
 
 
 class PatchEmbed(nn.Layer):

@@ -79,11 +79,12 @@ def keep_newest(written: list[str], keep: int) -> list[str]:
 
 def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch: int,
                     global_step: int, config, best: dict | None = None, written: list[str] = (),
-                    frozen_weights: dict | None = None) -> None:
+                    frozen_weights: dict | None = None, o2: bool = False) -> None:
     """``model`` is what a resumed run restores: the whole model, or the trained part of a partly frozen one, whose
-    frozen weights ``frozen_weights`` ({pretrained, digest}) identifies."""
+    frozen weights ``frozen_weights`` ({pretrained, digest}) identifies; ``o2``: the run is AMP O2, whose
+    float32 master weights the optimizer holds (optim.float32_weights)."""
     save_atomically({
-        'model': float32_weights(model, optimizer),
+        'model': float32_weights(model, optimizer, o2=o2),
         'optimizer': optimizer.state_dict(),
         'lr_scheduler': lr_scheduler.state_dict(),
         'grad_scaler': grad_scaler.state_dict(),

@@ -60,7 +60,7 @@ _C.MODEL.USE_REL_POS_BIAS = True  # one table per block
 _C.MODEL.USE_SHARED_REL_POS_BIAS = False  # one table for all blocks
 _C.MODEL.USE_MEAN_POOLING = True  # mean of patch tokens + fc_norm; False: cls token after norm
 _C.MODEL.INIT_SCALE = 0.001  # head weights and bias scaled after init
-_C.MODEL.FUSED_ATTN = False  # GPU dygraph: sdpa where its kernels give the explicit path's gradients (not run here)
+_C.MODEL.FUSED_ATTN = False  # sdpa's flash kernel on a GPU of capability >= 8.0 under float16/bfloat16 AMP (untested)
 _C.MODEL.TO_STATIC = False  # compile the model with paddle.jit.to_static (whole graph) for training and eval
 _C.MODEL.RECOMPUTE = False  # recompute block activations in backward to save memory
 _C.MODEL.REL_POS_INTERP = 'cubic'  # resampling of bias tables for a new resolution: cubic (unilm) or linear (timm)
@@ -149,6 +149,7 @@ _C.EVAL = False
 _C.EVAL_BACKEND = 'dygraph'  # -eval runs: dygraph, or the exported model in Paddle Inference (CPU) fp32 / bf16
 _C.NGPUS = -1  # processes for main_multi_gpu.py; -1 uses every visible GPU
 _C.CPU_KERNELS = True  # CPU dygraph: cpu_ops.py's gradient kernels (the same results, faster); False: Paddle's own ops
+_C.DETERMINISTIC = False  # GPU: Paddle's deterministic cuDNN kernels (slower); nothing to set on a CPU
 # Read .pdparams with plain pickle (paddle.load), which runs any code a file holds, instead of safe_pickle's
 # weights-only reader: set by the -trust_pickle flag (or -opts), never by a config file.
 _C.TRUST_PICKLE = False

@@ -48,6 +48,16 @@ class Amp:
     level: str = 'O1'
     dtype: str = 'float16'
 
+    @property
+    def o2(self) -> bool:
+        """Parameters in float16/bfloat16, float32 master weights in the optimizer."""
+        return self.enabled and self.level == 'O2'
+
+    @property
+    def precision(self) -> str:
+        """The dtype the model computes in: the AMP dtype, or float32."""
+        return self.dtype if self.enabled else 'float32'
+
     def autocast(self):
         return paddle.amp.auto_cast(enable=self.enabled, level=self.level, dtype=self.dtype)
 
@@ -136,7 +146,7 @@ def _optimizer_step(trainer: Trainer, applied: bool) -> None:
     trainer.optimizer.clear_grad(set_to_zero=False)
     trainer.lr_scheduler.step()
     if applied and trainer.model_ema is not None:
-        trainer.model_ema.update(float32_weights(trainer.module, trainer.optimizer))
+        trainer.model_ema.update(float32_weights(trainer.module, trainer.optimizer, o2=trainer.amp.o2))
     trainer.global_step += 1
 
 

@@ -10,9 +10,14 @@ preprocessing stays in Python, where predict.py applies the same transform to th
 model, as the config in PREFIX.yaml describes. With -block_features the program is a backbone for dense tasks
 instead of the classifier: one output per chosen block (negative indices count from the end), its map
 [B, D, S/p, S/p] without the final norm (inference.ExportedPredictor.run returns them).
+The model is built and traced on the CPU whatever the machine has: PIR's ``full`` ops record the place they were
+traced on, so a program traced on a GPU might not load in the CPU predictor.
 Exit codes: 0 exported; 2 bad arguments, config or weights.
 """
+import contextlib
 import sys
+
+import paddle
 
 from beit import resolve_block_indices
 from cli import build_arg_parser, update_config
@@ -32,8 +37,9 @@ def main(argv=None) -> int:
         config = update_config(get_default_config(), args)
         if args.block_features:
             check_block_indices(parser, config, args.block_features)
-        model, notes = load_model(config, config.MODEL.PRETRAINED, args.ema)
-        export(BlockFeatures(model, args.block_features) if args.block_features else model, config, args.output)
+        with on_cpu():
+            model, notes = load_model(config, config.MODEL.PRETRAINED, args.ema)
+            export(BlockFeatures(model, args.block_features) if args.block_features else model, config, args.output)
     except (ConfigError, WeightsError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
@@ -43,6 +49,17 @@ def main(argv=None) -> int:
     print(f'exported {what}{config.MODEL.NAME} ({config.DATA.IMAGE_SIZE} px, any batch size) to '
           f'{args.output}.json, .pdiparams and .yaml')
     return 0
+
+
+@contextlib.contextmanager
+def on_cpu():
+    """Paddle's device set to the CPU inside, restored after."""
+    previous = paddle.get_device()
+    paddle.set_device('cpu')
+    try:
+        yield
+    finally:
+        paddle.set_device(previous)
 
 
 def check_block_indices(parser, config, indices: list[int]) -> None:

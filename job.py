@@ -16,6 +16,7 @@ from paddle.utils import unique_name
 
 import cpu_ops
 import cpu_runtime
+import gpu_runtime
 import run_folder
 from beit import CheckpointMismatchError
 from checkpoint import (
@@ -51,6 +52,7 @@ from utils import (
     write_json,
 )
 
+FLOAT32 = Amp()  # AMP off
 INPUT_ERRORS = (ConfigError, DatasetError, CheckpointError, CheckpointMismatchError, WeightsError,
                 RunFolderBusyError)  # what bad input raises: the run stops before writing anything
 
@@ -97,12 +99,25 @@ def init_world(multi_process: bool) -> World:
 
 
 def amp_for(config, logger: logging.Logger) -> Amp:
+    """AMP as it will run, said in the log; raises ConfigError for AMP the GPU cannot do (Paddle would quietly
+    run it in float32)."""
     if not config.AMP:
         return Amp()
     if paddle.get_device().startswith('cpu'):
         logger.info('AMP requested, but Paddle\'s AMP does nothing on CPU: running in float32')
         return Amp()
+    capability = gpu_runtime.gpu_capability()
+    gpu_runtime.check_amp_supported(config.AMP_DTYPE, capability)
+    where = f'compute capability {capability[0]}.{capability[1]}' if capability else paddle.get_device()
+    logger.info(f'AMP {config.AMP_LEVEL} in {config.AMP_DTYPE} on {where}')
     return Amp(True, config.AMP_LEVEL, config.AMP_DTYPE)
+
+
+def decorate_o2(model, amp: Amp, optimizer=None):
+    """paddle.amp.decorate of ``model`` (and ``optimizer``) for O2, the relative position bias tables kept in
+    float32 (gpu_runtime.O2_FLOAT32_LAYERS); checkpoints are saved in float32."""
+    return paddle.amp.decorate(models=model, optimizers=optimizer, level='O2', dtype=amp.dtype, save_dtype='float32',
+                               excluded_layers=list(gpu_runtime.O2_FLOAT32_LAYERS))
 
 
 def _load_starting_weights(config, model, logger: logging.Logger) -> int | None:
@@ -170,8 +185,19 @@ def _refuse_to_overwrite(output_dir: str, first_epoch: int, last_epoch: int, res
                               'replace: choose another -output, or -resume from its latest checkpoint')
 
 
+def _optimizer_state_for(trainer: Trainer, checkpoint: dict, logger: logging.Logger) -> dict:
+    """The checkpoint's optimizer state, without the master weights of an O2 run when this run is not O2: Paddle
+    would install them and keep saving them, never updated (the resumed model holds their values already)."""
+    state = checkpoint['optimizer']
+    if trainer.amp.o2 or 'master_weights' not in state:
+        return state
+    logger.info('the checkpoint was saved under AMP O2 and this run is not O2: its optimizer\'s float32 master '
+                'weights are dropped (the resumed model holds them)')
+    return {key: value for key, value in state.items() if key != 'master_weights'}
+
+
 def _restore_training_state(trainer: Trainer, checkpoint: dict, logger: logging.Logger) -> None:
-    trainer.optimizer.set_state_dict(checkpoint['optimizer'])
+    trainer.optimizer.set_state_dict(_optimizer_state_for(trainer, checkpoint, logger))
     trainer.lr_scheduler.set_state_dict(checkpoint['lr_scheduler'])
     if trainer.grad_scaler.is_enable() and checkpoint.get('grad_scaler'):
         trainer.grad_scaler.load_state_dict(checkpoint['grad_scaler'])
@@ -192,9 +218,8 @@ def _build_trainer(config, model, world: World, amp: Amp, steps_per_epoch: int, 
     grad_scaler = paddle.amp.GradScaler(
         enable=amp.enabled and amp.dtype == 'float16', init_loss_scaling=config.AMP_INIT_SCALE,
         incr_every_n_steps=config.AMP_INCR_EVERY_N_STEPS, decr_every_n_nan_or_inf=config.AMP_DECR_EVERY_N_NAN_OR_INF)
-    if amp.enabled and amp.level == 'O2':
-        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2', dtype=amp.dtype,
-                                               save_dtype='float32')
+    if amp.o2:
+        model, optimizer = decorate_o2(model, amp, optimizer)
     trainer = Trainer(model=paddle.DataParallel(model) if world.size > 1 else model, module=model,
                       optimizer=optimizer, lr_scheduler=lr_scheduler, grad_scaler=grad_scaler,
                       objective=objective, world=world, amp=amp,
@@ -249,13 +274,26 @@ def check_before_launch(config, task: Task) -> None:
         check_pretrained_path(config.MODEL.PRETRAINED)
 
 
-def build_model(config, task: Task):
+def build_model(config, task: Task, amp: Amp = FLOAT32):
     """The task's model; in CPU dygraph with CPU_KERNELS, computed by cpu_ops' kernels (same function, faster
-    gradients): the one place they are applied to a run's model."""
+    gradients): the one place they are applied to a run's model. MODEL.FUSED_ATTN holds only where sdpa runs a
+    fused kernel for the run's precision (``amp``) on this device (gpu_runtime.fused_attention_runs)."""
     model = task.build_model(config)
     if config.CPU_KERNELS and paddle.get_device().startswith('cpu'):
         cpu_ops.use_cpu_kernels(model)
+    if config.MODEL.FUSED_ATTN:
+        gpu_runtime.set_fused_attention(model, amp.precision, gpu_runtime.gpu_capability())
     return model
+
+
+def _fused_attention_note(config, model) -> str:
+    """What MODEL.FUSED_ATTN does in this run, for the log ('' when it is off)."""
+    if not config.MODEL.FUSED_ATTN:
+        return ''
+    if any(getattr(layer, 'fused', False) for layer in model.sublayers(include_self=True)):
+        return 'MODEL.FUSED_ATTN: scaled_dot_product_attention (flash) where the attention bias is not trained'
+    return ('MODEL.FUSED_ATTN: the explicit attention (sdpa runs a fused kernel only in float16/bfloat16 on a GPU of '
+            'compute capability 8.0 or newer, and its math fallback is slower)')
 
 
 def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
@@ -266,12 +304,16 @@ def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
     val_set, train_set = _datasets(config, world, task)
     val_loader = get_dataloader(config, val_set, 'val', multi_process) if task.evaluates else None
     seed_everything(config.SEED)
-    model = build_model(config, task)
+    gpu_runtime.set_deterministic(config.DETERMINISTIC, logger)
+    model = build_model(config, task, amp)
+    note = _fused_attention_note(config, model)
+    if note:
+        logger.info(note)
     objective = task.build_objective(config, world)
     if config.EVAL:
         epoch = _load_starting_weights(config, model, logger)
-        if amp.enabled and amp.level == 'O2':
-            model = paddle.amp.decorate(models=model, level='O2', dtype=amp.dtype, save_dtype='float32')
+        if amp.o2:
+            model = decorate_o2(model, amp)
         return Job(config, world, logger, amp, _evaluation_model(config, model), objective, val_set, val_loader,
                    start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch)
     train_loader = get_dataloader(config, train_set, 'train', multi_process)
@@ -359,7 +401,7 @@ def _write_checkpoint(job: Job, path: str, epoch: int, written: list[str]) -> No
     save_checkpoint(path, model=job.saved_part, optimizer=trainer.optimizer, lr_scheduler=trainer.lr_scheduler,
                     grad_scaler=trainer.grad_scaler, model_ema=trainer.model_ema, epoch=epoch,
                     global_step=trainer.global_step, config=job.config, best=job.best, written=written,
-                    frozen_weights=job.frozen_weights)
+                    frozen_weights=job.frozen_weights, o2=job.amp.o2)
 
 
 def _save(job: Job, epoch: int) -> None:

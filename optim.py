@@ -14,6 +14,8 @@ from paddle.optimizer.lr import LRScheduler
 
 from beit import lr_scale_for_param
 
+HALF_DTYPES = (paddle.float16, paddle.bfloat16)
+
 
 def decays_weight(name: str, param: paddle.Tensor, no_weight_decay_names: set) -> bool:
     """unilm's rule: no decay on 1-D tensors (norms, layer scale, q/v biases), biases and the model's named set."""
@@ -107,14 +109,15 @@ def build_training_optimizer(config, model: nn.Layer, steps_per_epoch: int,
     return optimizer, lr_scheduler, settings
 
 
-def float32_weights(model: nn.Layer, optimizer: paddle.optimizer.Optimizer) -> dict:
-    """``model``'s state dict as the optimizer updates it: under AMP O2 the parameters are float16/bfloat16 copies
-    and the float32 master weights live in the optimizer state (Paddle keeps them by parameter name), so those
-    take the parameters' place; anything else still in reduced precision is cast to float32."""
-    masters = optimizer.state_dict().get('master_weights', {})
+def float32_weights(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, *, o2: bool) -> dict:
+    """``model``'s state dict as the optimizer updates it, in float32. Under AMP O2 (``o2``) the float16/bfloat16
+    parameters are copies and their float32 master weights in the optimizer state (kept by parameter name) take
+    their place. Nowhere else: a state dict keeps returning master weights it was given (a resumed O2
+    checkpoint) that AdamW no longer updates, and parameters kept in float32 under O2 have none."""
+    masters = optimizer.state_dict().get('master_weights', {}) if o2 else {}
     state = model.state_dict()
     for name, param in model.named_parameters():
-        if param.name in masters:
+        if param.dtype in HALF_DTYPES and param.name in masters:
             state[name] = masters[param.name]
-    return {name: tensor.astype('float32') if tensor.dtype in (paddle.float16, paddle.bfloat16) else tensor
+    return {name: tensor.astype('float32') if tensor.dtype in HALF_DTYPES else tensor
             for name, tensor in state.items()}

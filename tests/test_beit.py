@@ -128,6 +128,33 @@ def test_dropout_and_drop_path_act_in_training_only():
     np.testing.assert_array_equal(model(x).numpy(), model(x).numpy())
 
 
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_drop_path_keeps_the_exact_rate_and_scale_in_half_precision(dtype, monkeypatch):
+    """Under AMP O2 the branch is half precision: the keep mask is drawn with probability 0.9 in float32 (bfloat16
+    rounds it to 0.8984) and kept samples are x / 0.9 computed in float32, rounded once. Paddle's CPU bernoulli
+    has no half-precision kernel: the stand-in draws in float32 and records the probabilities it was given."""
+    given = []
+
+    def recording_bernoulli(probabilities):
+        given.append(probabilities)
+        return paddle.to_tensor(np.random.default_rng(0).random(probabilities.shape) < probabilities.numpy()
+                                ).astype(probabilities.dtype)
+
+    monkeypatch.setattr(paddle, 'bernoulli', recording_bernoulli)
+    samples = 40000
+    x = paddle.to_tensor(np.random.default_rng(1).uniform(0.5, 2.0, (samples, 3, 2)).astype('float32')).astype(dtype)
+    drop = beit.DropPath(0.1)
+    out = drop.train()(x).astype('float32').numpy()
+    assert len(given) == 1 and given[0].dtype == paddle.float32
+    np.testing.assert_array_equal(given[0].numpy(), np.float32(0.9))
+    kept = out[:, 0, 0] != 0
+    assert abs(kept.mean() - 0.9) < 4 * math.sqrt(0.9 * 0.1 / samples)
+    assert not out[~kept].any()
+    exact = paddle.to_tensor(x.astype('float32').numpy() * (np.float32(1.0) / np.float32(0.9))).astype(dtype)
+    np.testing.assert_array_equal(out[kept], exact.astype('float32').numpy()[kept])
+    assert drop.eval()(x) is x
+
+
 def _trained_copy_pair(spec, cpu_kernels: bool = False, **extra):
     """Two models with identical random weights, the second built with ``extra`` options (and cpu_ops' kernels
     with ``cpu_kernels``)."""

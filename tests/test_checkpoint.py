@@ -2,6 +2,7 @@
 import numpy as np
 import paddle
 import pytest
+from paddle.amp.auto_cast import amp_initialize
 
 from beit import CheckpointMismatchError, build_beit
 from beit_pretrain import build_beit_pretrain
@@ -17,6 +18,7 @@ from checkpoint import (
 )
 from config import get_config
 from conftest import ROOT
+from gpu_runtime import O2_FLOAT32_LAYERS
 from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer, float32_weights
 from tiny_data import TINY_CONFIG
@@ -57,13 +59,15 @@ def test_round_trip_holds_everything_a_resumed_run_needs(tmp_path):
 
 
 def o2_style_optimizer(config, model):
-    """An optimizer whose state holds float32 master weights that differ from the parameters, as under AMP O2,
-    where the parameters are their float16/bfloat16 roundings (Paddle's O2 kernels do not run on a CPU; the
-    master weights enter through the optimizer's own set_state_dict, the way a resumed O2 run loads them)."""
+    """An optimizer whose state holds float32 master weights that differ from the parameters, as under AMP O2:
+    the model's parameters are cast as decorate(level='O2') casts them on a GPU (amp_initialize, what it runs
+    after its device check: bfloat16, the bias tables float32), and the master weights of the half-precision
+    ones enter through the optimizer's own set_state_dict, the way a resumed O2 run loads them."""
+    amp_initialize(models=[model], dtype='bfloat16', excluded_layers=list(O2_FLOAT32_LAYERS))
     scheduler = build_lr_scheduler(config, steps_per_epoch=4, world_size=1)
     optimizer, _ = build_optimizer(config, model, scheduler)
     masters = {param.name: param.astype('float32') + 1e-3 * (index + 1)
-               for index, param in enumerate(model.parameters())}
+               for index, param in enumerate(model.parameters()) if param.dtype == paddle.bfloat16}
     optimizer.set_state_dict({'master_weights': masters, 'LR_Scheduler': scheduler.state_dict()})
     return optimizer, scheduler, masters
 
@@ -74,17 +78,34 @@ def test_an_o2_checkpoint_holds_the_float32_master_weights(tmp_path):
     path = str(tmp_path / 'o2.pdparams')
     save_checkpoint(path, model=model, optimizer=optimizer, lr_scheduler=scheduler,
                     grad_scaler=paddle.amp.GradScaler(enable=False), model_ema=None, epoch=1, global_step=4,
-                    config=config)
+                    config=config, o2=True)
     saved = load_training_checkpoint(path)['model']
     parameters = dict(model.named_parameters())
     assert set(saved) == set(model.state_dict())
+    assert model.blocks[0].attn.relative_position_bias_table.dtype == paddle.float32  # kept float32: no master
     for name, value in saved.items():
-        expected = masters[parameters[name].name] if name in parameters else model.state_dict()[name]
-        assert value.dtype == expected.dtype
-        np.testing.assert_array_equal(value.numpy(), expected.numpy(), err_msg=name)
+        param = parameters.get(name)
+        expected = masters[param.name] if param is not None and param.name in masters else model.state_dict()[name]
+        assert value.dtype == paddle.float32 if expected.is_floating_point() else value.dtype == expected.dtype
+        np.testing.assert_array_equal(value.numpy(), expected.astype(value.dtype).numpy(), err_msg=name)
     fresh = build_beit(config)
     load_pretrained(fresh, path, use_ema=False, rel_pos_interp='cubic')  # what -pretrained, -eval and export read
     np.testing.assert_array_equal(fresh.head.weight.numpy(), masters[model.head.weight.name].numpy())
+
+
+def test_master_weights_count_only_under_o2_and_only_for_half_precision_parameters():
+    """A state dict keeps returning master weights it was given (a resumed O2 checkpoint) that AdamW no longer
+    updates: outside O2 they are ignored, and so are master weights of a float32 parameter."""
+    config, model = tiny()
+    scheduler = build_lr_scheduler(config, steps_per_epoch=4, world_size=1)
+    optimizer, _ = build_optimizer(config, model, scheduler)
+    stale = {param.name: param + 1.0 for param in model.parameters()}
+    optimizer.set_state_dict({'master_weights': stale, 'LR_Scheduler': scheduler.state_dict()})
+    assert 'master_weights' in optimizer.state_dict()
+    for o2 in (False, True):
+        weights = float32_weights(model, optimizer, o2=o2)
+        for name, value in model.state_dict().items():
+            np.testing.assert_array_equal(weights[name].numpy(), value.numpy(), err_msg=f'{name} o2={o2}')
 
 
 def test_float32_weights_cast_reduced_precision_tensors():
@@ -93,7 +114,7 @@ def test_float32_weights_cast_reduced_precision_tensors():
     optimizer, _ = build_optimizer(config, model, scheduler)
     model.head.bias.set_value(paddle.full_like(model.head.bias, 0.1))
     model.head.to(dtype='bfloat16')
-    weights = float32_weights(model, optimizer)
+    weights = float32_weights(model, optimizer, o2=False)
     assert weights['head.bias'].dtype == paddle.float32
     np.testing.assert_allclose(weights['head.bias'].numpy(), 0.1, rtol=1e-2)
     assert weights['blocks.0.attn.relative_position_bias_table'].dtype == paddle.float32

@@ -8,6 +8,7 @@ import paddle
 import pytest
 
 import beit
+import export_model
 import inference
 from config import get_config
 from datasets import load_rgb_image
@@ -146,3 +147,33 @@ def test_the_export_traces_the_same_program_on_any_device(tmp_path, monkeypatch)
     on_gpu = export(tmp_path / 'gpu', weights, '-opts', 'MODEL.FUSED_ATTN', 'True')
     assert {'1.matmul', '1.softmax'} <= set(program_ops(on_cpu))
     assert program_ops(on_gpu) == program_ops(on_cpu)
+
+
+def program_places(prefix: str) -> set:
+    """The places recorded in an exported program's ops (PIR attribute a_place: [allocation type, id, name];
+    0 undefined, 1 CPU, 2 GPU)."""
+    ops = json.loads(Path(prefix + '.json').read_text())['program']['regions'][0]['blocks'][0]['ops']
+    return {tuple(attr['AT']['D']) for op in ops for attr in op.get('A', [])
+            if isinstance(attr, dict) and attr.get('N') == 'place'}
+
+
+def test_the_export_builds_and_traces_on_the_cpu_of_a_gpu_machine(tmp_path, monkeypatch):
+    """PIR full ops record the place they were traced on: on a machine whose Paddle runs on 'gpu:0' the model is
+    built and traced with the device set to the CPU (a stand-in device setting records it), then set back."""
+    weights = save_weights(tmp_path / 'weights.pdparams', trained_like_state(tiny_config()))
+    on_cpu = export(tmp_path / 'cpu', weights)
+    device = {'now': 'gpu:0'}
+    seen = []
+    monkeypatch.setattr(paddle, 'get_device', lambda: device['now'])
+    monkeypatch.setattr(paddle, 'set_device', lambda name: device.update(now=name))
+
+    def recorded(step):
+        real = getattr(export_model, step)
+        return lambda *args, **kwargs: seen.append((step, device['now'])) or real(*args, **kwargs)
+
+    for step in ('load_model', 'export'):
+        monkeypatch.setattr(export_model, step, recorded(step))
+    on_gpu = export(tmp_path / 'gpu', weights)
+    assert seen == [('load_model', 'cpu'), ('export', 'cpu')] and device['now'] == 'gpu:0'
+    assert program_ops(on_gpu) == program_ops(on_cpu)
+    assert program_places(on_gpu) == program_places(on_cpu) <= {(0, 0, ''), (1, 0, '')}

@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import paddle
 import pytest
+from paddle.utils import unique_name
 
 import cli
 import job
@@ -257,3 +258,30 @@ def test_a_fresh_run_never_replaces_another_runs_best(data, tmp_path, capsys):
     assert main_single_gpu.main(args(data, output)) == cli.EXIT_BAD_INPUT
     assert "already holds another run's checkpoint-best.pdparams" in capsys.readouterr().err
     assert (output / 'checkpoint-best.pdparams').read_bytes() == b'an earlier best'
+
+
+def test_a_resume_without_o2_saves_the_weights_it_trains(data, tmp_path, capsys):
+    """An AMP O2 checkpoint's optimizer holds float32 master weights by parameter name, which AdamW updates only
+    under O2 while Paddle's state dict keeps returning them. Resumed without O2 for 3 steps, the run must save
+    and average into its EMA the weights it trains (as the uninterrupted run does), not the masters frozen at
+    the resume."""
+    opts = ['TRAIN.MODEL_EMA', 'True']
+    whole = tmp_path / 'whole'
+    assert main_single_gpu.main(args(data, whole, opts=opts)) == 0  # 2 epochs of 3 steps
+    checkpoint = paddle.load(str(whole / 'checkpoint-epoch-1.pdparams'))
+    with unique_name.guard():  # the run's parameter names
+        names = {name: param.name for name, param in build_beit(get_config(TINY_CONFIG)).named_parameters()}
+    checkpoint['optimizer']['master_weights'] = {names[name]: value for name, value in checkpoint['model'].items()
+                                                 if name in names}
+    o2_checkpoint = tmp_path / 'o2.pdparams'
+    paddle.save(checkpoint, str(o2_checkpoint))
+    resumed = tmp_path / 'resumed'
+    assert main_single_gpu.main(args(data, resumed, '-resume', str(o2_checkpoint), opts=opts)) == 0
+    expected = paddle.load(str(whole / 'checkpoint-epoch-2.pdparams'))
+    saved = paddle.load(str(resumed / 'checkpoint-epoch-2.pdparams'))
+    for key in ('model', 'model_ema'):
+        for name, value in expected[key].items():
+            np.testing.assert_array_equal(saved[key][name].numpy(), value.numpy(), err_msg=f'{key} {name}')
+    assert 'master_weights' not in saved['optimizer']
+    assert "this run is not O2: its optimizer's float32 master weights are dropped" in (resumed / 'log.txt').read_text()
+    capsys.readouterr()
