@@ -2,6 +2,7 @@
 code never runs) unless -trust_pickle is given; what paddle.save writes (Paddle 2.x and 3.x, protocols 2 to 4,
 numpy 1.x and 2.x names) reads exactly as paddle.load reads it."""
 import collections
+import logging
 import pickle
 import pickletools
 import random
@@ -22,6 +23,7 @@ from config import ConfigError, get_config, merge_yaml
 from conftest import assert_reads_as_paddle_load
 from test_main_pretrain import PRETRAIN_CONFIG, demo_subset  # noqa: F401 (fixture: the embedded set's subset)
 from tiny_data import TINY_CONFIG, write_dataset
+from utils import LOGGER_NAME
 
 FAST = ['DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE', '8', 'TRAIN.NUM_EPOCHS', '1']
 
@@ -62,8 +64,9 @@ def test_a_file_that_would_run_code_is_refused_naming_file_and_global(evil):
     assert not (evil.parent / 'marker').exists()
 
 
-def test_trust_pickle_reads_with_plain_pickle_and_says_so(evil, caplog):
+def test_trust_pickle_reads_with_plain_pickle_and_says_so(evil, caplog, monkeypatch):
     """The file above really runs code under paddle.load: what the refusals below prevent."""
+    monkeypatch.setattr(logging.getLogger(LOGGER_NAME), 'propagate', True)  # a run's logger does not propagate
     safe_pickle.load(str(evil), trust_pickle=True)
     assert (evil.parent / 'marker').read_text() == 'code ran'
     assert f'-trust_pickle: reading {evil} with plain pickle (paddle.load)' in caplog.text
