@@ -1,14 +1,15 @@
 """Training and evaluation losses, numerically equal to timm's for any logits.
 
-Both are written on ``log_probabilities`` (logits - log-sum-exp) rather than Paddle's log_softmax and
-cross_entropy: Paddle 3.3.1's CPU kernels clip log-probabilities at -64, so a confident mistake (logits
-[0, -120, 50], label 1) reports 64 where the loss is 170, although the gradient is right. Paddle's fused
-``soft_label`` kernel also returns softmax - target as the gradient, which is the soft-target loss's gradient
-only when every target row sums to exactly 1.
+Both are computed by ``cross_entropy_rows``, a max-shifted log-sum-exp with its own backward, rather than Paddle's
+log_softmax and cross_entropy: Paddle 3.3.1's CPU kernels clip log-probabilities at -64, so a confident mistake
+(logits [0, -120, 50], label 1) reports 64 where the loss is 170, although the gradient is right; its
+``logsumexp`` and ``log_softmax`` are good to ~5e-6 only (measured, float32, 1000 classes), while its float32
+``exp`` is good to ~1.2e-7. Paddle's fused ``soft_label`` kernel also returns softmax - target as the gradient,
+which is the soft-target loss's gradient only when every target row sums to exactly 1.
 """
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
+from paddle.autograd import PyLayer
 
 _INDEX_DTYPES = (paddle.int32, paddle.int64)
 
@@ -25,23 +26,68 @@ def check_class_labels(labels: paddle.Tensor, count: int) -> None:
         raise TypeError(f'labels must be int32 or int64 class indices, got {labels.dtype}')
 
 
-def log_probabilities(logits: paddle.Tensor) -> paddle.Tensor:
-    """log softmax over the last axis, exact for any gap between the logits: shifted by the row maximum (a
-    constant, so detached) and computed in float64, since Paddle's float32 CPU exp is good to ~2e-6 only, which
-    the gradient of a 1000-class softmax would show. The logits of one batch are small beside the model."""
-    wide = logits.astype('float64')
-    shifted = wide - wide.max(axis=-1, keepdim=True).detach()
-    return (shifted - paddle.log(paddle.exp(shifted).sum(axis=-1, keepdim=True))).astype(logits.dtype)
+def _widened(logits: paddle.Tensor) -> paddle.Tensor:
+    """float32 and float64 logits as they are; half precision ones in float32. Never float64 on a GPU."""
+    return logits if logits.dtype in (paddle.float32, paddle.float64) else logits.astype('float32')
+
+
+class _CrossEntropyRows(PyLayer):
+    """Per-row cross entropy against class weights: (sum of the weights) * log-sum-exp - weights . logits.
+
+    ``target`` is either int class indices [N] (weights: 1 - smoothing on the label plus smoothing / C on every
+    class) or float class weights [N, C] (no gradient). Everything is computed on the logits shifted by their row
+    maximum, which keeps a confident mistake exact in float32. Forward and backward each hold one [N, C] buffer
+    beside the logits: the shifted logits, exponentiated in place, and in backward that buffer becomes the logits'
+    gradient (weight sum * softmax - weights), so the loss adds about one copy of the logits to peak memory.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, smoothing):
+        wide = _widened(logits)
+        top = wide.max(axis=-1, keepdim=True)
+        shifted = wide - top
+        if target.is_floating_point():
+            target = target.astype(wide.dtype)
+            weight_sum = target.sum(axis=-1)
+            weighted = paddle.matmul(target.unsqueeze(1), shifted.unsqueeze(-1)).reshape([-1])  # no [N, C] product
+        else:
+            weight_sum = paddle.ones_like(top.reshape([-1]))
+            weighted = paddle.index_sample(shifted, target.reshape([-1, 1])).reshape([-1]) * (1.0 - smoothing)
+            if smoothing:
+                weighted = weighted + shifted.mean(axis=-1) * smoothing
+        sum_exp = shifted.exp_().sum(axis=-1)
+        ctx.save_for_backward(logits, target, top, sum_exp, weight_sum)
+        ctx.smoothing = smoothing
+        return (weight_sum * paddle.log(sum_exp) - weighted).astype(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        logits, target, top, sum_exp, weight_sum = ctx.saved_tensor()
+        grad = grad_rows.astype(top.dtype).unsqueeze(-1)
+        buffer = (_widened(logits) - top).exp_()
+        buffer.multiply_(grad * (weight_sum / sum_exp).unsqueeze(-1))
+        if target.is_floating_point():
+            buffer.subtract_(target * grad)
+        else:
+            if ctx.smoothing:
+                buffer.subtract_(grad * (ctx.smoothing / logits.shape[-1]))
+            buffer.put_along_axis_(target.reshape([-1, 1]), grad * -(1.0 - ctx.smoothing), 1, reduce='add')
+        return buffer.astype(logits.dtype), None  # astype to the same dtype copies nothing
+
+
+def cross_entropy_rows(logits: paddle.Tensor, target: paddle.Tensor, smoothing: float = 0.0) -> paddle.Tensor:
+    """[N] cross entropy of each row of ``logits`` [N, C] against class indices ``target`` [N] smoothed by
+    ``smoothing`` (timm's LabelSmoothingCrossEntropy rows; plain cross entropy at 0), or against float class weights
+    ``target`` [N, C] (timm's SoftTargetCrossEntropy rows; ``smoothing`` unused). Class indices outside [0, C) are
+    refused by Paddle's index_sample kernel on the CPU."""
+    return _CrossEntropyRows.apply(logits, target.detach(), float(smoothing))
 
 
 def cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor, smoothing: float = 0.0,
                   reduction: str = 'mean') -> paddle.Tensor:
     """Cross entropy against (1 - smoothing) on the label plus ``smoothing`` spread over all classes, as timm's
     LabelSmoothingCrossEntropy (plain cross entropy at 0); ``reduction`` 'mean' or 'sum' over the rows."""
-    log_probs = log_probabilities(logits)
-    loss = -(F.one_hot(labels, logits.shape[-1]).astype(log_probs.dtype) * log_probs).sum(axis=-1)
-    if smoothing:
-        loss = (1.0 - smoothing) * loss - smoothing * log_probs.mean(axis=-1)
+    loss = cross_entropy_rows(logits, labels, smoothing)
     return loss.mean() if reduction == 'mean' else loss.sum()
 
 
@@ -76,7 +122,7 @@ class SoftTargetCrossEntropy(nn.Layer):
             raise ValueError(f'soft targets must have the logits shape {list(logits.shape)}, got {shape}')
         if not targets.is_floating_point():
             raise TypeError(f'soft targets must be float class weights, got {targets.dtype}')
-        return paddle.sum(-targets * log_probabilities(logits), axis=-1).mean()
+        return cross_entropy_rows(logits, targets).mean()
 
 
 def build_criterion(config, mixup_active: bool) -> nn.Layer:
