@@ -34,7 +34,7 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from PIL import Image, ImageFile
 
 from config import BAD_IMAGE_POLICIES, DATASETS
-from masking_generator import MaskingGenerator
+from masking_generator import MaskingGenerator, masked_positions
 from transforms import get_pretrain_transforms, get_train_transforms, get_val_transforms, to_rgb
 from utils import die_with_parent
 
@@ -304,22 +304,25 @@ class LabeledImageDataset(Dataset):
 
 
 class MaskedImageDataset(LabeledImageDataset):
-    """Pre-training samples: (patch view float32 CHW, tokenizer view float32 CHW, mask bool [N]); labels unused.
+    """Pre-training samples: (patch view float32 CHW, tokenizer view float32 CHW, mask bool [N], masked positions
+    int64 [NUM_MASK_PATCHES]); labels unused.
 
     ``transform`` gives the two views of one crop (transforms.get_pretrain_transforms), ``mask_generator`` a new
-    (H, W) 0/1 mask of the patch grid per sample, flattened in the row-major order of the patch tokens.
+    (H, W) 0/1 mask of the patch grid per sample, flattened in the row-major order of the patch tokens; the
+    positions are its masked indices (masking_generator.masked_positions), a fixed count per sample.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, mask_generator: Callable,
+    def __init__(self, samples: Sequence[Sample], transform: Callable, mask_generator: MaskingGenerator,
                  bad_image_policy: str = 'error', source: str = ''):
         super().__init__(samples, transform, bad_image_policy, source)
         self.mask_generator = mask_generator
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         self._seed_draws(index)
         image, _ = self._first_decodable(index)
         patch_view, tokenizer_view = self.transform(image)
-        return patch_view, tokenizer_view, np.asarray(self.mask_generator(), dtype=bool).reshape(-1)
+        mask = np.asarray(self.mask_generator(), dtype=bool).reshape(-1)
+        return patch_view, tokenizer_view, mask, masked_positions(mask, self.mask_generator.num_masking_patches)
 
 
 def _check_mode(mode: str) -> None:
@@ -480,8 +483,8 @@ class _FailureAsSampleDataset(Dataset):
 
 def _collate_or_failure(samples: list):
     """Each field of the samples stacked ([images NCHW, int64 labels]; for pre-training [patch views, tokenizer
-    views, masks]), or the first failure in the batch as a dict of plain values, which Paddle passes to the main
-    process as they are (the array only keeps its queue from being empty)."""
+    views, masks, masked positions]), or the first failure in the batch as a dict of plain values, which Paddle
+    passes to the main process as they are (the array only keeps its queue from being empty)."""
     failure = next((sample for sample in samples if isinstance(sample, _LoadFailure)), None)
     if failure is None:
         return [np.stack(field) for field in zip(*samples)]

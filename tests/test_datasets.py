@@ -488,11 +488,13 @@ def test_pretraining_set_gives_two_views_and_a_mask_and_ignores_labels(tmp_path,
     assert len(dataset) == 8
     batches = [[part.numpy() for part in batch] for batch in datasets.get_dataloader(config, dataset, 'train')]
     assert len(batches) == 2
-    for patch_views, tokenizer_views, masks in batches:
+    for patch_views, tokenizer_views, masks, positions in batches:
         assert patch_views.shape == (4, 3, 16, 16) and tokenizer_views.shape == (4, 3, 32, 32)
         assert patch_views.dtype == tokenizer_views.dtype == np.float32
         assert masks.shape == (4, 16) and masks.dtype == np.bool_
         assert (masks.sum(axis=1) == 6).all()
+        assert positions.shape == (4, 6) and positions.dtype == np.int64
+        np.testing.assert_array_equal(positions, [np.flatnonzero(mask) for mask in masks])
         assert tokenizer_views.min() >= 0.1 - 1e-6 and tokenizer_views.max() <= 0.9 + 1e-6
     masks = np.concatenate([batch[2] for batch in batches])
     assert len({mask.tobytes() for mask in masks}) > 4  # a new mask per sample
@@ -506,7 +508,8 @@ def test_pretraining_reads_image_folders_with_any_class_count(tmp_path, tiny_jpe
     config.MODEL.NUM_CLASSES = 5
     dataset = datasets.get_pretraining_dataset(config)
     assert len(dataset) == 7
-    patch_view, tokenizer_view, mask = dataset[0]
+    patch_view, tokenizer_view, mask, positions = dataset[0]
     assert patch_view.shape == (3, 16, 16) and tokenizer_view.shape == (3, 32, 32) and mask.sum() == 6
+    np.testing.assert_array_equal(positions, np.flatnonzero(mask))
     with pytest.raises(DatasetError, match='3 class folders, but MODEL.NUM_CLASSES is 5'):
         datasets.get_dataset(config, 'train')
