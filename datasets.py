@@ -457,6 +457,30 @@ class ShardedEvalBatchSampler:
         return -(-len(self.indices) // self.batch_size)
 
 
+class BatchExtra(NamedTuple):
+    """Arrays drawn for a whole training batch by get_dataloader's ``batch_draws``; they travel to the collate as
+    the batch's last index and are appended to its fields."""
+    arrays: tuple
+
+
+class _DrawingBatchSampler:
+    """``batch_sampler``'s batches, each with ``draw(len(indices))`` as a last BatchExtra index. Drawn here, in
+    batch order, so the draws are the same whatever the number of loader workers."""
+
+    def __init__(self, batch_sampler, draw: Callable[[int], tuple]):
+        self.batch_sampler, self.draw = batch_sampler, draw
+
+    def __iter__(self) -> Iterator[list]:
+        for indices in self.batch_sampler:
+            yield [*indices, BatchExtra(tuple(self.draw(len(indices))))]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+
 class _LoadFailure(NamedTuple):
     message: str
     is_dataset_error: bool
@@ -473,6 +497,8 @@ class _FailureAsSampleDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        if isinstance(index, BatchExtra):
+            return index
         try:
             return self.dataset[index]
         except Exception as err:
@@ -491,6 +517,12 @@ def _collate_or_failure(samples: list):
     return {'failure': failure.message, 'is_dataset_error': failure.is_dataset_error, 'marker': np.zeros(1)}
 
 
+def _collate_with_extra(samples: list):
+    """_collate_or_failure of the samples, then the arrays of the batch's BatchExtra (its last entry)."""
+    batch = _collate_or_failure(samples[:-1])
+    return batch if isinstance(batch, dict) else [*batch, *samples[-1].arrays]
+
+
 class FailFastDataLoader(DataLoader):
     """A DataLoader whose iteration raises a sample's failure in the caller's process: a DatasetError (bad image
     under policy 'error') as a DatasetError with the same message, anything else as a RuntimeError carrying the
@@ -504,8 +536,11 @@ class FailFastDataLoader(DataLoader):
             yield batch
 
 
-def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = False) -> FailFastDataLoader:
-    """A loader over ``dataset``; with ``multi_process`` each rank reads its own share.
+def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = False,
+                   batch_draws: Callable[[int], tuple] | None = None) -> FailFastDataLoader:
+    """A loader over ``dataset``; with ``multi_process`` each rank reads its own share. ``batch_draws`` (train
+    only): ``batch_draws(batch_size)`` gives arrays appended to each batch (Mixup's draws), called in this
+    process in batch order as the loader fetches, so the step copies nothing from the host.
 
     train: DistributedBatchSampler (also for one process, so the caller can always ``loader.batch_sampler
     .set_epoch(epoch)``; its order depends on the epoch only) shuffles and drops the last partial batch;
@@ -523,8 +558,13 @@ def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = Fa
         if len(batch_sampler) == 0:
             raise DatasetError(f'the train set has {len(dataset)} samples: no full batch of DATA.BATCH_SIZE '
                                f'{config.DATA.BATCH_SIZE} for each of {world_size} process(es)')
+    elif batch_draws is not None:
+        raise ValueError('batch_draws are for training batches only')
     else:
         batch_sampler = ShardedEvalBatchSampler(len(dataset), config.DATA.BATCH_SIZE_EVAL, rank, world_size)
+    collate = _collate_or_failure
+    if batch_draws is not None:
+        batch_sampler, collate = _DrawingBatchSampler(batch_sampler, batch_draws), _collate_with_extra
     return FailFastDataLoader(_FailureAsSampleDataset(dataset), batch_sampler=batch_sampler,
-                              num_workers=config.DATA.NUM_WORKERS, collate_fn=_collate_or_failure,
+                              num_workers=config.DATA.NUM_WORKERS, collate_fn=collate,
                               worker_init_fn=die_with_parent)

@@ -48,6 +48,7 @@ class MaskedImageModelingObjective:
     metric = 'mlm_acc'
     logged = ('loss', 'mlm_acc')
     num_counts = 4
+    batch_draws = None  # the masks come with the samples
 
     def __init__(self, tokenizer: nn.Layer):
         self.tokenizer = tokenizer

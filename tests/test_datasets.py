@@ -399,6 +399,51 @@ def test_train_loader_shuffles_drops_the_partial_batch_and_follows_set_epoch(tmp
     assert first != second and first[0] + first[1] != sorted(first[0] + first[1])
 
 
+class CountingDraws:
+    """Stands in for Mixup's BatchDraws: draw k (from 0) is (float32 [B] of k, int64 [B, 2] of the batch size)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, batch_size):
+        self.calls += 1
+        return np.full(batch_size, self.calls - 1, np.float32), np.full((batch_size, 2), batch_size, np.int64)
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_train_batches_carry_the_draws_made_in_batch_order(tmp_path, num_workers):
+    """Draws are made in this process as batches are fetched, so they follow the batch order for any worker count;
+    set_epoch still reaches the sampler (same order as without draws)."""
+    config = make_config(tmp_path, BATCH_SIZE=2, NUM_WORKERS=num_workers)
+    draws = CountingDraws()
+    loader = datasets.get_dataloader(config, IndexDataset(9), 'train', batch_draws=draws)
+    plain = datasets.get_dataloader(config, IndexDataset(9), 'train')
+    for epoch in (0, 3):
+        loader.batch_sampler.set_epoch(epoch)
+        plain.batch_sampler.set_epoch(epoch)
+        draws.calls = 0
+        batches = [[part.numpy() for part in batch] for batch in read_all(loader)]
+        assert [labels.tolist() for _, labels, _, _ in batches] == _epoch_labels(plain)
+        assert [order.tolist() for _, _, order, _ in batches] == [[0, 0], [1, 1], [2, 2], [3, 3]]
+        assert all(sizes.dtype == np.int64 and sizes.shape == (2, 2) for *_, sizes in batches)
+    assert len(loader) == 4
+
+
+def test_draws_are_for_training_batches_only(tmp_path):
+    with pytest.raises(ValueError, match='batch_draws are for training batches only'):
+        datasets.get_dataloader(make_config(tmp_path), IndexDataset(4), 'val', batch_draws=CountingDraws())
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_a_failing_sample_still_raises_when_batches_carry_draws(tmp_path, num_workers):
+    dataset = datasets.LabeledImageDataset([datasets.Sample(str(tmp_path / 'missing.jpg'), 0, 7)] * 4,
+                                           transform=lambda img: img, source='train_list.txt')
+    loader = datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE=2, NUM_WORKERS=num_workers), dataset,
+                                     'train', batch_draws=CountingDraws())
+    with pytest.raises(DatasetError, match=r'missing.jpg \(train_list.txt line 7\)'):
+        read_all(loader)
+
+
 def test_train_loader_without_a_full_batch_is_an_error(tmp_path):
     with pytest.raises(DatasetError) as info:
         datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE=4), IndexDataset(3), 'train')
