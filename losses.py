@@ -3,9 +3,10 @@
 Both are computed by ``cross_entropy_rows``, a max-shifted log-sum-exp with its own backward, rather than Paddle's
 log_softmax and cross_entropy: Paddle 3.3.1's CPU kernels clip log-probabilities at -64, so a confident mistake
 (logits [0, -120, 50], label 1) reports 64 where the loss is 170, although the gradient is right; its
-``logsumexp`` and ``log_softmax`` are good to ~5e-6 only (measured, float32, 1000 classes), while its float32
-``exp`` is good to ~1.2e-7. Paddle's fused ``soft_label`` kernel also returns softmax - target as the gradient,
-which is the soft-target loss's gradient only when every target row sums to exactly 1.
+``logsumexp`` and ``log_softmax`` are good to ~5e-6 only (measured, float32, 1000 classes), because its CPU sum
+adds a row one value after another in float32 (its float32 ``exp`` is good to ~1.2e-7). Paddle's fused
+``soft_label`` kernel also returns softmax - target as the gradient, which is the soft-target loss's gradient
+only when every target row sums to exactly 1.
 """
 import paddle
 import paddle.nn as nn
@@ -26,6 +27,33 @@ def check_class_labels(labels: paddle.Tensor, count: int) -> None:
         raise TypeError(f'labels must be int32 or int64 class indices, got {labels.dtype}')
 
 
+ROW_BLOCK_ELEMENTS = 1 << 20  # the rows summed at once: temporaries of 4 MB (float32), 8 MB (float64) at most
+
+
+def sums_in_float64(values: paddle.Tensor) -> bool:
+    """Whether row sums of ``values`` need float64 accumulation: on the CPU for float32, because Paddle's CPU sum
+    adds a row's values one after another (over 8,192 float32 values: 2.4e-5 relative error, measured; numpy's
+    pairwise float32 sum: 2.8e-7). A GPU adds them in a tree, accurately in float32: no float64 there."""
+    return values.place.is_cpu_place() and values.dtype == paddle.float32
+
+
+def _row_sums(values: paddle.Tensor, weights: paddle.Tensor | None = None) -> paddle.Tensor:
+    """[N] sums of the rows of ``values`` [N, C] (times ``weights`` [N, C]), in ``values``' dtype. Taken over
+    blocks of rows when a temporary is needed (the product, or the float64 copy of sums_in_float64), so that it
+    holds ROW_BLOCK_ELEMENTS values at most instead of a copy of the whole matrix."""
+    wide = sums_in_float64(values)
+    if weights is None and not wide:
+        return values.sum(axis=-1)
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(values.shape[-1], 1))
+    sums = []
+    for start in range(0, values.shape[0], rows):
+        block = values[start:start + rows]
+        if weights is not None:
+            block = block * weights[start:start + rows]
+        sums.append(block.sum(axis=-1, dtype='float64' if wide else None))
+    return paddle.concat(sums).astype(values.dtype)
+
+
 def _widened(logits: paddle.Tensor) -> paddle.Tensor:
     """float32 and float64 logits as they are; half precision ones in float32. Never float64 on a GPU."""
     return logits if logits.dtype in (paddle.float32, paddle.float64) else logits.astype('float32')
@@ -38,7 +66,8 @@ class _CrossEntropyRows(PyLayer):
     class) or float class weights [N, C] (no gradient). Everything is computed on the logits shifted by their row
     maximum, which keeps a confident mistake exact in float32. Forward and backward each hold one [N, C] buffer
     beside the logits: the shifted logits, exponentiated in place, and in backward that buffer becomes the logits'
-    gradient (weight sum * softmax - weights), so the loss adds about one copy of the logits to peak memory.
+    gradient (weight sum * softmax - weights), so the loss adds about one copy of the logits to peak memory (soft
+    targets add one more in backward: the weights times the incoming gradient). Row sums are _row_sums'.
     """
 
     @staticmethod
@@ -48,14 +77,14 @@ class _CrossEntropyRows(PyLayer):
         shifted = wide - top
         if target.is_floating_point():
             target = target.astype(wide.dtype)
-            weight_sum = target.sum(axis=-1)
-            weighted = paddle.matmul(target.unsqueeze(1), shifted.unsqueeze(-1)).reshape([-1])  # no [N, C] product
+            weight_sum = _row_sums(target)
+            weighted = _row_sums(shifted, target)
         else:
             weight_sum = paddle.ones_like(top.reshape([-1]))
             weighted = paddle.index_sample(shifted, target.reshape([-1, 1])).reshape([-1]) * (1.0 - smoothing)
             if smoothing:
-                weighted = weighted + shifted.mean(axis=-1) * smoothing
-        sum_exp = shifted.exp_().sum(axis=-1)
+                weighted = weighted + _row_sums(shifted) * (smoothing / shifted.shape[-1])
+        sum_exp = _row_sums(shifted.exp_())
         ctx.save_for_backward(logits, target, top, sum_exp, weight_sum)
         ctx.smoothing = smoothing
         return (weight_sum * paddle.log(sum_exp) - weighted).astype(logits.dtype)
