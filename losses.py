@@ -33,7 +33,9 @@ ROW_BLOCK_ELEMENTS = 1 << 20  # the rows summed at once: temporaries of 4 MB (fl
 def sums_in_float64(values: paddle.Tensor) -> bool:
     """Whether row sums of ``values`` need float64 accumulation: on the CPU for float32, because Paddle's CPU sum
     adds a row's values one after another (over 8,192 float32 values: 2.4e-5 relative error, measured; numpy's
-    pairwise float32 sum: 2.8e-7). A GPU adds them in a tree, accurately in float32: no float64 there."""
+    pairwise float32 sum: 2.8e-7). Paddle's GPU reduce kernel (phi/kernels/funcs/reduce_function.h,
+    ReduceAnyKernel) adds short per-thread runs, then combines them in a tree: float32 suffices there (read from
+    the sources, not measured: no GPU here), and a GPU computes float64 at a fraction of its float32 speed."""
     return values.place.is_cpu_place() and values.dtype == paddle.float32
 
 
