@@ -44,6 +44,8 @@ class ClassificationObjective:
     num_counts = 4
 
     def __init__(self, criterion: nn.Layer, mixup: Mixup | None = None, image_size: int | None = None):
+        if mixup is not None and image_size is None:
+            raise ValueError('Mixup needs the image_size of the training batches: its boxes are drawn in the loader')
         self.criterion = criterion
         self.mixup = mixup
         self.batch_draws = BatchDraws(mixup, image_size, image_size) if mixup is not None else None
@@ -55,6 +57,10 @@ class ClassificationObjective:
             if not draws:
                 raise ValueError('a Mixup/CutMix training batch must carry its draws: load it with '
                                  'datasets.get_dataloader(..., batch_draws=objective.batch_draws)')
+            drawn_for = [self.batch_draws.height, self.batch_draws.width]
+            if list(images.shape[2:]) != drawn_for:
+                raise ValueError(f'Mixup draws are for {drawn_for[0]}x{drawn_for[1]} images (DATA.IMAGE_SIZE), the '
+                                 f'batch has {images.shape[2]}x{images.shape[3]}')
             images, targets = self.mixup.mix(images, labels, draws)
         logits = amp.forward(model, images)
         loss = self.criterion(logits, targets)

@@ -7,7 +7,7 @@ from beit import build_beit
 from config import get_config
 from engine import Amp, World
 from mixup import Mixup
-from task_finetune import build_classification_objective, topk_correct
+from task_finetune import ClassificationObjective, build_classification_objective, topk_correct
 from tiny_data import TINY_CONFIG
 
 
@@ -42,10 +42,16 @@ def test_loader_drawn_mixup_trains_on_what_drawing_in_the_step_gave():
     assert objective.mixup.rng.bit_generator.state == in_step.rng.bit_generator.state
 
 
-def test_a_mixup_batch_without_its_draws_is_refused():
+def test_mixup_batches_without_draws_or_of_another_size_are_refused():
     config = get_config(TINY_CONFIG)
     objective = build_classification_objective(config, World())
     with pytest.raises(ValueError, match='a Mixup/CutMix training batch must carry its draws'):
         objective(build_beit(config), _batch(np.random.default_rng(0)), Amp())
+    images, labels = _batch(np.random.default_rng(0))
+    draws = [paddle.to_tensor(part) for part in objective.batch_draws(4)]
+    with pytest.raises(ValueError, match=r'Mixup draws are for 32x32 images \(DATA.IMAGE_SIZE\), the batch has 16x16'):
+        objective(build_beit(config), (images[:, :, :16, :16], labels, *draws), Amp())
+    with pytest.raises(ValueError, match='Mixup needs the image_size of the training batches'):
+        ClassificationObjective(objective.criterion, objective.mixup)
     config.TRAIN.MIXUP_ALPHA = config.TRAIN.CUTMIX_ALPHA = 0.0
     assert build_classification_objective(config, World()).batch_draws is None
