@@ -31,10 +31,14 @@ class BeitForMaskedImageModeling(BeitEncoder):
             x = x * (1.0 - weight) + self.mask_token.astype(x.dtype) * weight
         return self.encode(x)
 
-    def forward(self, images: paddle.Tensor, mask: paddle.Tensor) -> paddle.Tensor:
-        """Visual-token logits [number of masked patches in the batch, vocab_size], in (image, position) order."""
+    def forward(self, images: paddle.Tensor, mask: paddle.Tensor, positions: paddle.Tensor) -> paddle.Tensor:
+        """Visual-token logits [B * M, vocab_size] of the patches at ``positions`` (int64 [B, M], each image's
+        masked patch indices), in (image, position) order. A gather, so the shape does not depend on the mask's
+        values: boolean-mask indexing would make a GPU wait for them."""
         patch_tokens = self.forward_tokens(images, mask)[:, 1:]
-        return self.lm_head(patch_tokens[mask.astype('bool')])
+        batch, num_patches, dim = patch_tokens.shape
+        rows = positions + paddle.arange(batch, dtype=positions.dtype).unsqueeze(-1) * num_patches
+        return self.lm_head(paddle.gather(patch_tokens.reshape([-1, dim]), rows.reshape([-1])))
 
 
 def build_beit_pretrain(config) -> BeitForMaskedImageModeling:

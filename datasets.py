@@ -34,7 +34,7 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from PIL import Image, ImageFile
 
 from config import BAD_IMAGE_POLICIES, DATASETS
-from masking_generator import MaskingGenerator
+from masking_generator import MaskingGenerator, masked_positions
 from transforms import get_pretrain_transforms, get_train_transforms, get_val_transforms, to_rgb
 from utils import die_with_parent
 
@@ -304,22 +304,25 @@ class LabeledImageDataset(Dataset):
 
 
 class MaskedImageDataset(LabeledImageDataset):
-    """Pre-training samples: (patch view float32 CHW, tokenizer view float32 CHW, mask bool [N]); labels unused.
+    """Pre-training samples: (patch view float32 CHW, tokenizer view float32 CHW, mask bool [N], masked positions
+    int64 [NUM_MASK_PATCHES]); labels unused.
 
     ``transform`` gives the two views of one crop (transforms.get_pretrain_transforms), ``mask_generator`` a new
-    (H, W) 0/1 mask of the patch grid per sample, flattened in the row-major order of the patch tokens.
+    (H, W) 0/1 mask of the patch grid per sample, flattened in the row-major order of the patch tokens; the
+    positions are its masked indices (masking_generator.masked_positions), a fixed count per sample.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable, mask_generator: Callable,
+    def __init__(self, samples: Sequence[Sample], transform: Callable, mask_generator: MaskingGenerator,
                  bad_image_policy: str = 'error', source: str = ''):
         super().__init__(samples, transform, bad_image_policy, source)
         self.mask_generator = mask_generator
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         self._seed_draws(index)
         image, _ = self._first_decodable(index)
         patch_view, tokenizer_view = self.transform(image)
-        return patch_view, tokenizer_view, np.asarray(self.mask_generator(), dtype=bool).reshape(-1)
+        mask = np.asarray(self.mask_generator(), dtype=bool).reshape(-1)
+        return patch_view, tokenizer_view, mask, masked_positions(mask, self.mask_generator.num_masking_patches)
 
 
 def _check_mode(mode: str) -> None:
@@ -454,6 +457,30 @@ class ShardedEvalBatchSampler:
         return -(-len(self.indices) // self.batch_size)
 
 
+class BatchExtra(NamedTuple):
+    """Arrays drawn for a whole training batch by get_dataloader's ``batch_draws``; they travel to the collate as
+    the batch's last index and are appended to its fields."""
+    arrays: tuple
+
+
+class _DrawingBatchSampler:
+    """``batch_sampler``'s batches, each with ``draw(len(indices))`` as a last BatchExtra index. Drawn here, in
+    batch order, so the draws are the same whatever the number of loader workers."""
+
+    def __init__(self, batch_sampler, draw: Callable[[int], tuple]):
+        self.batch_sampler, self.draw = batch_sampler, draw
+
+    def __iter__(self) -> Iterator[list]:
+        for indices in self.batch_sampler:
+            yield [*indices, BatchExtra(tuple(self.draw(len(indices))))]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+
 class _LoadFailure(NamedTuple):
     message: str
     is_dataset_error: bool
@@ -470,6 +497,8 @@ class _FailureAsSampleDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        if isinstance(index, BatchExtra):
+            return index
         try:
             return self.dataset[index]
         except Exception as err:
@@ -480,12 +509,18 @@ class _FailureAsSampleDataset(Dataset):
 
 def _collate_or_failure(samples: list):
     """Each field of the samples stacked ([images NCHW, int64 labels]; for pre-training [patch views, tokenizer
-    views, masks]), or the first failure in the batch as a dict of plain values, which Paddle passes to the main
-    process as they are (the array only keeps its queue from being empty)."""
+    views, masks, masked positions]), or the first failure in the batch as a dict of plain values, which Paddle
+    passes to the main process as they are (the array only keeps its queue from being empty)."""
     failure = next((sample for sample in samples if isinstance(sample, _LoadFailure)), None)
     if failure is None:
         return [np.stack(field) for field in zip(*samples)]
     return {'failure': failure.message, 'is_dataset_error': failure.is_dataset_error, 'marker': np.zeros(1)}
+
+
+def _collate_with_extra(samples: list):
+    """_collate_or_failure of the samples, then the arrays of the batch's BatchExtra (its last entry)."""
+    batch = _collate_or_failure(samples[:-1])
+    return batch if isinstance(batch, dict) else [*batch, *samples[-1].arrays]
 
 
 class FailFastDataLoader(DataLoader):
@@ -501,8 +536,11 @@ class FailFastDataLoader(DataLoader):
             yield batch
 
 
-def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = False) -> FailFastDataLoader:
-    """A loader over ``dataset``; with ``multi_process`` each rank reads its own share.
+def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = False,
+                   batch_draws: Callable[[int], tuple] | None = None) -> FailFastDataLoader:
+    """A loader over ``dataset``; with ``multi_process`` each rank reads its own share. ``batch_draws`` (train
+    only): ``batch_draws(batch_size)`` gives arrays appended to each batch (Mixup's draws), called in this
+    process in batch order as the loader fetches, so the step copies nothing from the host.
 
     train: DistributedBatchSampler (also for one process, so the caller can always ``loader.batch_sampler
     .set_epoch(epoch)``; its order depends on the epoch only) shuffles and drops the last partial batch;
@@ -520,8 +558,13 @@ def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = Fa
         if len(batch_sampler) == 0:
             raise DatasetError(f'the train set has {len(dataset)} samples: no full batch of DATA.BATCH_SIZE '
                                f'{config.DATA.BATCH_SIZE} for each of {world_size} process(es)')
+    elif batch_draws is not None:
+        raise ValueError('batch_draws are for training batches only')
     else:
         batch_sampler = ShardedEvalBatchSampler(len(dataset), config.DATA.BATCH_SIZE_EVAL, rank, world_size)
+    collate = _collate_or_failure
+    if batch_draws is not None:
+        batch_sampler, collate = _DrawingBatchSampler(batch_sampler, batch_draws), _collate_with_extra
     return FailFastDataLoader(_FailureAsSampleDataset(dataset), batch_sampler=batch_sampler,
-                              num_workers=config.DATA.NUM_WORKERS, collate_fn=_collate_or_failure,
+                              num_workers=config.DATA.NUM_WORKERS, collate_fn=collate,
                               worker_init_fn=die_with_parent)

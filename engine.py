@@ -9,6 +9,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,11 +79,13 @@ class Objective(Protocol):
     Counts add up over micro-batches, batches and processes; ``summarise`` turns their totals into the metrics
     (``loss``, ``metric``, ``num_samples`` and any others). ``metric`` is the one training logs and the best
     checkpoint is chosen by (higher is better); ``logged`` the ones an evaluation logs and records for the EMA.
-    ``reseed`` re-seeds its own randomness at each epoch."""
+    ``reseed`` re-seeds its own randomness at each epoch. ``batch_draws`` (or None): what the train loader
+    draws for each batch and appends to it (datasets.get_dataloader), so that the step draws nothing."""
 
     metric: str
     logged: tuple[str, ...]
     num_counts: int
+    batch_draws: Callable[[int], tuple] | None
 
     def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]: ...
 

@@ -316,7 +316,7 @@ def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
             model = decorate_o2(model, amp)
         return Job(config, world, logger, amp, _evaluation_model(config, model), objective, val_set, val_loader,
                    start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch)
-    train_loader = get_dataloader(config, train_set, 'train', multi_process)
+    train_loader = get_dataloader(config, train_set, 'train', multi_process, batch_draws=objective.batch_draws)
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
     if steps_per_epoch == 0:
         raise DatasetError(f'{len(train_loader)} batches per epoch are fewer than TRAIN.ACCUM_ITER '

@@ -11,6 +11,9 @@ One difference, so that every mask has the same count: the official code gives u
 as few as 66). Here the same proposals keep coming, in rounds of 10, until the count is reached; only after
 ``MAX_FAILED_ROUNDS`` rounds in a row without a placement is the count taken as unreachable and the mask
 returned short (never seen with the zoo settings, where at most 20 rounds in a row failed in 20,000 masks).
+
+``masked_positions`` lists a mask's cells for a batch of fixed shape: [num_masking_patches] indices, padded at
+the end when a mask is short, so the training step gathers the masked patches without a data-dependent shape.
 """
 import math
 from typing import NamedTuple
@@ -90,6 +93,15 @@ class MaskingGenerator:
                 window[...] = 1
                 return added
         return 0
+
+
+def masked_positions(mask: np.ndarray, count: int) -> np.ndarray:
+    """int64 [count]: the row-major flat indices of the masked cells of ``mask``, ascending, then zeros for the
+    cells a short mask lacks. Which entries are real follows from the mask: the first ``mask.sum()`` ones."""
+    positions = np.flatnonzero(mask)
+    if len(positions) > count:
+        raise ValueError(f'the mask has {len(positions)} masked cells, more than the {count} positions shipped')
+    return np.concatenate([positions, np.zeros(count - len(positions), dtype=positions.dtype)]).astype(np.int64)
 
 
 def _grid_shape(input_size) -> tuple[int, int]:

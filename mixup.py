@@ -5,6 +5,10 @@ The semantics are timm's ``Mixup``, which the BEiT recipe trains with: sample i 
 random choices in numpy, from a Generator the caller may pass, in timm's order; ``Mixup.mix`` applies them
 with paddle. An odd batch is accepted: its middle sample is its own partner, so it comes out unchanged
 (up to rounding: Mixup computes x * lam + x * (1 - lam)); pair mode leaves it out.
+
+In training the draws travel with the batch: ``BatchDraws`` makes them in the loader (datasets.get_dataloader's
+``batch_draws``), as two arrays (``MixParams.shipped``), and the step mixes with tensor operations only: no copy
+from the host and no read of the device.
 """
 from dataclasses import dataclass
 
@@ -14,6 +18,8 @@ import paddle.nn.functional as F
 
 from config import MIXUP_MODES
 from losses import check_class_labels
+
+NUM_WEIGHTS = 4  # label own, label partner, pixel own, pixel partner
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,25 @@ class MixParams:
     pixel_weight: np.ndarray
     boxes: np.ndarray
 
+    def shipped(self) -> tuple[np.ndarray, np.ndarray]:
+        """What a batch carries: float32 [B, 4] weights (label own, label partner, pixel own, pixel partner; each
+        partner weight 1 - w taken in w's precision, as timm does) and int64 [B, 4] boxes."""
+        weights = [(weight, 1 - weight) for weight in (self.label_weight, self.pixel_weight)]
+        return (np.stack([part.astype(np.float32) for pair in weights for part in pair], axis=1),
+                self.boxes.astype(np.int64))
+
+
+class BatchDraws:
+    """A loader's draws for training batches of ``height`` x ``width`` images: ``draws(batch_size)`` gives the
+    shipped arrays of ``mixup.draw``, consumed from ``mixup.rng`` in batch order (so reseeding the Mixup reseeds
+    these). A function of the batch size only: the loader draws before the images are loaded."""
+
+    def __init__(self, mixup: 'Mixup', height: int, width: int):
+        self.mixup, self.height, self.width = mixup, height, width
+
+    def __call__(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.mixup.draw(batch_size, self.height, self.width).shipped()
+
 
 def _image_batch_shape(images: paddle.Tensor) -> tuple[int, int, int]:
     """Batch size, height and width of a float [B, C, H, W] tensor."""
@@ -47,30 +72,44 @@ def _image_batch_shape(images: paddle.Tensor) -> tuple[int, int, int]:
     return batch_size, height, width
 
 
-def _own_and_partner_weights(weights: np.ndarray, rank: int, dtype) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """w and 1 - w shaped [B, 1, ...] to broadcast; 1 - w is taken in the weights' precision, as timm does."""
+def _check_draws(draws, batch_size: int) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """The (weights, boxes) tensors of a batch's shipped draws, checked from their metadata only."""
+    if len(draws) != 2 or not all(isinstance(part, paddle.Tensor) for part in draws):
+        raise TypeError('Mixup draws must be two tensors, weights [B, 4] and boxes [B, 4] (MixParams.shipped); '
+                        f'got {[type(part).__name__ for part in draws]}')
+    weights, boxes = draws
+    if weights.shape[0] != batch_size:
+        raise ValueError(f'Mixup draws were made for {weights.shape[0]} samples, the batch has {batch_size}')
+    if list(weights.shape) != [batch_size, NUM_WEIGHTS] or list(boxes.shape) != [batch_size, 4]:
+        raise ValueError(f'Mixup draws must be weights [{batch_size}, {NUM_WEIGHTS}] and boxes [{batch_size}, 4], '
+                         f'got {list(weights.shape)} and {list(boxes.shape)}')
+    if not weights.is_floating_point() or boxes.is_floating_point():
+        raise TypeError(f'Mixup draws must be float weights and integer boxes, got {weights.dtype} and {boxes.dtype}')
+    return weights, boxes
+
+
+def _own_and_partner(weights: paddle.Tensor, first: int, rank: int, dtype) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Columns ``first`` and ``first + 1`` of the shipped weights (w and 1 - w), shaped [B, 1, ...] to broadcast."""
     shape = [-1] + [1] * (rank - 1)
-    own = paddle.to_tensor(weights.astype(np.float32)).reshape(shape).astype(dtype)
-    partner = paddle.to_tensor((1 - weights).astype(np.float32)).reshape(shape).astype(dtype)
-    return own, partner
+    return tuple(weights[:, column].reshape(shape).astype(dtype) for column in (first, first + 1))
 
 
-def _box_mask(boxes: np.ndarray, height: int, width: int) -> paddle.Tensor:
+def _box_mask(boxes: paddle.Tensor, height: int, width: int) -> paddle.Tensor:
     """[B, 1, H, W] bool, True inside each sample's box."""
-    top, bottom, left, right = paddle.to_tensor(boxes).reshape([-1, 4, 1, 1]).unbind(axis=1)
-    rows = paddle.arange(height).reshape([1, height, 1])
-    cols = paddle.arange(width).reshape([1, 1, width])
+    top, bottom, left, right = boxes.reshape([-1, 4, 1, 1]).unbind(axis=1)
+    rows = paddle.arange(height, dtype=boxes.dtype).reshape([1, height, 1])
+    cols = paddle.arange(width, dtype=boxes.dtype).reshape([1, 1, width])
     inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
     return inside.unsqueeze(1)
 
 
-def mix_images(images: paddle.Tensor, params: MixParams) -> paddle.Tensor:
+def mix_images(images: paddle.Tensor, weights: paddle.Tensor, boxes: paddle.Tensor) -> paddle.Tensor:
     """Blend each image with its partner, then paste the partner's pixels inside the box (a new tensor)."""
     _, height, width = _image_batch_shape(images)
     partner = images.flip(0)
-    own_weight, partner_weight = _own_and_partner_weights(params.pixel_weight, 4, images.dtype)
+    own_weight, partner_weight = _own_and_partner(weights, 2, 4, images.dtype)
     blended = images * own_weight + partner * partner_weight
-    return paddle.where(_box_mask(params.boxes, height, width), partner, blended)
+    return paddle.where(_box_mask(boxes, height, width), partner, blended)
 
 
 def smoothed_one_hot(labels: paddle.Tensor, num_classes: int, smoothing: float) -> paddle.Tensor:
@@ -81,11 +120,10 @@ def smoothed_one_hot(labels: paddle.Tensor, num_classes: int, smoothing: float) 
     return paddle.where(hot > 0, paddle.full_like(hot, on_value), paddle.full_like(hot, off_value))
 
 
-def mix_targets(labels: paddle.Tensor, num_classes: int, smoothing: float,
-                label_weight: np.ndarray) -> paddle.Tensor:
-    """Soft targets: each smoothed one-hot blended with its partner's by ``label_weight``."""
+def mix_targets(labels: paddle.Tensor, num_classes: int, smoothing: float, weights: paddle.Tensor) -> paddle.Tensor:
+    """Soft targets: each smoothed one-hot blended with its partner's by the label weights of ``weights``."""
     own_target = smoothed_one_hot(labels, num_classes, smoothing)
-    own_weight, partner_weight = _own_and_partner_weights(label_weight, 2, own_target.dtype)
+    own_weight, partner_weight = _own_and_partner(weights, 0, 2, own_target.dtype)
     return own_target * own_weight + own_target.flip(0) * partner_weight
 
 
@@ -155,20 +193,20 @@ class Mixup:
         self.rng = rng if rng is not None else np.random.default_rng()
 
     def __call__(self, images: paddle.Tensor, labels: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Draw for this batch, then mix: (mixed images, float32 targets [B, num_classes])."""
+        """Draw for this batch, then mix: (mixed images, float32 targets [B, num_classes]). It copies the draws
+        from the host: a training step gets them with its batch (BatchDraws) and calls ``mix``."""
         batch_size, height, width = _image_batch_shape(images)
-        return self.mix(images, labels, self.draw(batch_size, height, width))
+        shipped = self.draw(batch_size, height, width).shipped()
+        return self.mix(images, labels, [paddle.to_tensor(part) for part in shipped])
 
-    def mix(self, images: paddle.Tensor, labels: paddle.Tensor,
-            params: MixParams) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Apply given draws: (mixed images, targets [B, num_classes]); the inputs are left untouched."""
+    def mix(self, images: paddle.Tensor, labels: paddle.Tensor, draws) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """Apply a batch's draws, the tensors (weights, boxes) of MixParams.shipped: (mixed images, targets
+        [B, num_classes]); the inputs are left untouched."""
         batch_size, _, _ = _image_batch_shape(images)
         check_class_labels(labels, batch_size)
-        if len(params.label_weight) != batch_size:
-            raise ValueError(f'MixParams were drawn for {len(params.label_weight)} samples, '
-                             f'the batch has {batch_size}')
-        targets = mix_targets(labels, self.num_classes, self.label_smoothing, params.label_weight)
-        return mix_images(images, params), targets
+        weights, boxes = _check_draws(draws, batch_size)
+        targets = mix_targets(labels, self.num_classes, self.label_smoothing, weights)
+        return mix_images(images, weights, boxes), targets
 
     def draw(self, batch_size: int, height: int, width: int) -> MixParams:
         """The random choices for a [batch_size, C, height, width] batch, consumed from ``self.rng``."""

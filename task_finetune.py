@@ -12,7 +12,7 @@ from beit import build_beit
 from datasets import get_dataset
 from engine import Amp, World
 from losses import build_criterion, cross_entropy
-from mixup import Mixup, build_mixup
+from mixup import BatchDraws, Mixup, build_mixup
 from tasks import Task
 
 TOP_K = (1, 5)
@@ -33,21 +33,35 @@ def batch_counts(loss_sum: paddle.Tensor, logits: paddle.Tensor, labels: paddle.
 
 
 class ClassificationObjective:
-    """(images, labels) -> ``criterion`` of the logits, against Mixup/CutMix targets when ``mixup``."""
+    """(images, labels) -> ``criterion`` of the logits, against Mixup/CutMix targets when ``mixup``.
+
+    With ``mixup`` a training batch is (images, labels, *draws): the loader draws with ``batch_draws``
+    (mixup.BatchDraws of the same Mixup, so ``reseed`` reseeds them) and the step only applies the draws.
+    """
 
     metric = 'acc1'
     logged = ('loss', 'acc1', 'acc5')
     num_counts = 4
 
-    def __init__(self, criterion: nn.Layer, mixup: Mixup | None = None):
+    def __init__(self, criterion: nn.Layer, mixup: Mixup | None = None, image_size: int | None = None):
+        if mixup is not None and image_size is None:
+            raise ValueError('Mixup needs the image_size of the training batches: its boxes are drawn in the loader')
         self.criterion = criterion
         self.mixup = mixup
+        self.batch_draws = BatchDraws(mixup, image_size, image_size) if mixup is not None else None
 
     def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]:
-        images, labels = batch
+        images, labels, *draws = batch
         targets = labels
         if self.mixup is not None:
-            images, targets = self.mixup(images, labels)
+            if not draws:
+                raise ValueError('a Mixup/CutMix training batch must carry its draws: load it with '
+                                 'datasets.get_dataloader(..., batch_draws=objective.batch_draws)')
+            drawn_for = [self.batch_draws.height, self.batch_draws.width]
+            if list(images.shape[2:]) != drawn_for:
+                raise ValueError(f'Mixup draws are for {drawn_for[0]}x{drawn_for[1]} images (DATA.IMAGE_SIZE), the '
+                                 f'batch has {images.shape[2]}x{images.shape[3]}')
+            images, targets = self.mixup.mix(images, labels, draws)
         logits = amp.forward(model, images)
         loss = self.criterion(logits, targets)
         with paddle.no_grad():
@@ -74,9 +88,10 @@ class ClassificationObjective:
 
 
 def build_classification_objective(config, world: World) -> ClassificationObjective:
-    """Cross entropy with Mixup/CutMix and label smoothing as configured; Mixup draws from (SEED, rank)."""
+    """Cross entropy with Mixup/CutMix and label smoothing as configured; Mixup draws from (SEED, rank), for
+    DATA.IMAGE_SIZE square images (the train transforms' output)."""
     mixup = build_mixup(config, rng=np.random.default_rng(config.SEED + world.rank))
-    return ClassificationObjective(build_criterion(config, mixup is not None), mixup)
+    return ClassificationObjective(build_criterion(config, mixup is not None), mixup, config.DATA.IMAGE_SIZE)
 
 
 def _no_extra_checks(config) -> None:

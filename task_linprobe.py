@@ -92,6 +92,7 @@ class LinearProbeObjective:
     follows)."""
 
     metric = 'best_acc1'
+    batch_draws = None  # no Mixup
 
     def __init__(self, blocks: Sequence[int]):
         self.blocks = list(blocks)

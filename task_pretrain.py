@@ -11,7 +11,7 @@ from config import ConfigError, validate_pretraining_config
 from dalle_tokenizer import build_tokenizer
 from datasets import get_pretraining_dataset
 from engine import Amp, World
-from losses import cross_entropy
+from losses import cross_entropy_rows
 from tasks import Task
 
 
@@ -34,16 +34,21 @@ def build_tokenizer_for(config) -> nn.Layer:
 
 
 class MaskedImageModelingObjective:
-    """A pre-training batch (patch view, tokenizer view, mask) -> (loss, counts).
+    """A pre-training batch (patch view, tokenizer view, mask, masked positions) -> (loss, counts).
 
     The tokenizer labels each patch with its visual token (no gradient, float32); the loss is the cross entropy
     of lm_head's logits against those labels over all masked patches of the batch, as unilm averages it. Counts,
     summed over micro-batches and processes: [loss sum, correct predictions, masked patches, images].
+
+    Every image ships NUM_MASK_PATCHES positions; the first ``mask.sum()`` of an image's are its masked patches
+    and any others pad a short mask (masking_generator.masked_positions) and count for nothing. The step's
+    shapes never depend on the mask's values and nothing is copied from the host.
     """
 
     metric = 'mlm_acc'
     logged = ('loss', 'mlm_acc')
     num_counts = 4
+    batch_draws = None  # the masks come with the samples
 
     def __init__(self, tokenizer: nn.Layer):
         self.tokenizer = tokenizer
@@ -54,17 +59,17 @@ class MaskedImageModelingObjective:
         return self.tokenizer.get_codebook_indices(tokenizer_view)
 
     def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]:
-        images, tokenizer_view, mask = batch
-        mask = mask.astype('bool')
-        labels = self.visual_tokens(tokenizer_view)[mask]
-        logits = amp.forward(model, images, mask)
-        loss = cross_entropy(logits, labels)
+        images, tokenizer_view, mask, positions = batch
+        labels = paddle.take_along_axis(self.visual_tokens(tokenizer_view), positions, axis=1).reshape([-1])
+        real = real_positions(mask, positions.shape[1])
+        logits = amp.forward(model, images, mask, positions)
+        num_masked = real.sum()
+        loss = (cross_entropy_rows(logits, labels) * real).sum() / paddle.clip(num_masked, min=1.0)
         with paddle.no_grad():
-            num_masked = labels.shape[0]
-            correct = (logits.argmax(axis=-1) == labels).astype('float64').sum()
-            counts = paddle.stack([loss.detach().astype('float64') * num_masked, correct,
-                                   paddle.to_tensor(float(num_masked), dtype='float64'),
-                                   paddle.to_tensor(float(images.shape[0]), dtype='float64')])
+            correct = ((logits.argmax(axis=-1) == labels).astype('float32') * real).sum()
+            num_masked = num_masked.astype('float64')
+            counts = paddle.stack([loss.detach().astype('float64') * num_masked, correct.astype('float64'),
+                                   num_masked, paddle.full([], images.shape[0], dtype='float64')])
         return loss, counts
 
     @staticmethod
@@ -75,6 +80,12 @@ class MaskedImageModelingObjective:
 
     def reseed(self, seed: int) -> None:
         """Nothing of the objective is random."""
+
+
+def real_positions(mask: paddle.Tensor, count: int) -> paddle.Tensor:
+    """float32 [B * count]: 1 for the shipped positions that are masked patches, 0 for the padding of short masks."""
+    per_image = mask.astype('int64').sum(axis=1, keepdim=True)
+    return (paddle.arange(count, dtype='int64').unsqueeze(0) < per_image).astype('float32').reshape([-1])
 
 
 def _masked_image_modeling_objective(config, world: World) -> MaskedImageModelingObjective:

@@ -399,6 +399,51 @@ def test_train_loader_shuffles_drops_the_partial_batch_and_follows_set_epoch(tmp
     assert first != second and first[0] + first[1] != sorted(first[0] + first[1])
 
 
+class CountingDraws:
+    """Stands in for Mixup's BatchDraws: draw k (from 0) is (float32 [B] of k, int64 [B, 2] of the batch size)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, batch_size):
+        self.calls += 1
+        return np.full(batch_size, self.calls - 1, np.float32), np.full((batch_size, 2), batch_size, np.int64)
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_train_batches_carry_the_draws_made_in_batch_order(tmp_path, num_workers):
+    """Draws are made in this process as batches are fetched, so they follow the batch order for any worker count;
+    set_epoch still reaches the sampler (same order as without draws)."""
+    config = make_config(tmp_path, BATCH_SIZE=2, NUM_WORKERS=num_workers)
+    draws = CountingDraws()
+    loader = datasets.get_dataloader(config, IndexDataset(9), 'train', batch_draws=draws)
+    plain = datasets.get_dataloader(config, IndexDataset(9), 'train')
+    for epoch in (0, 3):
+        loader.batch_sampler.set_epoch(epoch)
+        plain.batch_sampler.set_epoch(epoch)
+        draws.calls = 0
+        batches = [[part.numpy() for part in batch] for batch in read_all(loader)]
+        assert [labels.tolist() for _, labels, _, _ in batches] == _epoch_labels(plain)
+        assert [order.tolist() for _, _, order, _ in batches] == [[0, 0], [1, 1], [2, 2], [3, 3]]
+        assert all(sizes.dtype == np.int64 and sizes.shape == (2, 2) for *_, sizes in batches)
+    assert len(loader) == 4
+
+
+def test_draws_are_for_training_batches_only(tmp_path):
+    with pytest.raises(ValueError, match='batch_draws are for training batches only'):
+        datasets.get_dataloader(make_config(tmp_path), IndexDataset(4), 'val', batch_draws=CountingDraws())
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_a_failing_sample_still_raises_when_batches_carry_draws(tmp_path, num_workers):
+    dataset = datasets.LabeledImageDataset([datasets.Sample(str(tmp_path / 'missing.jpg'), 0, 7)] * 4,
+                                           transform=lambda img: img, source='train_list.txt')
+    loader = datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE=2, NUM_WORKERS=num_workers), dataset,
+                                     'train', batch_draws=CountingDraws())
+    with pytest.raises(DatasetError, match=r'missing.jpg \(train_list.txt line 7\)'):
+        read_all(loader)
+
+
 def test_train_loader_without_a_full_batch_is_an_error(tmp_path):
     with pytest.raises(DatasetError) as info:
         datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE=4), IndexDataset(3), 'train')
@@ -488,11 +533,13 @@ def test_pretraining_set_gives_two_views_and_a_mask_and_ignores_labels(tmp_path,
     assert len(dataset) == 8
     batches = [[part.numpy() for part in batch] for batch in datasets.get_dataloader(config, dataset, 'train')]
     assert len(batches) == 2
-    for patch_views, tokenizer_views, masks in batches:
+    for patch_views, tokenizer_views, masks, positions in batches:
         assert patch_views.shape == (4, 3, 16, 16) and tokenizer_views.shape == (4, 3, 32, 32)
         assert patch_views.dtype == tokenizer_views.dtype == np.float32
         assert masks.shape == (4, 16) and masks.dtype == np.bool_
         assert (masks.sum(axis=1) == 6).all()
+        assert positions.shape == (4, 6) and positions.dtype == np.int64
+        np.testing.assert_array_equal(positions, [np.flatnonzero(mask) for mask in masks])
         assert tokenizer_views.min() >= 0.1 - 1e-6 and tokenizer_views.max() <= 0.9 + 1e-6
     masks = np.concatenate([batch[2] for batch in batches])
     assert len({mask.tobytes() for mask in masks}) > 4  # a new mask per sample
@@ -506,7 +553,8 @@ def test_pretraining_reads_image_folders_with_any_class_count(tmp_path, tiny_jpe
     config.MODEL.NUM_CLASSES = 5
     dataset = datasets.get_pretraining_dataset(config)
     assert len(dataset) == 7
-    patch_view, tokenizer_view, mask = dataset[0]
+    patch_view, tokenizer_view, mask, positions = dataset[0]
     assert patch_view.shape == (3, 16, 16) and tokenizer_view.shape == (3, 32, 32) and mask.sum() == 6
+    np.testing.assert_array_equal(positions, np.flatnonzero(mask))
     with pytest.raises(DatasetError, match='3 class folders, but MODEL.NUM_CLASSES is 5'):
         datasets.get_dataset(config, 'train')

@@ -8,14 +8,18 @@ import paddle
 import pytest
 
 from beit import build_beit
+from beit_pretrain import build_beit_pretrain
 from config import get_config
 from engine import Amp, NonFiniteLossError, Trainer, World, evaluate, train_one_epoch
 from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer
 from task_finetune import FINE_TUNING, ClassificationObjective
+from task_pretrain import MaskedImageModelingObjective
 from tiny_data import TINY_CONFIG
 
 LOGGER = logging.getLogger('test_engine')
+PRETRAIN_VOCAB = 64
+TINY_PATCH = get_config(TINY_CONFIG).MODEL.PATCH_SIZE  # 32 px images
 
 
 def tiny_config(**train):
@@ -96,25 +100,40 @@ def test_non_finite_loss_stops_before_the_optimizer_step():
 HOST_SYNCS = ('numpy', 'item', 'tolist', '__bool__', '__float__', '__int__', '__index__')
 
 
+def _has_bool_tensor(index) -> bool:
+    parts = index if isinstance(index, tuple | list) else (index,)
+    return any(isinstance(part, paddle.Tensor) and part.dtype == paddle.bool for part in parts)
+
+
 @pytest.fixture()
 def host_syncs(monkeypatch):
     """Counts host syncs: ``ours``, and ``optimizer`` for those made inside Paddle's optimizer step (with a grad
-    scaler it reads the scaler's found_inf there: paddle/optimizer/optimizer.py, ``if found_inf:``)."""
+    scaler it reads the scaler's found_inf there: paddle/optimizer/optimizer.py, ``if found_inf:``). A sync is a
+    read of device values (HOST_SYNCS), a copy of host data to the device (paddle.to_tensor or paddle.assign of
+    numpy or Python values: on a GPU a synchronous copy from pageable memory) or a boolean-mask index (its shape
+    depends on the mask's values). ``ours: to_tensor`` and the like say which were counted."""
     counts, inside_step, depth = Counter(), [], []
 
-    def counting(original):
-        def method(tensor, *args, **kwargs):
-            if not depth:  # Paddle's __bool__ calls numpy(): one sync
-                counts['optimizer' if inside_step else 'ours'] += 1
+    def counted(kind, original, applies=lambda *args, **kwargs: True):
+        def wrapper(*args, **kwargs):
+            if not depth and applies(*args, **kwargs):  # Paddle's __bool__ calls numpy(): one sync
+                where = 'optimizer' if inside_step else 'ours'
+                counts[where] += 1
+                counts[f'{where}: {kind}'] += 1
             depth.append(True)
             try:
-                return original(tensor, *args, **kwargs)
+                return original(*args, **kwargs)
             finally:
                 depth.pop()
-        return method
+        return wrapper
 
     for name in HOST_SYNCS:
-        monkeypatch.setattr(paddle.Tensor, name, counting(getattr(paddle.Tensor, name)))
+        monkeypatch.setattr(paddle.Tensor, name, counted(name, getattr(paddle.Tensor, name)))
+    from_host = lambda data, *args, **kwargs: not isinstance(data, paddle.Tensor)  # noqa: E731
+    monkeypatch.setattr(paddle, 'to_tensor', counted('to_tensor', paddle.to_tensor, from_host))
+    monkeypatch.setattr(paddle, 'assign', counted('assign', paddle.assign, from_host))
+    monkeypatch.setattr(paddle.Tensor, '__getitem__', counted('bool index', paddle.Tensor.__getitem__,
+                                                              lambda tensor, index: _has_bool_tensor(index)))
     original_step = paddle.optimizer.AdamW.step
 
     def step(optimizer):
@@ -126,6 +145,16 @@ def host_syncs(monkeypatch):
 
     monkeypatch.setattr(paddle.optimizer.AdamW, 'step', step)
     return counts
+
+
+def test_the_sync_counter_sees_host_copies_and_boolean_indexing(host_syncs):
+    values = paddle.arange(4)
+    paddle.to_tensor(np.zeros(2))
+    paddle.assign(np.ones(3, np.float32))
+    values[values > 1]
+    values[1:]
+    paddle.assign(values)  # device to device: no sync
+    assert dict(host_syncs) == {'ours': 3, 'ours: to_tensor': 1, 'ours: assign': 1, 'ours: bool index': 1}
 
 
 class DeviceSideScaler:
@@ -150,18 +179,67 @@ class DeviceSideScaler:
         pass
 
 
+def with_draws(data, objective):
+    """The batches as the train loader gives them: each with its Mixup draws (copied to tensors by the loader)."""
+    return [(images, labels, *(paddle.to_tensor(part) for part in objective.batch_draws(labels.shape[0])))
+            for images, labels in data]
+
+
 @pytest.mark.parametrize('scaler, paddle_syncs', [('none', 0), ('device-side', 1)])
 def test_one_host_sync_per_optimizer_step(scaler, paddle_syncs, host_syncs):
-    """The recipe's step (Mixup/CutMix, soft-target loss, clipping, EMA, accumulation of 2) reads the device once;
-    with a grad scaler, Paddle's optimizer step reads the scaler's verdict once more."""
+    """The recipe's step (Mixup/CutMix, soft-target loss, clipping, EMA, accumulation of 2) reads the device once
+    and copies nothing from the host; with a grad scaler, Paddle's optimizer step reads the scaler's verdict once
+    more. (Drawing Mixup in the step cost 5 host copies a micro-batch.)"""
     config = tiny_config(ACCUM_ITER=2, GRAD_CLIP=1.0)
     trainer = make_trainer(config, steps_per_epoch=3)
     trainer.objective = FINE_TUNING.build_objective(config, World())
     trainer.model_ema = ModelEma(trainer.module, 0.9)
     if scaler == 'device-side':
         trainer.grad_scaler = DeviceSideScaler()
-    data = batches(6, 4)
+    data = with_draws(batches(6, 4), trainer.objective)
     host_syncs.clear()
     result = train_one_epoch(trainer, data, 1, 1, steps=3, report_freq=100, logger=LOGGER)
     assert result['skipped_steps'] == 0 and trainer.global_step == 3
     assert host_syncs['ours'] == 3 and host_syncs['optimizer'] == 3 * paddle_syncs, dict(host_syncs)
+
+
+class DeviceTokenizer:
+    """Stands in for the DALL-E tokenizer: visual tokens computed on the device from the tokenizer view."""
+
+    def get_codebook_indices(self, views):
+        corners = views[:, 0, ::TINY_PATCH, ::TINY_PATCH].reshape([views.shape[0], -1])  # a value per patch
+        return (corners.abs() * 1000).astype('int64') % PRETRAIN_VOCAB
+
+
+def pretraining_batches(count, size, seed=0):
+    """(patch view, tokenizer view, mask, positions) as the pre-training loader ships them: 6 masked patches."""
+    rng = np.random.default_rng(seed)
+    num_patches = (32 // TINY_PATCH) ** 2
+    result = []
+    for _ in range(count):
+        masks = np.zeros((size, num_patches), dtype=bool)
+        for mask in masks:
+            mask[rng.choice(num_patches, 6, replace=False)] = True
+        result.append((paddle.to_tensor(rng.standard_normal((size, 3, 32, 32)).astype('float32')),
+                       paddle.to_tensor(rng.standard_normal((size, 3, 32, 32)).astype('float32')),
+                       paddle.to_tensor(masks), paddle.to_tensor(np.stack([np.flatnonzero(m) for m in masks]))))
+    return result
+
+
+def test_one_host_sync_per_pretraining_step(host_syncs):
+    """Pre-training's step (gathered masked patches, accumulation of 2) reads the device once and copies nothing
+    from the host. (Boolean-mask indexing and to_tensor cost 4 syncs a micro-batch.)"""
+    config = tiny_config(ACCUM_ITER=2, GRAD_CLIP=1.0)
+    config.PRETRAIN.VOCAB_SIZE = PRETRAIN_VOCAB
+    paddle.seed(0)
+    model = build_beit_pretrain(config)
+    scheduler = build_lr_scheduler(config, 3, world_size=1)
+    optimizer, _ = build_optimizer(config, model, scheduler)
+    trainer = Trainer(model=model, module=model, optimizer=optimizer, lr_scheduler=scheduler,
+                      grad_scaler=paddle.amp.GradScaler(enable=False),
+                      objective=MaskedImageModelingObjective(DeviceTokenizer()), world=World(), accum_iter=2)
+    data = pretraining_batches(6, 4)
+    host_syncs.clear()
+    result = train_one_epoch(trainer, data, 1, 1, steps=3, report_freq=100, logger=LOGGER)
+    assert trainer.global_step == 3 and result['num_masked'] == 6 * 4 * 6
+    assert host_syncs['ours'] == 3 and host_syncs['optimizer'] == 0, dict(host_syncs)

@@ -73,7 +73,7 @@ def best_constant_guess(data, samples=320) -> tuple[float, float]:
     merge_opts(config, ['DATA.DATA_PATH', str(data)])
     dataset, tokenizer = get_pretraining_dataset(config), build_tokenizer_for(config)
     seed_everything(1)
-    _, tokenizer_views, masks = (np.stack(part) for part in zip(*(dataset[i] for i in range(samples))))
+    _, tokenizer_views, masks, _ = (np.stack(part) for part in zip(*(dataset[i] for i in range(samples))))
     ids = tokenizer.get_codebook_indices(paddle.to_tensor(tokenizer_views)).numpy()
     frequencies = np.bincount(ids[masks]) / masks.sum()
     frequencies = frequencies[frequencies > 0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from masking_generator import MAX_FAILED_ROUNDS, PROPOSALS_PER_ROUND, MaskingGenerator
+from masking_generator import MAX_FAILED_ROUNDS, PROPOSALS_PER_ROUND, MaskingGenerator, masked_positions
 
 # (input_size, num_masking_patches, other arguments, draws)
 SETTINGS = {
@@ -141,6 +141,16 @@ def test_unreachable_count_gives_a_short_mask_after_the_rounds_run_out():
     mask = gen()
     assert mask.sum() == 0
     assert len(log) == MAX_FAILED_ROUNDS * PROPOSALS_PER_ROUND
+
+
+def test_masked_positions_list_the_mask_row_major_then_pad_a_short_one():
+    mask = np.array([[0, 1, 0], [1, 0, 1]], dtype=np.uint8)
+    np.testing.assert_array_equal(masked_positions(mask, 3), [1, 3, 5])
+    padded = masked_positions(mask, 5)
+    assert padded.dtype == np.int64 and padded.tolist() == [1, 3, 5, 0, 0]
+    assert masked_positions(np.zeros((2, 2), bool), 2).tolist() == [0, 0]
+    with pytest.raises(ValueError, match='the mask has 3 masked cells, more than the 2 positions shipped'):
+        masked_positions(mask, 2)
 
 
 def test_max_aspect_defaults_to_the_inverse_of_min_aspect():

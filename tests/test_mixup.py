@@ -14,7 +14,7 @@ from timm.data.mixup import Mixup as TimmMixup
 from timm.data.mixup import mixup_target as timm_mixup_target
 
 from config import get_config
-from mixup import MixParams, Mixup, build_mixup
+from mixup import BatchDraws, MixParams, Mixup, build_mixup
 
 NUM_CLASSES = 10
 TOLERANCE = 1e-6
@@ -43,6 +43,11 @@ def _random_batch(rng, batch_size, image_shape):
     return images, rng.integers(0, NUM_CLASSES, batch_size)
 
 
+def _shipped(params: MixParams) -> list:
+    """The draws as a training batch carries them."""
+    return [paddle.to_tensor(part) for part in params.shipped()]
+
+
 def _max_diff(ours: paddle.Tensor, theirs: torch.Tensor) -> float:
     return float(np.abs(ours.numpy() - theirs.numpy()).max())
 
@@ -58,7 +63,7 @@ def _compare_with_timm(monkeypatch, settings, mode, batch_size, image_shape, cal
     for _ in range(calls):
         images, labels = _random_batch(data_rng, batch_size, image_shape)
         params = ours.draw(batch_size, *image_shape[1:])
-        mixed, targets = ours.mix(paddle.to_tensor(images), paddle.to_tensor(labels), params)
+        mixed, targets = ours.mix(paddle.to_tensor(images), paddle.to_tensor(labels), _shipped(params))
         ref_mixed, ref_targets = theirs(torch.tensor(images), torch.tensor(labels))
         assert _max_diff(mixed, ref_mixed) <= TOLERANCE
         assert _max_diff(targets, ref_targets) <= TOLERANCE
@@ -144,7 +149,7 @@ def test_box_rows_come_from_height_and_columns_from_width():
     params = MixParams(label_weight=np.array([0.25, 1.0], np.float32), pixel_weight=np.ones(2, np.float32),
                        boxes=np.array([[2, 5, 10, 30], [0, 0, 0, 0]]))
     mixer = Mixup(4, label_smoothing=0.2)
-    mixed, targets = mixer.mix(paddle.to_tensor(images), paddle.to_tensor([1, 3]), params)
+    mixed, targets = mixer.mix(paddle.to_tensor(images), paddle.to_tensor([1, 3]), _shipped(params))
     expected = images.copy()
     expected[0, :, 2:5, 10:30] = images[1, :, 2:5, 10:30]
     np.testing.assert_array_equal(mixed.numpy(), expected)
@@ -157,7 +162,7 @@ def test_mixup_weights_each_image_with_its_partner():
     images = np.random.default_rng(0).standard_normal((3, 2, 4, 6)).astype(np.float32)
     params = MixParams(label_weight=np.array([0.7, 0.4, 0.2], np.float32),
                        pixel_weight=np.array([0.7, 0.4, 0.2], np.float32), boxes=np.zeros((3, 4), np.int64))
-    mixed, _ = Mixup(4).mix(paddle.to_tensor(images), paddle.to_tensor([0, 1, 2]), params)
+    mixed, _ = Mixup(4).mix(paddle.to_tensor(images), paddle.to_tensor([0, 1, 2]), _shipped(params))
     weights = params.pixel_weight[:, None, None, None]
     np.testing.assert_allclose(mixed.numpy(), images * weights + images[::-1] * (1 - weights), rtol=0, atol=1e-6)
 
@@ -167,7 +172,7 @@ def test_call_is_draw_then_mix_and_leaves_inputs_alone():
     images_tensor, labels_tensor = paddle.to_tensor(images), paddle.to_tensor(labels)
     called = Mixup(NUM_CLASSES, rng=np.random.default_rng(9), cutmix_alpha=0.0)(images_tensor, labels_tensor)
     by_hand = Mixup(NUM_CLASSES, rng=np.random.default_rng(9), cutmix_alpha=0.0)
-    drawn = by_hand.mix(images_tensor, labels_tensor, by_hand.draw(4, 24, 40))
+    drawn = by_hand.mix(images_tensor, labels_tensor, _shipped(by_hand.draw(4, 24, 40)))
     for ours, reference in zip(called, drawn):
         np.testing.assert_array_equal(ours.numpy(), reference.numpy())
     assert called[1].dtype == paddle.float32 and called[1].shape == [4, NUM_CLASSES]
@@ -248,10 +253,39 @@ def test_bad_batches_are_refused(images, labels, error, message):
         Mixup(NUM_CLASSES)(images, labels)
 
 
-def test_params_for_another_batch_size_are_refused():
+def test_draws_for_another_batch_size_are_refused():
     mixer = Mixup(NUM_CLASSES)
-    with pytest.raises(ValueError, match='MixParams were drawn for 2 samples, the batch has 4'):
-        mixer.mix(paddle.zeros([4, 3, 8, 8]), paddle.to_tensor([0, 1, 2, 3]), mixer.draw(2, 8, 8))
+    with pytest.raises(ValueError, match='Mixup draws were made for 2 samples, the batch has 4'):
+        mixer.mix(paddle.zeros([4, 3, 8, 8]), paddle.to_tensor([0, 1, 2, 3]), _shipped(mixer.draw(2, 8, 8)))
+
+
+@pytest.mark.parametrize(('draws', 'error', 'message'), [
+    ([paddle.zeros([4, 4])], TypeError, r'must be two tensors, weights \[B, 4\] and boxes \[B, 4\]'),
+    ([np.zeros((4, 4), np.float32), paddle.zeros([4, 4], 'int64')], TypeError, r"got \['ndarray', 'Tensor'\]"),
+    ([paddle.zeros([4, 2]), paddle.zeros([4, 4], 'int64')], ValueError,
+     r'must be weights \[4, 4\] and boxes \[4, 4\], got \[4, 2\] and \[4, 4\]'),
+    ([paddle.zeros([4, 4]), paddle.zeros([4, 4])], TypeError,
+     'must be float weights and integer boxes, got paddle.float32 and paddle.float32'),
+])
+def test_malformed_draws_are_refused(draws, error, message):
+    with pytest.raises(error, match=message):
+        Mixup(NUM_CLASSES).mix(paddle.zeros([4, 3, 8, 8]), paddle.to_tensor([0, 1, 2, 3]), draws)
+
+
+def test_batch_draws_are_the_mixups_draws_in_batch_order():
+    """The loader's draws consume the Mixup's generator as drawing in the step did: the same arrays, batch after
+    batch, and reseeding the Mixup reseeds them."""
+    loader_side = Mixup(NUM_CLASSES, mode='elem', rng=np.random.default_rng(11))
+    draws = BatchDraws(loader_side, 24, 40)
+    step_side = Mixup(NUM_CLASSES, mode='elem', rng=np.random.default_rng(11))
+    for batch_size in (4, 3, 4):
+        for shipped, expected in zip(draws(batch_size), step_side.draw(batch_size, 24, 40).shipped()):
+            np.testing.assert_array_equal(shipped, expected)
+    weights, boxes = draws(4)
+    assert weights.dtype == np.float32 and weights.shape == (4, 4) and boxes.dtype == np.int64
+    loader_side.rng = np.random.default_rng(11)
+    np.testing.assert_array_equal(draws(4)[0], Mixup(NUM_CLASSES, mode='elem', rng=np.random.default_rng(11))
+                                  .draw(4, 24, 40).shipped()[0])
 
 
 def test_minmax_too_narrow_for_the_image_is_refused():

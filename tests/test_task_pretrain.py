@@ -9,6 +9,8 @@ import torch.nn.functional as TF
 from config import get_config
 from conftest import ROOT
 from engine import Amp
+from losses import cross_entropy
+from masking_generator import masked_positions
 from task_pretrain import MaskedImageModelingObjective, build_tokenizer_for
 from test_beit_pretrain import GRID, loaded_model, random_masks, torch_mim_logits
 from timm_reference import PRETRAIN_VOCAB as VOCAB
@@ -25,6 +27,55 @@ class FixedTokenizer:
         return paddle.to_tensor(self.ids)
 
 
+def pretraining_batch(images, masks, count):
+    """What the loader ships: patch view, tokenizer view (unused by FixedTokenizer), mask, masked positions."""
+    positions = np.stack([masked_positions(mask, count) for mask in masks])
+    return (paddle.to_tensor(images), paddle.zeros([len(masks), 3, 32, 32]), paddle.to_tensor(masks),
+            paddle.to_tensor(positions))
+
+
+def boolean_indexed_loss(model, images, masks, ids):
+    """The objective as it was: logits and labels of the masked patches picked by boolean-mask indexing."""
+    masks = paddle.to_tensor(masks)
+    logits = model.lm_head(model.forward_tokens(paddle.to_tensor(images), masks)[:, 1:][masks])
+    labels = paddle.to_tensor(ids)[masks]
+    return cross_entropy(logits, labels), (logits.argmax(axis=-1) == labels).astype('float64').sum()
+
+
+def test_gathered_positions_give_the_boolean_indexed_loss_and_gradient_with_short_masks():
+    """Masks of 6, 4 and 0 patches shipped as 6 positions each: the padding counts for nothing, so loss, counts and
+    gradients are those of boolean-mask indexing over the 10 masked patches."""
+    _, state = pretraining_checkpoint()
+    model = loaded_model(state).train()
+    images = random_batch(3, TINY['IMAGE_SIZE'])
+    masks = random_masks(3)
+    masks[1, np.flatnonzero(masks[1])[:2]] = False
+    masks[2] = False
+    ids = np.random.default_rng(1).integers(0, VOCAB, (3, GRID * GRID))
+    expected_loss, expected_correct = boolean_indexed_loss(model, images, masks, ids)
+    expected_loss.backward()
+    expected_grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters() if p.grad is not None}
+    model.clear_gradients()
+    loss, counts = MaskedImageModelingObjective(FixedTokenizer(ids))(model, pretraining_batch(images, masks, 6), Amp())
+    loss.backward()
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    np.testing.assert_allclose(counts.numpy(), [expected_loss.item() * 10, expected_correct.item(), 10, 3], rtol=1e-6)
+    assert expected_grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, parameter in model.named_parameters():
+        if name in expected_grads:
+            np.testing.assert_allclose(parameter.grad.numpy(), expected_grads[name], rtol=1e-5, atol=1e-7,
+                                       err_msg=name)
+
+
+def test_a_batch_without_masked_patches_costs_nothing():
+    _, state = pretraining_checkpoint()
+    masks = np.zeros((2, GRID * GRID), dtype=bool)
+    loss, counts = MaskedImageModelingObjective(FixedTokenizer(np.zeros((2, GRID * GRID), np.int64)))(
+        loaded_model(state), pretraining_batch(random_batch(2, TINY['IMAGE_SIZE']), masks, 6), Amp())
+    assert loss.item() == 0.0
+    np.testing.assert_array_equal(counts.numpy(), [0, 0, 0, 2])
+
+
 def test_loss_and_accuracy_equal_torch_cross_entropy_on_masked_positions():
     reference, state = pretraining_checkpoint()
     model = loaded_model(state)
@@ -36,10 +87,10 @@ def test_loss_and_accuracy_equal_torch_cross_entropy_on_masked_positions():
         expected_loss = TF.cross_entropy(logits, labels).item()
         expected_correct = (logits.argmax(-1) == labels).sum().item()
     objective = MaskedImageModelingObjective(FixedTokenizer(ids))
-    batch = (paddle.to_tensor(images), paddle.zeros([3, 3, 32, 32]), paddle.to_tensor(masks))
+    batch = pretraining_batch(images, masks, count=6)
     loss, counts = objective(model, batch, Amp())
     with paddle.no_grad():
-        ours = model(paddle.to_tensor(images), paddle.to_tensor(masks)).numpy()
+        ours = model(*batch[:1], *batch[2:]).numpy()
     assert ours.shape == (18, VOCAB)
     np.testing.assert_allclose(ours, logits.numpy(), atol=1e-5)
     assert loss.item() == pytest.approx(expected_loss, abs=1e-5)
