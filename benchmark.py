@@ -105,7 +105,7 @@ def median_images_per_second(step, batch_size: int, warmup: int, steps: int) -> 
     return batch_size / statistics.median(durations)
 
 
-def paddle_step(config, backend: str, mode: str, batch_size: int, processes: int = 1, device: str = 'cpu'):
+def paddle_step(config, backend: str, mode: str, batch_size: int, *, processes: int = 1, device: str = 'cpu'):
     """A function running one eval forward or one train step of our model on ``backend``."""
     import numpy as np
     import paddle
@@ -157,7 +157,7 @@ def paddle_step(config, backend: str, mode: str, batch_size: int, processes: int
     return train_step
 
 
-def timm_step(config, backend: str, mode: str, batch_size: int, processes: int = 1, device: str = 'cpu'):
+def timm_step(config, backend: str, mode: str, batch_size: int, *, processes: int = 1, device: str = 'cpu'):
     import torch
     from timm.models.beit import Beit
 
@@ -280,7 +280,7 @@ def measure(args, processes: int = 1) -> dict:
         build, framework = paddle_step, 'paddle'
     start_memory, peak_memory = memory_meter(framework, args.device)
     framework_mb = start_memory()  # counted out: the frameworks' own import footprints differ
-    step = build(config, args.child, args.mode, args.batch_size, processes, args.device)
+    step = build(config, args.child, args.mode, args.batch_size, processes=processes, device=args.device)
     rate = median_images_per_second(step, args.batch_size, args.warmup, args.steps)
     return {'backend': args.child, 'images_per_sec': rate, 'peak_mb': peak_memory() - framework_mb}
 

@@ -43,8 +43,10 @@ def keeps_paddle(paddle) -> bool:
     if version.split('.')[0] == '3' or version == '0.0.0':
         return True
     if is_gpu_build(paddle):
-        raise SystemExit(f'error: Paddle {version} (a GPU build) is installed; this code needs Paddle 3.x: install '
-                         'paddlepaddle-gpu 3.x from Paddle\'s package index (README, "Install"), then run this again')
+        print(f'error: Paddle {version} (a GPU build) is installed; this code needs Paddle 3.x: install '
+              'paddlepaddle-gpu 3.x from Paddle\'s package index (README, "Install"), then run this again',
+              file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED)
     return False
 
 
