@@ -60,12 +60,11 @@ def requirement_lines(path: str) -> list[str]:
     lines = []
     with open(path) as f:
         for raw in f:
-            line = raw.split(' #')[0].strip()
-            if line.startswith('#') or not line:
-                continue
-            if line.startswith('-r '):
-                lines += requirement_lines(os.path.join(os.path.dirname(path), line[3:].strip()))
-            else:
+            line = re.split(r'(?:^|\s)#', raw)[0].strip()
+            include = re.match(r'(?:-r|--requirement)[\s=]*(\S+)$', line)
+            if include:
+                lines += requirement_lines(os.path.join(os.path.dirname(path), include.group(1)))
+            elif line:
                 lines.append(line)
     return lines
 

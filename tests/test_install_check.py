@@ -19,7 +19,8 @@ def requirements(tmp_path):
     (tmp_path / 'runtime').mkdir()
     (tmp_path / 'runtime' / 'base.txt').write_text('# runtime\npaddlepaddle==3.3.1\nPaddlePaddle_GPU>=3  # any\n'
                                                    'numpy\n\n')
-    (tmp_path / 'test.txt').write_text('-r runtime/base.txt\npytest  # the runner\ntorch==2.14.1\n')
+    (tmp_path / 'test.txt').write_text('-r runtime/base.txt\npytest\t# the runner\n--requirement=more.txt\n')
+    (tmp_path / 'more.txt').write_text('torch==2.14.1\n')
     return str(tmp_path / 'test.txt')
 
 
