@@ -22,6 +22,7 @@ project runs it (cpu_runtime applied), Paddle with MKL_DEBUG_CPU_TYPE unset, set
 set only after it, next to torch and numpy. The CPU model and vendor head every table.
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -105,7 +106,7 @@ def median_images_per_second(step, batch_size: int, warmup: int, steps: int) -> 
     return batch_size / statistics.median(durations)
 
 
-def paddle_step(config, backend: str, mode: str, batch_size: int, *, processes: int = 1, device: str = 'cpu'):
+def paddle_step(config, backend: str, mode: str, batch_size: int, *, processes: int = 1):
     """A function running one eval forward or one train step of our model on ``backend``."""
     import numpy as np
     import paddle
@@ -115,7 +116,6 @@ def paddle_step(config, backend: str, mode: str, batch_size: int, *, processes: 
     from task_finetune import FINE_TUNING
     from utils import use_all_cpu_cores
     use_all_cpu_cores(processes)
-    paddle.set_device(device)
     size = config.DATA.IMAGE_SIZE
     images = np.random.default_rng(0).standard_normal((batch_size, 3, size, size)).astype(np.float32)
     model = build_model(config, FINE_TUNING)  # as a run builds it (cpu_ops' kernels on CPU unless CPU_KERNELS off)
@@ -274,13 +274,16 @@ def measure(args, processes: int = 1) -> dict:
     config.MODEL.DROPPATH = 0.0  # the same work in every step
     if args.child in TIMM_BACKENDS:
         import timm.models.beit  # noqa: F401
-        build, framework = timm_step, 'torch'
+        build, framework = functools.partial(timm_step, device=args.device), 'torch'
     else:
+        import paddle
+
         import job  # noqa: F401
+        paddle.set_device(args.device)  # before the meter starts: Paddle's allocator reads the current device
         build, framework = paddle_step, 'paddle'
     start_memory, peak_memory = memory_meter(framework, args.device)
     framework_mb = start_memory()  # counted out: the frameworks' own import footprints differ
-    step = build(config, args.child, args.mode, args.batch_size, processes=processes, device=args.device)
+    step = build(config, args.child, args.mode, args.batch_size, processes=processes)
     rate = median_images_per_second(step, args.batch_size, args.warmup, args.steps)
     return {'backend': args.child, 'images_per_sec': rate, 'peak_mb': peak_memory() - framework_mb}
 
