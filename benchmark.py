@@ -8,17 +8,21 @@
 
 
 Each path runs in a fresh child process (so its peak memory is its own): a few warm-up steps, then the median
-of the timed steps. Paths: dygraph, static (paddle.jit.to_static), inference (Paddle Inference fp32 with
-oneDNN), inference_bf16 (oneDNN bfloat16, eval, on CPUs that support it), amp_o1 / amp_o2 (GPU only),
-dygraph_ddp (-nproc processes, DataParallel; images/s of all of them, each process a -batch_size batch and
-its share of the CPU cores), timm and timm_bf16 (torch autocast) when torch and timm are installed. Ratios are
-against timm fp32 of the same run; dygraph_ddp is also compared with dygraph.
+of the timed steps. Where Paddle sees a GPU, every path runs on it, timm's included (so the ratios mean what they
+mean on a CPU; the CPU-only inference paths are left out), and peak memory is read from each framework's device
+allocator instead of the process's RSS. Paths: dygraph, static (paddle.jit.to_static), inference (Paddle Inference
+fp32 with oneDNN, CPU only), inference_bf16 (oneDNN bfloat16, eval, on CPUs that support it), amp_o1 / amp_o2 (GPU
+only, in AMP_DTYPE; O2 decorates the model as a run does, for evaluation too), dygraph_ddp (-nproc processes,
+DataParallel; images/s of all of them, each process a -batch_size batch and its share of the CPU cores), timm and
+timm_bf16 (torch autocast) when torch and timm are installed. Ratios are against timm fp32 of the same run;
+dygraph_ddp is also compared with dygraph.
 
 ``-mode gemm`` measures the fp32 matmul behind BEiT-B's MLP (1576x768 @ 768x3072) in GFLOP/s: Paddle as this
 project runs it (cpu_runtime applied), Paddle with MKL_DEBUG_CPU_TYPE unset, set to 5 before the first GEMM and
 set only after it, next to torch and numpy. The CPU model and vendor head every table.
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -33,6 +37,8 @@ PADDLE_BACKENDS = ('dygraph', 'static', 'inference', 'inference_bf16', 'amp_o1',
 TIMM_BACKENDS = ('timm', 'timm_bf16')
 EVAL_ONLY = ('inference', 'inference_bf16')
 GPU_ONLY = ('amp_o1', 'amp_o2')
+CPU_ONLY = ('inference', 'inference_bf16')  # inference.ExportedPredictor runs Paddle Inference on the CPU
+MIB = 2 ** 20
 
 
 def _status_mb(field: str) -> float:
@@ -51,6 +57,44 @@ def peak_memory_mb() -> float:
     return _status_mb('VmHWM')
 
 
+def memory_meter(framework: str, device: str):
+    """(start, peak): ``start()`` resets the peak and returns the memory in use, ``peak()`` the peak since, in MB.
+    On a GPU, the framework's device allocator (RSS would count neither side's device memory)."""
+    if device == 'cpu':
+        return start_peak_memory, peak_memory_mb
+    if framework == 'torch':
+        import torch
+        cuda = torch.cuda
+
+        def start_torch() -> float:
+            cuda.reset_peak_memory_stats()
+            return cuda.memory_allocated() / MIB
+        return start_torch, lambda: cuda.max_memory_allocated() / MIB
+    import paddle
+    cuda = paddle.device.cuda
+
+    def start_paddle() -> float:
+        cuda.reset_max_memory_allocated()
+        return cuda.memory_allocated() / MIB
+    return start_paddle, lambda: cuda.max_memory_allocated() / MIB
+
+
+def benchmark_device() -> str:
+    """'gpu' where Paddle sees one (every path then runs there), else 'cpu'."""
+    import paddle
+    return 'gpu' if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0 else 'cpu'
+
+
+def torch_device(device: str) -> str:
+    """Where timm runs: the device our paths run on, or no reference at all."""
+    import torch
+    if device == 'cpu':
+        return 'cpu'
+    if not torch.cuda.is_available():
+        raise SystemExit('torch sees no GPU: timm would run on the CPU while Paddle runs on the GPU')
+    return 'cuda'
+
+
 def median_images_per_second(step, batch_size: int, warmup: int, steps: int) -> float:
     for _ in range(warmup):
         step()
@@ -62,11 +106,12 @@ def median_images_per_second(step, batch_size: int, warmup: int, steps: int) -> 
     return batch_size / statistics.median(durations)
 
 
-def paddle_step(config, backend: str, mode: str, batch_size: int, processes: int = 1):
+def paddle_step(config, backend: str, mode: str, batch_size: int, *, processes: int = 1):
     """A function running one eval forward or one train step of our model on ``backend``."""
     import numpy as np
     import paddle
 
+    from engine import Amp
     from job import build_model
     from task_finetune import FINE_TUNING
     from utils import use_all_cpu_cores
@@ -83,23 +128,26 @@ def paddle_step(config, backend: str, mode: str, batch_size: int, processes: int
         model = paddle.jit.to_static(model, input_spec=[spec], full_graph=True)
     inputs = paddle.to_tensor(images)
     amp_level = {'amp_o1': 'O1', 'amp_o2': 'O2'}.get(backend)
+    amp = Amp(amp_level is not None, amp_level or 'O1', config.AMP_DTYPE)
     if mode == 'eval':
+        if amp_level == 'O2':  # as a run evaluates: parameters in AMP_DTYPE
+            model = paddle.amp.decorate(models=model, level='O2', dtype=amp.dtype)
         model.eval()
 
         def eval_step():
-            with paddle.no_grad(), paddle.amp.auto_cast(enable=amp_level is not None, level=amp_level or 'O1'):
+            with paddle.no_grad(), amp.autocast():
                 model(inputs).numpy()
         return eval_step
     labels = paddle.to_tensor(np.arange(batch_size) % config.MODEL.NUM_CLASSES)
     optimizer = paddle.optimizer.AdamW(1e-4, parameters=model.parameters(), weight_decay=0.05)
     if amp_level == 'O2':
-        model, optimizer = paddle.amp.decorate(model, optimizer, level='O2')
+        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2', dtype=amp.dtype)
     if processes > 1:
         model = paddle.DataParallel(model)
     model.train()
 
     def train_step():
-        with paddle.amp.auto_cast(enable=amp_level is not None, level=amp_level or 'O1'):
+        with amp.autocast():
             logits = model(inputs)
         loss = paddle.nn.functional.cross_entropy(logits.astype('float32'), labels)
         loss.backward()
@@ -109,24 +157,25 @@ def paddle_step(config, backend: str, mode: str, batch_size: int, processes: int
     return train_step
 
 
-def timm_step(config, backend: str, mode: str, batch_size: int, processes: int = 1):
+def timm_step(config, backend: str, mode: str, batch_size: int, *, processes: int = 1, device: str = 'cpu'):
     import torch
     from timm.models.beit import Beit
 
     from load_pytorch_weights import timm_kwargs_from_config
     torch.set_num_threads(os.cpu_count() or 1)
+    place = torch_device(device)
     size = config.DATA.IMAGE_SIZE
-    model = Beit(**timm_kwargs_from_config(config))
-    inputs = torch.randn(batch_size, 3, size, size)
-    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=backend == 'timm_bf16')
+    model = Beit(**timm_kwargs_from_config(config)).to(place)
+    inputs = torch.randn(batch_size, 3, size, size, device=place)
+    autocast = torch.autocast(place, dtype=torch.bfloat16, enabled=backend == 'timm_bf16')
     if mode == 'eval':
         model.eval()
 
         def eval_step():
             with torch.no_grad(), autocast:
-                model(inputs).float().numpy()
+                model(inputs).float().cpu().numpy()
         return eval_step
-    labels = torch.arange(batch_size) % config.MODEL.NUM_CLASSES
+    labels = torch.arange(batch_size, device=place) % config.MODEL.NUM_CLASSES
     optimizer = torch.optim.AdamW(model.parameters(), 1e-4, weight_decay=0.05)
     model.train()
 
@@ -225,23 +274,24 @@ def measure(args, processes: int = 1) -> dict:
     config.MODEL.DROPPATH = 0.0  # the same work in every step
     if args.child in TIMM_BACKENDS:
         import timm.models.beit  # noqa: F401
-        build = timm_step
+        build, framework = functools.partial(timm_step, device=args.device), 'torch'
     else:
+        import paddle
+
         import job  # noqa: F401
-        build = paddle_step
-    framework_mb = start_peak_memory()  # counted out: the frameworks' own import footprints differ
-    step = build(config, args.child, args.mode, args.batch_size, processes)
+        paddle.set_device(args.device)  # before the meter starts: Paddle's allocator reads the current device
+        build, framework = paddle_step, 'paddle'
+    start_memory, peak_memory = memory_meter(framework, args.device)
+    framework_mb = start_memory()  # counted out: the frameworks' own import footprints differ
+    step = build(config, args.child, args.mode, args.batch_size, processes=processes)
     rate = median_images_per_second(step, args.batch_size, args.warmup, args.steps)
-    return {'backend': args.child, 'images_per_sec': rate, 'peak_mb': peak_memory_mb() - framework_mb}
+    return {'backend': args.child, 'images_per_sec': rate, 'peak_mb': peak_memory() - framework_mb}
 
 
-def available_backends(mode: str) -> list:
-    import paddle
-
+def available_backends(mode: str, device: str) -> list:
     from inference import bf16_supported
     backends = [b for b in PADDLE_BACKENDS if not (mode == 'train' and b in EVAL_ONLY) and b != 'dygraph_ddp']
-    if not paddle.device.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
-        backends = [b for b in backends if b not in GPU_ONLY]
+    backends = [b for b in backends if b not in (GPU_ONLY if device == 'cpu' else CPU_ONLY)]
     if not bf16_supported():
         backends = [b for b in backends if b != 'inference_bf16']
     try:
@@ -252,10 +302,14 @@ def available_backends(mode: str) -> list:
     return backends
 
 
+def child_command(args, backend: str) -> list:
+    return [sys.executable, os.path.abspath(__file__), '-cfg', args.cfg, '-batch_size', str(args.batch_size),
+            '-mode', args.mode, '-warmup', str(args.warmup), '-steps', str(args.steps), '-nproc', str(args.nproc),
+            '-device', args.device, '-child', backend]
+
+
 def run_child(args, backend: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), '-cfg', args.cfg, '-batch_size', str(args.batch_size),
-               '-mode', args.mode, '-warmup', str(args.warmup), '-steps', str(args.steps), '-nproc', str(args.nproc),
-               '-child', backend]
+    command = child_command(args, backend)
     env = dict(os.environ)
     if args.mode == 'gemm':  # each case sets the variable itself
         env.pop('MKL_DEBUG_CPU_TYPE', None)
@@ -268,9 +322,11 @@ def run_child(args, backend: str) -> dict:
 
 def print_table(rows: list, args) -> None:
     reference = next((r for r in rows if r['backend'] == 'timm' and 'error' not in r), None)
-    print(f'{args.mode}, {os.path.basename(args.cfg)}, batch {args.batch_size}, {os.cpu_count()} cores, '
+    where = f'{os.cpu_count()} cores' if args.device == 'cpu' else 'on the GPU'
+    peak = 'RSS growth after import' if args.device == 'cpu' else "device allocator's, after import"
+    print(f'{args.mode}, {os.path.basename(args.cfg)}, batch {args.batch_size}, {where}, '
           f'median of {args.steps} steps after {args.warmup} warm-up')
-    print(f'{"backend":<16}{"img/s":>9}{"x timm":>8}{"peak MB":>10}{"x timm":>8}   (peak: RSS growth after import)')
+    print(f'{"backend":<16}{"img/s":>9}{"x timm":>8}{"peak MB":>10}{"x timm":>8}   (peak: {peak})')
     for row in rows:
         if 'error' in row:
             print(f'{row["backend"]:<16}  failed: {row["error"]}')
@@ -297,6 +353,7 @@ def main() -> None:
     parser.add_argument('-warmup', type=int, default=3)
     parser.add_argument('-steps', type=int, default=10)
     parser.add_argument('-nproc', type=int, default=2, help='processes of the dygraph_ddp path')
+    parser.add_argument('-device', choices=('cpu', 'gpu'), default='cpu', help=argparse.SUPPRESS)  # the parent's
     parser.add_argument('-child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == 'dygraph_ddp':
@@ -310,7 +367,9 @@ def main() -> None:
         print_gemm_table([run_child(args, case) for case in (args.backend or GEMM_CASES)])
     else:
         print(cpu_line())
-        print_table([run_child(args, backend) for backend in (args.backend or available_backends(args.mode))], args)
+        args.device = benchmark_device()  # for every child
+        backends = args.backend or available_backends(args.mode, args.device)
+        print_table([run_child(args, backend) for backend in backends], args)
 
 
 if __name__ == '__main__':

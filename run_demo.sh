@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # README command 1: fine-tune a tiny BEiT on the embedded Fashion-MNIST set (data/fashion_mnist) with the full
-# recipe in 2 CPU processes (paddle.distributed over gloo), evaluate each epoch, and plot the curves.
+# recipe, one process per GPU (2 CPU processes over gloo without one), evaluate each epoch, and plot the curves.
 # Writes a new folder each run (never overwrites one): log.txt, metrics.jsonl, checkpoints, curves.png.
+# An installed Paddle 3.x, GPU build included, is kept (install_check.py says why).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUTPUT=${OUTPUT:-./output/demo-$(date +%Y%m%d-%H%M%S)}
-NPROC=${NPROC:-2}
-python -m pip install -q --disable-pip-version-check -r requirements.txt
+requirements=$(mktemp)
+trap 'rm -f "$requirements"' EXIT
+python -m install_check requirements requirements.txt >"$requirements"
+python -m pip install -q --disable-pip-version-check -r "$requirements"
+NPROC=${NPROC:-$(python -m install_check demo-processes)}
 python main_multi_gpu.py -ngpus "$NPROC" -cfg configs/beit_tiny_fashion_mnist.yaml -output "$OUTPUT" "$@"
 python plot_metrics.py -output "$OUTPUT"
