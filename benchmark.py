@@ -112,13 +112,15 @@ def paddle_step(config, backend: str, mode: str, batch_size: int, *, processes: 
     import paddle
 
     from engine import Amp
-    from job import build_model
+    from job import build_model, decorate_o2
     from task_finetune import FINE_TUNING
     from utils import use_all_cpu_cores
     use_all_cpu_cores(processes)
     size = config.DATA.IMAGE_SIZE
     images = np.random.default_rng(0).standard_normal((batch_size, 3, size, size)).astype(np.float32)
-    model = build_model(config, FINE_TUNING)  # as a run builds it (cpu_ops' kernels on CPU unless CPU_KERNELS off)
+    amp_level = {'amp_o1': 'O1', 'amp_o2': 'O2'}.get(backend)
+    amp = Amp(amp_level is not None, amp_level or 'O1', config.AMP_DTYPE)
+    model = build_model(config, FINE_TUNING, amp)  # as a run builds it (cpu_ops' kernels on CPU, fused attention)
     if backend.startswith('inference'):
         from inference import exported_predictor
         predictor = exported_predictor(model, config, 'bf16' if backend == 'inference_bf16' else 'fp32')
@@ -127,11 +129,9 @@ def paddle_step(config, backend: str, mode: str, batch_size: int, *, processes: 
         spec = paddle.static.InputSpec([None, 3, size, size], 'float32')
         model = paddle.jit.to_static(model, input_spec=[spec], full_graph=True)
     inputs = paddle.to_tensor(images)
-    amp_level = {'amp_o1': 'O1', 'amp_o2': 'O2'}.get(backend)
-    amp = Amp(amp_level is not None, amp_level or 'O1', config.AMP_DTYPE)
     if mode == 'eval':
-        if amp_level == 'O2':  # as a run evaluates: parameters in AMP_DTYPE
-            model = paddle.amp.decorate(models=model, level='O2', dtype=amp.dtype)
+        if amp.o2:  # as a run evaluates: parameters in AMP_DTYPE, the bias tables in float32
+            model = decorate_o2(model, amp)
         model.eval()
 
         def eval_step():
@@ -140,8 +140,8 @@ def paddle_step(config, backend: str, mode: str, batch_size: int, *, processes: 
         return eval_step
     labels = paddle.to_tensor(np.arange(batch_size) % config.MODEL.NUM_CLASSES)
     optimizer = paddle.optimizer.AdamW(1e-4, parameters=model.parameters(), weight_decay=0.05)
-    if amp_level == 'O2':
-        model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer, level='O2', dtype=amp.dtype)
+    if amp.o2:
+        model, optimizer = decorate_o2(model, amp, optimizer)
     if processes > 1:
         model = paddle.DataParallel(model)
     model.train()
