@@ -34,8 +34,10 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from PIL import Image, ImageFile
 
 from config import BAD_IMAGE_POLICIES, DATASETS
+from device_batch import ClassificationBatch, NormaliseAndErase, PretrainingBatch
 from masking_generator import MaskingGenerator
-from transforms import get_pretrain_transforms, get_train_transforms, get_val_transforms, to_rgb
+from random_erasing import RandomErasing
+from transforms import get_pretrain_transforms, get_train_erasing, get_train_transforms, get_val_transforms, to_rgb
 from utils import die_with_parent
 
 # A truncated file must fail to decode, not become a picture with a grey bottom.
@@ -224,7 +226,11 @@ def scan_image_folder(folder: str, num_classes: int | None) -> SampleTable:
 
 
 class LabeledImageDataset(Dataset):
-    """(image, int64 label) pairs; ``transform`` turns the RGB PIL image into the model input.
+    """(image, int64 label) pairs; ``transform`` turns the RGB PIL image into the model input. With ``erasing``
+    (the transform then gives uint8 CHW images) a sample is (image, label, erase boxes): ``erasing.draw``'s boxes,
+    drawn after the transform's draws, which ``on_device`` applies to the batch after the transfer.
+    ``on_device`` (a batch -> batch function; None: the batch as it is) is what get_dataloader applies to each
+    batch it yields.
 
     A file that does not decode follows ``bad_image_policy``. 'error' raises a DatasetError naming the file and
     its list line (a loader from get_dataloader re-raises it in the caller's process, with or without workers).
@@ -235,7 +241,7 @@ class LabeledImageDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, bad_image_policy: str = 'error',
-                 source: str = ''):
+                 source: str = '', *, erasing: RandomErasing | None = None, on_device: Callable | None = None):
         if bad_image_policy not in BAD_IMAGE_POLICIES:  # a caller's typo would otherwise act as 'skip'
             raise ValueError(f'bad_image_policy must be one of {list(BAD_IMAGE_POLICIES)}, got {bad_image_policy!r}')
         if not samples:
@@ -246,6 +252,8 @@ class LabeledImageDataset(Dataset):
         self.source = source  # the list file or folder, for messages
         self._bad_flags = multiprocessing.RawArray('B', len(self.samples))
         self.seed = None
+        self.erasing = erasing
+        self.on_device = on_device
 
     def reseed(self, seed: int) -> None:
         """From now on sample i's random draws (python's and numpy's generators, which the transforms use) depend
@@ -262,10 +270,13 @@ class LabeledImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
+    def __getitem__(self, index: int) -> tuple:
         self._seed_draws(index)
         image, sample = self._first_decodable(index)
-        return self.transform(image), np.int64(sample.label)
+        pixels = self.transform(image)
+        if self.erasing is None:
+            return pixels, np.int64(sample.label)
+        return pixels, np.int64(sample.label), self.erasing.draw(*pixels.shape[-2:])
 
     def _first_decodable(self, index: int) -> tuple[Image.Image, Sample]:
         """Sample ``index``'s image, or under policy 'skip' that of the next decodable sample in list order."""
@@ -304,15 +315,15 @@ class LabeledImageDataset(Dataset):
 
 
 class MaskedImageDataset(LabeledImageDataset):
-    """Pre-training samples: (patch view float32 CHW, tokenizer view float32 CHW, mask bool [N]); labels unused.
+    """Pre-training samples: (patch view uint8 CHW, tokenizer view uint8 CHW, mask bool [N]); labels unused.
 
     ``transform`` gives the two views of one crop (transforms.get_pretrain_transforms), ``mask_generator`` a new
     (H, W) 0/1 mask of the patch grid per sample, flattened in the row-major order of the patch tokens.
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, mask_generator: Callable,
-                 bad_image_policy: str = 'error', source: str = ''):
-        super().__init__(samples, transform, bad_image_policy, source)
+                 bad_image_policy: str = 'error', source: str = '', *, on_device: Callable | None = None):
+        super().__init__(samples, transform, bad_image_policy, source, on_device=on_device)
         self.mask_generator = mask_generator
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -406,12 +417,16 @@ def lists_checked_once_per_machine(local_rank: int, multi_process: bool):
 
 
 def get_dataset(config, mode: str, build_transform: Callable | None = None) -> LabeledImageDataset:
-    """The checked train or val dataset of ``config`` with the transform ``build_transform(config)`` gives, by
-    default the split's own from transforms.py."""
+    """The checked train or val dataset of ``config`` with the transform ``build_transform(config)`` gives (uint8
+    images), by default the split's own from transforms.py; the fine-tuning train transform comes with its random
+    erasing. Its batches are normalised (and erased) on the device."""
     samples, source = _checked_samples(config, mode, config.MODEL.NUM_CLASSES)
     if build_transform is None:
         build_transform = get_train_transforms if mode == 'train' else get_val_transforms
-    return LabeledImageDataset(samples, build_transform(config), config.DATA.BAD_IMAGE_POLICY, source)
+    erasing = get_train_erasing(config) if build_transform is get_train_transforms else None
+    return LabeledImageDataset(samples, build_transform(config), config.DATA.BAD_IMAGE_POLICY, source,
+                               erasing=erasing, on_device=ClassificationBatch(NormaliseAndErase.from_config(
+                                   config, erasing)))
 
 
 def build_mask_generator(config) -> MaskingGenerator:
@@ -427,7 +442,8 @@ def get_pretraining_dataset(config) -> MaskedImageDataset:
     """The checked train split of ``config`` as pre-training samples (labels unused)."""
     samples, source = _checked_samples(config, 'train', num_classes=None)
     return MaskedImageDataset(samples, get_pretrain_transforms(config), build_mask_generator(config),
-                              config.DATA.BAD_IMAGE_POLICY, source)
+                              config.DATA.BAD_IMAGE_POLICY, source,
+                              on_device=PretrainingBatch(NormaliseAndErase.from_config(config)))
 
 
 class ShardedEvalBatchSampler:
@@ -491,14 +507,19 @@ def _collate_or_failure(samples: list):
 class FailFastDataLoader(DataLoader):
     """A DataLoader whose iteration raises a sample's failure in the caller's process: a DatasetError (bad image
     under policy 'error') as a DatasetError with the same message, anything else as a RuntimeError carrying the
-    worker's traceback. Use it through get_dataloader."""
+    worker's traceback. Each batch is passed through ``on_device`` (if given) after the transfer: normalisation
+    and random erasing of the uint8 images. Use it through get_dataloader."""
+
+    def __init__(self, *args, on_device: Callable | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_device = on_device
 
     def __iter__(self):
         for batch in super().__iter__():
             if isinstance(batch, dict):
                 error_type = DatasetError if batch['is_dataset_error'] else RuntimeError
                 raise error_type(batch['failure'])
-            yield batch
+            yield batch if self.on_device is None else self.on_device(batch)
 
 
 def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = False) -> FailFastDataLoader:
@@ -509,8 +530,8 @@ def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = Fa
     DATA.BATCH_SIZE per process; several ranks share out a set padded to a multiple of their number. val:
     ShardedEvalBatchSampler keeps the order and every sample exactly once over all ranks; DATA.BATCH_SIZE_EVAL per
     process. DATA.NUM_WORKERS worker processes, started each epoch: with Paddle 3.3.1's persistent workers, leaving
-    an epoch early breaks the next one (IndexError in the loader). ``loader.dataset`` wraps ``dataset``: keep
-    your own reference to read ``bad_images``.
+    an epoch early breaks the next one (IndexError in the loader). Batches pass through the dataset's
+    ``on_device``. ``loader.dataset`` wraps ``dataset``: keep your own reference to read ``bad_images``.
     """
     _check_mode(mode)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if multi_process else (0, 1)
@@ -524,4 +545,4 @@ def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = Fa
         batch_sampler = ShardedEvalBatchSampler(len(dataset), config.DATA.BATCH_SIZE_EVAL, rank, world_size)
     return FailFastDataLoader(_FailureAsSampleDataset(dataset), batch_sampler=batch_sampler,
                               num_workers=config.DATA.NUM_WORKERS, collate_fn=_collate_or_failure,
-                              worker_init_fn=die_with_parent)
+                              worker_init_fn=die_with_parent, on_device=getattr(dataset, 'on_device', None))
