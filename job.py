@@ -264,7 +264,7 @@ def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
     amp = amp_for(config, logger)
     multi_process = world.size > 1
     val_set, train_set = _datasets(config, world, task)
-    val_loader = get_dataloader(config, val_set, 'val', multi_process) if task.evaluates else None
+    val_loader = get_dataloader(config, val_set, 'val', multi_process, world.local_size) if task.evaluates else None
     seed_everything(config.SEED)
     model = build_model(config, task)
     objective = task.build_objective(config, world)
@@ -274,7 +274,7 @@ def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
             model = paddle.amp.decorate(models=model, level='O2', dtype=amp.dtype, save_dtype='float32')
         return Job(config, world, logger, amp, _evaluation_model(config, model), objective, val_set, val_loader,
                    start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch)
-    train_loader = get_dataloader(config, train_set, 'train', multi_process)
+    train_loader = get_dataloader(config, train_set, 'train', multi_process, world.local_size)
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
     if steps_per_epoch == 0:
         raise DatasetError(f'{len(train_loader)} batches per epoch are fewer than TRAIN.ACCUM_ITER '

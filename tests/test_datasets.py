@@ -542,6 +542,62 @@ def test_erasing_boxes_travel_with_the_batch_and_do_not_depend_on_the_workers(ti
                                                                     paddle.to_tensor(boxes)).numpy())
 
 
+def _fake_statvfs(size_mib: int, free_mib: int):
+    block = 4096
+    return lambda path: types.SimpleNamespace(f_frsize=block, f_blocks=size_mib * 2 ** 20 // block,
+                                              f_bavail=free_mib * 2 ** 20 // block)
+
+
+def test_shared_memory_too_small_for_the_batches_is_a_clear_error(tiny_jpegs, monkeypatch):
+    """Docker's default 64 MB /dev/shm: a batch of 256 at 224 px weighs 36.8 MiB in uint8 (147 MiB in float32 of
+    before); 2 workers keep 4 in flight. The error names /dev/shm, its size, the batch and the fixes; 0 workers
+    (no shared memory) or enough of it pass."""
+    folder, paths = tiny_jpegs
+    write_list(folder / 'val_list.txt', [f'{path.relative_to(folder)} 0' for path in paths])
+    config = make_config(folder, BATCH_SIZE_EVAL=256, IMAGE_SIZE=224, NUM_WORKERS=2)
+    dataset = datasets.get_dataset(config, 'val')
+    assert dataset.sample_nbytes == 3 * 224 * 224 + 8
+    monkeypatch.setattr(datasets.os.path, 'isdir', lambda path: path == '/dev/shm')
+    monkeypatch.setattr(datasets.os, 'statvfs', _fake_statvfs(64, 60))
+    with pytest.raises(DatasetError) as info:
+        datasets.get_dataloader(config, dataset, 'val')
+    assert str(info.value) == (
+        '/dev/shm is too small for the data loader: 64 MiB (60 MiB free); 1 process(es) x 2 worker(s) x 2 batches '
+        'of 36.8 MiB need 147 MiB, and at most 50% of the free space is used. Fix: fewer workers '
+        '(DATA.NUM_WORKERS), a smaller batch (DATA.BATCH_SIZE / BATCH_SIZE_EVAL), or more shared memory '
+        '(docker run --shm-size=8g)')
+    with pytest.raises(DatasetError, match=r'4 process\(es\) x 2 worker\(s\) x 2 batches of 36.8 MiB need 588 MiB'):
+        datasets.get_dataloader(config, dataset, 'val', local_processes=4)
+    monkeypatch.setattr(datasets.os, 'statvfs', _fake_statvfs(8192, 8000))
+    datasets.get_dataloader(config, dataset, 'val', local_processes=4)
+    monkeypatch.setattr(datasets.os, 'statvfs', _fake_statvfs(64, 60))
+    config.DATA.NUM_WORKERS = 0
+    datasets.get_dataloader(config, dataset, 'val')
+
+
+def test_pretraining_and_erasing_samples_weigh_what_they_carry(tmp_path, tiny_jpegs):
+    folder, paths = tiny_jpegs
+    write_list(folder / 'train_list.txt', [f'{path.relative_to(folder)} 0' for path in paths])
+    config = make_config(folder)
+    config.TRAIN.RANDOM_ERASE_COUNT = 3
+    dataset = datasets.get_dataset(config, 'train')
+    assert dataset.sample_nbytes == sum(field.nbytes for field in dataset[0]) == 3 * 8 * 8 + 8 + 3 * 5 * 8
+    config = pretraining_config(folder)
+    dataset = datasets.get_pretraining_dataset(config)
+    assert dataset.sample_nbytes == sum(field.nbytes for field in dataset[0]) == 3 * 16 * 16 + 3 * 32 * 32 + 16
+
+
+@pytest.mark.parametrize(('setting', 'cores', 'processes', 'workers'), [
+    (-1, 16, 1, 8), (-1, 16, 4, 4), (-1, 6, 4, 1), (-1, 2, 1, 2), (3, 16, 1, 3), (0, 16, 1, 0), (12, 2, 2, 12)])
+def test_loader_workers_scale_with_the_cores_per_process_unless_set(setting, cores, processes, workers,
+                                                                    monkeypatch):
+    monkeypatch.setattr(datasets.os, 'sched_getaffinity', lambda pid: set(range(cores)))
+    config = get_config()
+    assert config.DATA.NUM_WORKERS == -1  # the default
+    config.DATA.NUM_WORKERS = setting
+    assert datasets.loader_workers(config, processes) == workers
+
+
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_real_jpeg_list_set_loads_through_the_loaders(tiny_jpegs, stub_transforms, num_workers):
     folder, paths = tiny_jpegs
