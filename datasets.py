@@ -543,8 +543,8 @@ SHM_HEADROOM = 0.5  # batches in flight may fill at most this fraction of the fr
 
 
 def loader_workers(config, local_processes: int = 1) -> int:
-    """DATA.NUM_WORKERS, or for -1 (the default) min(8, this machine's cores // its training processes): enough
-    to feed a GPU with RandAugment when the cores are there; 0 loads in the training process."""
+    """DATA.NUM_WORKERS, or for -1 (the default) min(8, this machine's cores // its training processes), at least
+    1: enough to feed a GPU with RandAugment when the cores are there; 0 loads in the training process."""
     if config.DATA.NUM_WORKERS >= 0:
         return config.DATA.NUM_WORKERS
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
