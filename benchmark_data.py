@@ -5,9 +5,11 @@
 The photos are Debian's darknet sample images; an empty -photos folder is filled by tests/fetch_photos.sh.
 
 Builds a list-file set of ImageNet-sized JPEGs cut from the given real photos, then reads one epoch through
-our train pipeline (RandomResizedCrop, flip, RandAugment, normalise, random erasing; paddle.io loader) and
-through timm's ``create_transform(is_training=True)`` with the same recipe (torch loader), for 0, 1 and 2
-workers. Needs torch and timm for the reference column.
+our train pipeline (RandomResizedCrop, flip, RandAugment in the workers, which send uint8; normalisation and
+random erasing after the transfer, here on the CPU; paddle.io loader) and through timm's
+``create_transform(is_training=True)`` with the same recipe (torch loader, which normalises and erases in the
+workers and sends float32), for 0, 1 and 2 workers. Prints what one batch weighs in the loader's shared memory.
+Needs torch and timm for the reference column.
 """
 import argparse
 import os
@@ -50,10 +52,22 @@ def images_per_second(loader, batch_size: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def ours(config, num_workers: int) -> float:
+def shared_memory_per_batch(config) -> tuple[int, int]:
+    """Bytes of one train batch through the workers' shared memory: ours (uint8 images, labels, erase boxes), and
+    the same images as float32 with labels, what the loader sent before."""
+    sample_nbytes = get_dataset(config, 'train').sample_nbytes
+    float_sample = 4 * 3 * config.DATA.IMAGE_SIZE ** 2 + np.dtype(np.int64).itemsize
+    return config.DATA.BATCH_SIZE * sample_nbytes, config.DATA.BATCH_SIZE * float_sample
+
+
+def ours(config, num_workers: int, on_device: bool = True) -> float:
+    """Our loader's img/s; ``on_device`` False leaves out the normalisation and random erasing after the transfer
+    (on a CPU they run in the training process, on a GPU on the device)."""
     config.DATA.NUM_WORKERS = num_workers
-    dataset = get_dataset(config, 'train')
-    return images_per_second(get_dataloader(config, dataset, 'train'), config.DATA.BATCH_SIZE)
+    loader = get_dataloader(config, get_dataset(config, 'train'), 'train')
+    if not on_device:
+        loader.on_device = None
+    return images_per_second(loader, config.DATA.BATCH_SIZE)
 
 
 def _let_timm_posterize_to_black() -> None:
@@ -128,10 +142,16 @@ def main() -> None:
         config.DATA.DATA_PATH = folder
         print(f'{args.num_images} JPEGs, {config.DATA.IMAGE_SIZE} px crops, batch {args.batch_size}, '
               f'{os.cpu_count()} cores')
-        print(f'{"workers":>8} {"paddle-beit img/s":>18} {"timm img/s":>11} {"ratio":>6}')
+        uint8_bytes, float32_bytes = shared_memory_per_batch(config)
+        print(f'shared memory per batch of {args.batch_size}: {uint8_bytes / 2 ** 20:.1f} MiB '
+              f'({float32_bytes / 2 ** 20:.1f} MiB as float32)')
+        print(f'{"workers":>8} {"paddle-beit img/s":>18} {"timm img/s":>11} {"ratio":>6} '
+              f'{"paddle-beit uint8 only":>23}')
         for workers in args.workers:
             ours_rate, timm_rate = ours(config, workers), timms(config, workers)
-            print(f'{workers:>8} {ours_rate:>18.1f} {timm_rate:>11.1f} {ours_rate / timm_rate:>6.2f}')
+            uint8_rate = ours(config, workers, on_device=False)
+            print(f'{workers:>8} {ours_rate:>18.1f} {timm_rate:>11.1f} {ours_rate / timm_rate:>6.2f} '
+                  f'{uint8_rate:>23.1f}')
 
 
 if __name__ == '__main__':

@@ -35,7 +35,7 @@ _C.DATA.CROP_PCT = 0.9  # eval: resize the short side to IMAGE_SIZE / CROP_PCT, 
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.IMAGENET_MEAN = [0.5, 0.5, 0.5]
 _C.DATA.IMAGENET_STD = [0.5, 0.5, 0.5]
-_C.DATA.NUM_WORKERS = 2
+_C.DATA.NUM_WORKERS = -1  # loader workers per process; -1: min(8, cores // processes on the machine)
 _C.DATA.BAD_IMAGE_POLICY = 'error'  # an undecodable image: 'error' stops with its path, 'skip' counts it
 
 # model settings
@@ -173,7 +173,7 @@ _POSITIVE = ('DATA.BATCH_SIZE', 'DATA.BATCH_SIZE_EVAL', 'DATA.IMAGE_SIZE', 'DATA
              'PRETRAIN.SECOND_INPUT_SIZE', 'PRETRAIN.NUM_MASK_PATCHES', 'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK',
              'PRETRAIN.TOKENIZER_HIDDEN', 'PRETRAIN.TOKENIZER_BLOCKS_PER_GROUP', 'LINPROBE.NUM_EPOCHS',
              'LINPROBE.BATCH_SIZE', 'LINPROBE.BASE_LR')
-_NON_NEGATIVE = ('DATA.NUM_WORKERS', 'MODEL.NUM_CLASSES', 'TRAIN.NUM_EPOCHS', 'TRAIN.WARMUP_EPOCHS',
+_NON_NEGATIVE = ('MODEL.NUM_CLASSES', 'TRAIN.NUM_EPOCHS', 'TRAIN.WARMUP_EPOCHS',
                  'TRAIN.WEIGHT_DECAY', 'TRAIN.BASE_LR', 'TRAIN.LINEAR_SCALED_LR', 'TRAIN.GRAD_CLIP',
                  'TRAIN.LAST_EPOCH', 'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK', 'KEEP_CHECKPOINTS',
                  'LINPROBE.LINEAR_SCALED_LR', 'LINPROBE.WEIGHT_DECAY')
@@ -315,6 +315,9 @@ def validate_config(config: CN) -> None:
     for key in _NON_NEGATIVE:
         if lookup(config, key) < 0:
             raise ConfigError(f'{key} must not be negative, got {lookup(config, key)!r}')
+    if config.DATA.NUM_WORKERS < -1:
+        raise ConfigError(f'DATA.NUM_WORKERS must be a count, or -1 for min(8, cores // processes), got '
+                          f'{config.DATA.NUM_WORKERS!r}')
     for key in _PROBABILITIES:
         if not 0.0 <= lookup(config, key) <= 1.0:
             raise ConfigError(f'{key} must lie in [0, 1], got {lookup(config, key)!r}')

@@ -34,8 +34,10 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from PIL import Image, ImageFile
 
 from config import BAD_IMAGE_POLICIES, DATASETS
+from device_batch import ClassificationBatch, NormaliseAndErase, PretrainingBatch
 from masking_generator import MaskingGenerator, masked_positions
-from transforms import get_pretrain_transforms, get_train_transforms, get_val_transforms, to_rgb
+from random_erasing import RandomErasing
+from transforms import get_pretrain_transforms, get_train_erasing, get_train_transforms, get_val_transforms, to_rgb
 from utils import die_with_parent
 
 # A truncated file must fail to decode, not become a picture with a grey bottom.
@@ -224,7 +226,11 @@ def scan_image_folder(folder: str, num_classes: int | None) -> SampleTable:
 
 
 class LabeledImageDataset(Dataset):
-    """(image, int64 label) pairs; ``transform`` turns the RGB PIL image into the model input.
+    """(image, int64 label) pairs; ``transform`` turns the RGB PIL image into the model input. With ``erasing``
+    (the transform then gives uint8 CHW images) a sample is (image, label, erase boxes): ``erasing.draw``'s boxes,
+    drawn after the transform's draws, which ``on_device`` applies to the batch after the transfer.
+    ``on_device`` (a batch -> batch function; None: the batch as it is) is what get_dataloader applies to each
+    batch it yields; ``sample_nbytes`` (None: unknown) what a sample weighs in the loader's shared memory.
 
     A file that does not decode follows ``bad_image_policy``. 'error' raises a DatasetError naming the file and
     its list line (a loader from get_dataloader re-raises it in the caller's process, with or without workers).
@@ -235,7 +241,8 @@ class LabeledImageDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, bad_image_policy: str = 'error',
-                 source: str = ''):
+                 source: str = '', *, erasing: RandomErasing | None = None, on_device: Callable | None = None,
+                 sample_nbytes: int | None = None):
         if bad_image_policy not in BAD_IMAGE_POLICIES:  # a caller's typo would otherwise act as 'skip'
             raise ValueError(f'bad_image_policy must be one of {list(BAD_IMAGE_POLICIES)}, got {bad_image_policy!r}')
         if not samples:
@@ -246,6 +253,9 @@ class LabeledImageDataset(Dataset):
         self.source = source  # the list file or folder, for messages
         self._bad_flags = multiprocessing.RawArray('B', len(self.samples))
         self.seed = None
+        self.erasing = erasing
+        self.on_device = on_device
+        self.sample_nbytes = sample_nbytes
 
     def reseed(self, seed: int) -> None:
         """From now on sample i's random draws (python's and numpy's generators, which the transforms use) depend
@@ -262,10 +272,13 @@ class LabeledImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.int64]:
+    def __getitem__(self, index: int) -> tuple:
         self._seed_draws(index)
         image, sample = self._first_decodable(index)
-        return self.transform(image), np.int64(sample.label)
+        pixels = self.transform(image)
+        if self.erasing is None:
+            return pixels, np.int64(sample.label)
+        return pixels, np.int64(sample.label), self.erasing.draw(*pixels.shape[-2:])
 
     def _first_decodable(self, index: int) -> tuple[Image.Image, Sample]:
         """Sample ``index``'s image, or under policy 'skip' that of the next decodable sample in list order."""
@@ -304,7 +317,7 @@ class LabeledImageDataset(Dataset):
 
 
 class MaskedImageDataset(LabeledImageDataset):
-    """Pre-training samples: (patch view float32 CHW, tokenizer view float32 CHW, mask bool [N], masked positions
+    """Pre-training samples: (patch view uint8 CHW, tokenizer view uint8 CHW, mask bool [N], masked positions
     int64 [NUM_MASK_PATCHES]); labels unused.
 
     ``transform`` gives the two views of one crop (transforms.get_pretrain_transforms), ``mask_generator`` a new
@@ -313,8 +326,10 @@ class MaskedImageDataset(LabeledImageDataset):
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, mask_generator: MaskingGenerator,
-                 bad_image_policy: str = 'error', source: str = ''):
-        super().__init__(samples, transform, bad_image_policy, source)
+                 bad_image_policy: str = 'error', source: str = '', *, on_device: Callable | None = None,
+                 sample_nbytes: int | None = None):
+        super().__init__(samples, transform, bad_image_policy, source, on_device=on_device,
+                         sample_nbytes=sample_nbytes)
         self.mask_generator = mask_generator
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -408,13 +423,24 @@ def lists_checked_once_per_machine(local_rank: int, multi_process: bool):
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _image_nbytes(size: int) -> int:
+    return 3 * size * size  # uint8 RGB
+
+
 def get_dataset(config, mode: str, build_transform: Callable | None = None) -> LabeledImageDataset:
-    """The checked train or val dataset of ``config`` with the transform ``build_transform(config)`` gives, by
-    default the split's own from transforms.py."""
+    """The checked train or val dataset of ``config`` with the transform ``build_transform(config)`` gives (uint8
+    images), by default the split's own from transforms.py; the fine-tuning train transform comes with its random
+    erasing. Its batches are normalised (and erased) on the device."""
     samples, source = _checked_samples(config, mode, config.MODEL.NUM_CLASSES)
     if build_transform is None:
         build_transform = get_train_transforms if mode == 'train' else get_val_transforms
-    return LabeledImageDataset(samples, build_transform(config), config.DATA.BAD_IMAGE_POLICY, source)
+    erasing = get_train_erasing(config) if build_transform is get_train_transforms else None
+    nbytes = _image_nbytes(config.DATA.IMAGE_SIZE) + np.dtype(np.int64).itemsize
+    if erasing is not None:
+        nbytes += erasing.boxes_nbytes
+    return LabeledImageDataset(samples, build_transform(config), config.DATA.BAD_IMAGE_POLICY, source,
+                               erasing=erasing, on_device=ClassificationBatch(NormaliseAndErase.from_config(
+                                   config, erasing)), sample_nbytes=nbytes)
 
 
 def build_mask_generator(config) -> MaskingGenerator:
@@ -429,8 +455,12 @@ def build_mask_generator(config) -> MaskingGenerator:
 def get_pretraining_dataset(config) -> MaskedImageDataset:
     """The checked train split of ``config`` as pre-training samples (labels unused)."""
     samples, source = _checked_samples(config, 'train', num_classes=None)
+    grid = config.DATA.IMAGE_SIZE // config.MODEL.PATCH_SIZE
+    nbytes = (_image_nbytes(config.DATA.IMAGE_SIZE) + _image_nbytes(config.PRETRAIN.SECOND_INPUT_SIZE)
+              + grid * grid)  # the bool mask
     return MaskedImageDataset(samples, get_pretrain_transforms(config), build_mask_generator(config),
-                              config.DATA.BAD_IMAGE_POLICY, source)
+                              config.DATA.BAD_IMAGE_POLICY, source,
+                              on_device=PretrainingBatch(NormaliseAndErase.from_config(config)), sample_nbytes=nbytes)
 
 
 class ShardedEvalBatchSampler:
@@ -526,17 +556,56 @@ def _collate_with_extra(samples: list):
 class FailFastDataLoader(DataLoader):
     """A DataLoader whose iteration raises a sample's failure in the caller's process: a DatasetError (bad image
     under policy 'error') as a DatasetError with the same message, anything else as a RuntimeError carrying the
-    worker's traceback. Use it through get_dataloader."""
+    worker's traceback. Each batch is passed through ``on_device`` (if given) after the transfer: normalisation
+    and random erasing of the uint8 images. Use it through get_dataloader."""
+
+    def __init__(self, *args, on_device: Callable | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_device = on_device
 
     def __iter__(self):
         for batch in super().__iter__():
             if isinstance(batch, dict):
                 error_type = DatasetError if batch['is_dataset_error'] else RuntimeError
                 raise error_type(batch['failure'])
-            yield batch
+            yield batch if self.on_device is None else self.on_device(batch)
 
 
-def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = False,
+MAX_AUTO_WORKERS = 8
+PREFETCH_FACTOR = 2  # batches each worker keeps ready (Paddle's default)
+SHM_FOLDER = '/dev/shm'
+SHM_HEADROOM = 0.5  # batches in flight may fill at most this fraction of the free shared memory
+
+
+def loader_workers(config, local_processes: int = 1) -> int:
+    """DATA.NUM_WORKERS, or for -1 (the default) min(8, this machine's cores // its training processes), at least
+    1: enough to feed a GPU with RandAugment when the cores are there; 0 loads in the training process."""
+    if config.DATA.NUM_WORKERS >= 0:
+        return config.DATA.NUM_WORKERS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, min(MAX_AUTO_WORKERS, cores // max(1, local_processes)))
+
+
+def check_shared_memory(batch_nbytes: int, num_workers: int, local_processes: int = 1) -> None:
+    """Raise a DatasetError, before training starts, when the batches the workers keep in flight (PREFETCH_FACTOR
+    per worker, for each training process on this machine) would not fit in SHM_HEADROOM of /dev/shm's free
+    space: past it a worker dies of a bus error (Docker gives containers 64 MB unless told otherwise)."""
+    if num_workers == 0 or not os.path.isdir(SHM_FOLDER):
+        return
+    stats = os.statvfs(SHM_FOLDER)
+    free, size = stats.f_bavail * stats.f_frsize, stats.f_blocks * stats.f_frsize
+    needed = batch_nbytes * PREFETCH_FACTOR * num_workers * local_processes
+    if needed > SHM_HEADROOM * free:
+        mib = 2 ** 20
+        raise DatasetError(
+            f'{SHM_FOLDER} is too small for the data loader: {size / mib:.0f} MiB ({free / mib:.0f} MiB free); '
+            f'{local_processes} process(es) x {num_workers} worker(s) x {PREFETCH_FACTOR} batches of '
+            f'{batch_nbytes / mib:.1f} MiB need {needed / mib:.0f} MiB, and at most {SHM_HEADROOM:.0%} of the free '
+            f'space is used. Fix: fewer workers (DATA.NUM_WORKERS), a smaller batch (DATA.BATCH_SIZE / '
+            f'BATCH_SIZE_EVAL), or more shared memory (docker run --shm-size=8g)')
+
+
+def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = False, *, local_processes: int = 1,
                    batch_draws: Callable[[int], tuple] | None = None) -> FailFastDataLoader:
     """A loader over ``dataset``; with ``multi_process`` each rank reads its own share. ``batch_draws`` (train
     only): ``batch_draws(batch_size)`` gives arrays appended to each batch (Mixup's draws), called in this
@@ -546,14 +615,17 @@ def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = Fa
     .set_epoch(epoch)``; its order depends on the epoch only) shuffles and drops the last partial batch;
     DATA.BATCH_SIZE per process; several ranks share out a set padded to a multiple of their number. val:
     ShardedEvalBatchSampler keeps the order and every sample exactly once over all ranks; DATA.BATCH_SIZE_EVAL per
-    process. DATA.NUM_WORKERS worker processes, started each epoch: with Paddle 3.3.1's persistent workers, leaving
-    an epoch early breaks the next one (IndexError in the loader). ``loader.dataset`` wraps ``dataset``: keep
-    your own reference to read ``bad_images``.
+    process. ``loader_workers`` worker processes (``local_processes``: the training processes on this machine),
+    started each epoch: with Paddle 3.3.1's persistent workers, leaving an epoch early breaks the next one
+    (IndexError in the loader); a DatasetError when their batches would not fit in /dev/shm. Batches pass through
+    the dataset's ``on_device``. ``loader.dataset`` wraps ``dataset``: keep your own reference to read
+    ``bad_images``.
     """
     _check_mode(mode)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if multi_process else (0, 1)
     if mode == 'train':
-        batch_sampler = DistributedBatchSampler(dataset, config.DATA.BATCH_SIZE, num_replicas=world_size, rank=rank,
+        batch_size = config.DATA.BATCH_SIZE
+        batch_sampler = DistributedBatchSampler(dataset, batch_size, num_replicas=world_size, rank=rank,
                                                 shuffle=True, drop_last=True)
         if len(batch_sampler) == 0:
             raise DatasetError(f'the train set has {len(dataset)} samples: no full batch of DATA.BATCH_SIZE '
@@ -561,10 +633,15 @@ def get_dataloader(config, dataset: Dataset, mode: str, multi_process: bool = Fa
     elif batch_draws is not None:
         raise ValueError('batch_draws are for training batches only')
     else:
-        batch_sampler = ShardedEvalBatchSampler(len(dataset), config.DATA.BATCH_SIZE_EVAL, rank, world_size)
+        batch_size = config.DATA.BATCH_SIZE_EVAL
+        batch_sampler = ShardedEvalBatchSampler(len(dataset), batch_size, rank, world_size)
+    num_workers = loader_workers(config, local_processes)
+    sample_nbytes = getattr(dataset, 'sample_nbytes', None)
+    if sample_nbytes is not None:
+        check_shared_memory(sample_nbytes * batch_size, num_workers, local_processes)
     collate = _collate_or_failure
     if batch_draws is not None:
         batch_sampler, collate = _DrawingBatchSampler(batch_sampler, batch_draws), _collate_with_extra
     return FailFastDataLoader(_FailureAsSampleDataset(dataset), batch_sampler=batch_sampler,
-                              num_workers=config.DATA.NUM_WORKERS, collate_fn=collate,
-                              worker_init_fn=die_with_parent)
+                              num_workers=num_workers, collate_fn=collate, prefetch_factor=PREFETCH_FACTOR,
+                              worker_init_fn=die_with_parent, on_device=getattr(dataset, 'on_device', None))

@@ -1,9 +1,10 @@
 """Running a trained BEiT outside training: weights into a model, and the two predictors predict.py chooses from.
 
-Both predictors map a batch prepared by ``transforms.get_val_transforms`` (float32 [B, 3, S, S]) to logits
-[B, NUM_CLASSES] as numpy, so the dygraph model and the exported Paddle Inference model see exactly the same
-preprocessing. An exported model is ``PREFIX.json`` + ``PREFIX.pdiparams`` (Paddle 3's PIR format) and
-``PREFIX.yaml``, the config it was exported with: the one place its input size and preprocessing are recorded.
+Both predictors map a batch prepared by ``transforms.get_val_transforms`` then ``host_normalise`` (float32
+[B, 3, S, S]) to logits [B, NUM_CLASSES] as numpy, so the dygraph model and the exported Paddle Inference model
+see exactly the same preprocessing. An exported model is ``PREFIX.json`` + ``PREFIX.pdiparams`` (Paddle 3's PIR
+format) and ``PREFIX.yaml``, the config it was exported with: the one place its input size and preprocessing are
+recorded.
 """
 import contextlib
 import os

@@ -302,7 +302,8 @@ def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
     amp = amp_for(config, logger)
     multi_process = world.size > 1
     val_set, train_set = _datasets(config, world, task)
-    val_loader = get_dataloader(config, val_set, 'val', multi_process) if task.evaluates else None
+    val_loader = (get_dataloader(config, val_set, 'val', multi_process, local_processes=world.local_size)
+                  if task.evaluates else None)
     seed_everything(config.SEED)
     gpu_runtime.set_deterministic(config.DETERMINISTIC, logger)
     model = build_model(config, task, amp)
@@ -316,7 +317,8 @@ def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
             model = decorate_o2(model, amp)
         return Job(config, world, logger, amp, _evaluation_model(config, model), objective, val_set, val_loader,
                    start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch)
-    train_loader = get_dataloader(config, train_set, 'train', multi_process, batch_draws=objective.batch_draws)
+    train_loader = get_dataloader(config, train_set, 'train', multi_process, local_processes=world.local_size,
+                                  batch_draws=objective.batch_draws)
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
     if steps_per_epoch == 0:
         raise DatasetError(f'{len(train_loader)} batches per epoch are fewer than TRAIN.ACCUM_ITER '

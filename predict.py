@@ -32,7 +32,7 @@ from inference import (
     exported_config,
     load_model,
 )
-from transforms import get_val_transforms
+from transforms import get_val_transforms, host_normalise
 
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'imagenet_classes.txt')
 IMAGENET_NUM_CLASSES = 1000
@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     except (ConfigError, WeightsError, ClassNamesError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    paths, arrays, failures = prepare_images(args.images, get_val_transforms(config))
+    val_transform, normalise = get_val_transforms(config), host_normalise(config)
+    paths, arrays, failures = prepare_images(args.images, lambda image: normalise(val_transform(image)))
     for failure in failures:
         print(f'error: cannot read {failure["image"]}: {failure["error"]}', file=sys.stderr)
     results = []

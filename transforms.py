@@ -1,11 +1,12 @@
 """Image pipelines for BEiT fine-tuning, with timm's semantics, and the two-view pipeline of pre-training.
 
-``get_train_transforms`` and ``get_val_transforms`` return callables that take a PIL image of any mode and
-return a normalised float32 CHW numpy array (numpy rather than a Paddle tensor keeps DataLoader workers light).
-Paddle's vision transforms do the crops, flips, resizes, colour jitter and normalisation; RandAugment and
-AutoAugment come from auto_augment.py. ``get_pretrain_transforms`` returns the pair (patch view, tokenizer view)
-of one random crop, as unilm's pre-training does; ``get_linear_probe_transforms`` the crop-and-flip pipeline of
-unilm's linear probing.
+The pipelines run in the DataLoader workers: they take a PIL image of any mode and return a uint8 CHW numpy
+array, a quarter of float32's bytes through shared memory and over the bus. Normalisation (DATA.IMAGENET_MEAN /
+STD) and random erasing happen on the device after the transfer (device_batch.py), as in timm's prefetching
+loader; ``host_normalise`` gives the same float32 values on the host, for prediction and for tests. Paddle's vision
+transforms do the crops, flips, resizes and colour jitter; RandAugment and AutoAugment come from auto_augment.py.
+``get_pretrain_transforms`` returns the pair (patch view, tokenizer view) of one random crop, as unilm's
+pre-training does; ``get_linear_probe_transforms`` the crop-and-flip pipeline of unilm's linear probing.
 """
 import math
 from collections.abc import Callable
@@ -47,9 +48,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 
-def to_chw_float(img: Image.Image) -> np.ndarray:
-    """RGB image as a contiguous CHW float32 array in [0, 1], the input Normalize expects."""
-    return np.ascontiguousarray(np.asarray(img, dtype=np.float32).transpose(2, 0, 1)) / 255
+def to_chw_uint8(img: Image.Image) -> np.ndarray:
+    """RGB image as a contiguous CHW uint8 array: what a loader worker sends."""
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def to_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels as float32 in [0, 1], the input Normalize expects."""
+    return pixels.astype(np.float32) / 255
+
+
+def host_normalise(config) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 CHW (or NCHW) -> float32 normalised with DATA.IMAGENET_MEAN / STD, on the host: the values
+    device_batch.NormaliseAndErase computes on the device."""
+    return T.Compose([to_float, T.Normalize(mean=list(config.DATA.IMAGENET_MEAN), std=list(config.DATA.IMAGENET_STD))])
 
 
 def image_mean_fill(mean) -> tuple:
@@ -82,10 +94,6 @@ def _colour_augmentation(config) -> list:
     return []
 
 
-def _normalise(config) -> list:
-    return [to_chw_float, T.Normalize(mean=list(config.DATA.IMAGENET_MEAN), std=list(config.DATA.IMAGENET_STD))]
-
-
 def _crop_and_flip(config) -> list:
     """RGB, random resized crop to DATA.IMAGE_SIZE (TRAIN.RRC_SCALE, RRC_RATIO), horizontal flip (HFLIP_PROB)."""
     train = config.TRAIN
@@ -97,30 +105,35 @@ def _crop_and_flip(config) -> list:
 
 
 def get_train_transforms(config) -> Callable[[Image.Image], np.ndarray]:
-    """PIL image -> float32 CHW array: random resized crop, flip, colour augmentation, normalise, erase."""
+    """PIL image -> uint8 CHW array: random resized crop, flip, colour augmentation. Random erasing follows
+    on the device (``get_train_erasing``)."""
+    return T.Compose(_crop_and_flip(config) + _colour_augmentation(config) + [to_chw_uint8])
+
+
+def get_train_erasing(config) -> RandomErasing | None:
+    """The random erasing of the fine-tuning train pipeline (TRAIN.RANDOM_ERASE_*), None when it is off."""
     train = config.TRAIN
-    steps = _crop_and_flip(config) + _colour_augmentation(config) + _normalise(config)
-    if train.RANDOM_ERASE_PROB > 0:
-        steps.append(_from_config_key('TRAIN.RANDOM_ERASE_COUNT', RandomErasing, train.RANDOM_ERASE_PROB,
-                                      mode=train.RANDOM_ERASE_MODE, max_count=train.RANDOM_ERASE_COUNT,
-                                      num_splits=2 if train.RANDOM_ERASE_SPLIT else 0))
-    return T.Compose(steps)
+    if train.RANDOM_ERASE_PROB <= 0:
+        return None
+    return _from_config_key('TRAIN.RANDOM_ERASE_COUNT', RandomErasing, train.RANDOM_ERASE_PROB,
+                            mode=train.RANDOM_ERASE_MODE, max_count=train.RANDOM_ERASE_COUNT,
+                            num_splits=2 if train.RANDOM_ERASE_SPLIT else 0)
 
 
 def get_linear_probe_transforms(config) -> Callable[[Image.Image], np.ndarray]:
-    """PIL image -> float32 CHW array for training a linear probe: random resized crop, flip, normalise, and no
-    other augmentation (unilm's run_linear_eval.py)."""
-    return T.Compose(_crop_and_flip(config) + _normalise(config))
+    """PIL image -> uint8 CHW array for training a linear probe: random resized crop, flip, and no other
+    augmentation (unilm's run_linear_eval.py)."""
+    return T.Compose([*_crop_and_flip(config), to_chw_uint8])
 
 
 def get_val_transforms(config) -> Callable[[Image.Image], np.ndarray]:
-    """PIL image -> float32 CHW array: short side to floor(size / crop_pct), center crop, normalise."""
+    """PIL image -> uint8 CHW array: short side to floor(size / crop_pct), center crop."""
     if config.DATA.CROP_PCT <= 0:
         raise ValueError(f'DATA.CROP_PCT must be in (0, 1], got {config.DATA.CROP_PCT}')
     size = config.DATA.IMAGE_SIZE
     steps = [to_rgb, T.Resize(math.floor(size / config.DATA.CROP_PCT), interpolation=config.DATA.INTERPOLATION),
              T.CenterCrop(size)]
-    return T.Compose(steps + _normalise(config))
+    return T.Compose([*steps, to_chw_uint8])
 
 
 class TwoViewResizedCrop(T.RandomResizedCrop):
@@ -153,8 +166,9 @@ class TwoViewTransform:
 
 def get_pretrain_transforms(config) -> TwoViewTransform:
     """unilm's pre-training pipeline: colour augmentation and flip of the whole image, one random resized crop
-    seen at DATA.IMAGE_SIZE (DATA.INTERPOLATION, normalised) and at PRETRAIN.SECOND_INPUT_SIZE
-    (PRETRAIN.SECOND_INTERPOLATION, scaled to [0, 1] then map_pixels, the tokenizer's input range)."""
+    seen at DATA.IMAGE_SIZE (DATA.INTERPOLATION) and at PRETRAIN.SECOND_INPUT_SIZE (PRETRAIN.SECOND_INTERPOLATION),
+    both uint8 CHW; on the device the first is normalised, the second scaled to [0, 1] and map_pixels'd, the
+    tokenizer's input range (device_batch.PretrainingBatch)."""
     train = config.TRAIN
     steps = [to_rgb, *_colour_augmentation(config)]
     if train.HFLIP_PROB > 0:
@@ -163,4 +177,4 @@ def get_pretrain_transforms(config) -> TwoViewTransform:
                                     scale=tuple(train.RRC_SCALE), ratio=tuple(train.RRC_RATIO),
                                     interpolation=config.DATA.INTERPOLATION,
                                     second_interpolation=config.PRETRAIN.SECOND_INTERPOLATION))
-    return TwoViewTransform(T.Compose(steps), T.Compose(_normalise(config)), T.Compose([to_chw_float, map_pixels]))
+    return TwoViewTransform(T.Compose(steps), to_chw_uint8, to_chw_uint8)

@@ -134,6 +134,7 @@ def test_an_old_file_with_a_removed_key_names_the_file_and_the_key(tmp_path, yam
     ('MODEL:\n  DROPPATH: 1.5\n', 'MODEL.DROPPATH must lie in [0, 1]'),
     ('DATA:\n  BATCH_SIZE_EVAL: 0\n', 'DATA.BATCH_SIZE_EVAL must be positive'),
     ('TRAIN:\n  OPTIMIZER:\n    BETAS: [0.9]\n', 'TRAIN.OPTIMIZER.BETAS needs 2 values'),
+    ('DATA:\n  NUM_WORKERS: -2\n', 'DATA.NUM_WORKERS must be a count, or -1 for min(8, cores // processes)'),
 ])
 def test_unusable_values_name_the_key(tmp_path, yaml_text, message):
     with pytest.raises(ConfigError) as err:

@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import paddle
 import pytest
 from PIL import Image
 
@@ -22,15 +23,17 @@ def to_chw(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
 
 
-def resized_chw(img: Image.Image, size: int, sign: float) -> np.ndarray:
-    return sign * to_chw(img.resize((size, size), Image.BILINEAR))
+def resized_chw(img: Image.Image, size: int, halve: bool) -> np.ndarray:
+    """uint8 CHW, as the real transforms give; halved, every value is below 128 (negative once normalised)."""
+    pixels = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1)
+    return pixels // 2 if halve else np.ascontiguousarray(pixels)
 
 
 @pytest.fixture
 def stub_transforms(monkeypatch):
-    """Stand-in transforms: val resizes, train does the same and negates, so tests see which was used."""
-    train = lambda config: partial(resized_chw, size=config.DATA.IMAGE_SIZE, sign=-1.0)  # noqa: E731
-    val = lambda config: partial(resized_chw, size=config.DATA.IMAGE_SIZE, sign=1.0)  # noqa: E731
+    """Stand-in transforms: val resizes, train does the same and halves, so tests see which was used."""
+    train = lambda config: partial(resized_chw, size=config.DATA.IMAGE_SIZE, halve=True)  # noqa: E731
+    val = lambda config: partial(resized_chw, size=config.DATA.IMAGE_SIZE, halve=False)  # noqa: E731
     monkeypatch.setattr(datasets, 'get_train_transforms', train)
     monkeypatch.setattr(datasets, 'get_val_transforms', val)
     return types.SimpleNamespace(get_train_transforms=train, get_val_transforms=val)
@@ -481,10 +484,163 @@ def test_real_transforms_flow_through_the_loaders(tiny_jpegs):
     assert datasets.get_val_transforms is transforms.get_val_transforms
     val_loader = datasets.get_dataloader(config, datasets.get_dataset(config, 'val'), 'val')
     val_images = np.concatenate([x.numpy() for x, _ in val_loader])
-    expected = np.stack([transforms.get_val_transforms(config)(datasets.load_rgb_image(str(p))) for p in paths])
+    expected = transforms.host_normalise(config)(
+        np.stack([transforms.get_val_transforms(config)(datasets.load_rgb_image(str(p))) for p in paths]))
     np.testing.assert_array_equal(val_images, expected)
     train_loader = datasets.get_dataloader(config, datasets.get_dataset(config, 'train'), 'train')
     assert [tuple(x.shape) for x, _ in train_loader] == [(2, 3, 16, 16)] * 3
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _todays_to_chw_float(img: Image.Image) -> np.ndarray:
+    """What the pipelines ended with before the workers sent uint8 (transforms.to_chw_float of before)."""
+    return np.ascontiguousarray(np.asarray(img, dtype=np.float32).transpose(2, 0, 1)) / 255
+
+
+def _todays_float_pipeline(pipeline, config):
+    """The pipeline as it was before the workers sent uint8: its steps, then float32 / 255 and Normalize."""
+    normalize = transforms.T.Normalize(mean=list(config.DATA.IMAGENET_MEAN), std=list(config.DATA.IMAGENET_STD))
+    return transforms.T.Compose([*pipeline.transforms[:-1], _todays_to_chw_float, normalize])
+
+
+def _epoch(loader, prepare: bool) -> list:
+    """The batches of epoch 3 (a train sampler moves to the next epoch after each pass)."""
+    if hasattr(loader.batch_sampler, 'set_epoch'):
+        loader.batch_sampler.set_epoch(3)
+    on_device = loader.on_device
+    loader.on_device = on_device if prepare else None
+    try:
+        return [[field.numpy() for field in batch] for batch in read_all(loader)]
+    finally:
+        loader.on_device = on_device
+
+
+def _read_raw_and_prepared(loader) -> tuple[list, list]:
+    """The epoch's batches as the workers send them, then as the loader yields them (same epoch, same draws)."""
+    return _epoch(loader, prepare=False), _epoch(loader, prepare=True)
+
+
+def _epoch_indices(loader) -> list[int]:
+    if hasattr(loader.batch_sampler, 'set_epoch'):
+        loader.batch_sampler.set_epoch(3)
+    return [index for batch in loader.batch_sampler for index in batch]
+
+
+def _labelled_loader(tiny_jpegs, mode: str, num_workers: int, **train):
+    folder, paths = tiny_jpegs
+    lines = [f'{path.relative_to(folder)} {index % 3}' for index, path in enumerate(paths)]
+    write_list(folder / 'val_list.txt', lines)
+    write_list(folder / 'train_list.txt', lines)
+    config = make_config(folder, BATCH_SIZE=2, BATCH_SIZE_EVAL=3, IMAGE_SIZE=16, NUM_WORKERS=num_workers,
+                         IMAGENET_MEAN=IMAGENET_MEAN, IMAGENET_STD=IMAGENET_STD)
+    config.TRAIN.update(train)
+    dataset = datasets.get_dataset(config, mode)
+    dataset.reseed(7)
+    return config, dataset, datasets.get_dataloader(config, dataset, mode)
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+@pytest.mark.parametrize('mode', ['train', 'val'])
+def test_workers_send_uint8_and_the_batch_equals_todays_float_batch(tiny_jpegs, mode, num_workers):
+    """Random erasing off (RandAugment on for train): the batch leaving the workers is uint8, and the loader's
+    batch, normalised after the transfer, equals bit for bit what the float32 pipeline of before gave each sample
+    with the same per-sample seeds; the host normalisation (prediction) gives the same values."""
+    config, dataset, loader = _labelled_loader(tiny_jpegs, mode, num_workers, RANDOM_ERASE_PROB=0.0)
+    assert config.TRAIN.RAND_AUGMENT and dataset.erasing is None
+    raw, prepared = _read_raw_and_prepared(loader)
+    assert all(len(batch) == 2 and batch[0].dtype == np.uint8 and batch[1].dtype == np.int64 for batch in raw)
+    images = np.concatenate([batch[0] for batch in prepared])
+    assert images.dtype == np.float32
+    np.testing.assert_array_equal(images, transforms.host_normalise(config)(np.concatenate([b[0] for b in raw])))
+    todays = _todays_float_pipeline(dataset.transform, config)
+    expected = []
+    for index in _epoch_indices(loader):
+        dataset._seed_draws(index)
+        expected.append(todays(dataset._first_decodable(index)[0]))
+    np.testing.assert_array_equal(images, np.stack(expected))
+    assert [b[1].tolist() for b in prepared] == [b[1].tolist() for b in raw]
+
+
+def test_erasing_boxes_travel_with_the_batch_and_do_not_depend_on_the_workers(tiny_jpegs):
+    """Random erasing on: each sample ships its boxes (int64 [count, 5], drawn in the worker from the sample's
+    seed), the device erases exactly those boxes of the normalised images, and the batches are the same with
+    0 and 2 workers."""
+    settings = {'RANDOM_ERASE_PROB': 1.0, 'RANDOM_ERASE_COUNT': 2, 'RANDOM_ERASE_MODE': 'pixel'}
+    results = []
+    for num_workers in (0, 2):
+        config, dataset, loader = _labelled_loader(tiny_jpegs, 'train', num_workers, **settings)
+        results.append(_read_raw_and_prepared(loader))
+    (raw, prepared), (raw_workers, prepared_workers) = results
+    for ours, theirs in zip(raw + prepared, raw_workers + prepared_workers):
+        assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+    for (images, labels, boxes), (erased, erased_labels) in zip(raw, prepared):
+        assert boxes.dtype == np.int64 and boxes.shape == (2, 2, 5) and (boxes[:, 0, 2] > 0).all()
+        clean = transforms.host_normalise(config)(images)
+        inside = np.zeros((len(images), 16, 16), dtype=bool)
+        for index, rows in enumerate(boxes):
+            for top, left, height, width, _ in rows:
+                inside[index, top:top + height, left:left + width] = True
+        assert np.array_equal((erased != clean).any(axis=1), inside) and np.array_equal(labels, erased_labels)
+        np.testing.assert_array_equal(erased, dataset.erasing.apply(paddle.to_tensor(clean),
+                                                                    paddle.to_tensor(boxes)).numpy())
+
+
+def _fake_statvfs(size_mib: int, free_mib: int):
+    block = 4096
+    return lambda path: types.SimpleNamespace(f_frsize=block, f_blocks=size_mib * 2 ** 20 // block,
+                                              f_bavail=free_mib * 2 ** 20 // block)
+
+
+def test_shared_memory_too_small_for_the_batches_is_a_clear_error(tiny_jpegs, monkeypatch):
+    """Docker's default 64 MB /dev/shm: a batch of 256 at 224 px weighs 36.8 MiB in uint8 (147 MiB in float32 of
+    before); 2 workers keep 4 in flight. The error names /dev/shm, its size, the batch and the fixes; 0 workers
+    (no shared memory) or enough of it pass."""
+    folder, paths = tiny_jpegs
+    write_list(folder / 'val_list.txt', [f'{path.relative_to(folder)} 0' for path in paths])
+    config = make_config(folder, BATCH_SIZE_EVAL=256, IMAGE_SIZE=224, NUM_WORKERS=2)
+    dataset = datasets.get_dataset(config, 'val')
+    assert dataset.sample_nbytes == 3 * 224 * 224 + 8
+    monkeypatch.setattr(datasets.os.path, 'isdir', lambda path: path == '/dev/shm')
+    monkeypatch.setattr(datasets.os, 'statvfs', _fake_statvfs(64, 60))
+    with pytest.raises(DatasetError) as info:
+        datasets.get_dataloader(config, dataset, 'val')
+    assert str(info.value) == (
+        '/dev/shm is too small for the data loader: 64 MiB (60 MiB free); 1 process(es) x 2 worker(s) x 2 batches '
+        'of 36.8 MiB need 147 MiB, and at most 50% of the free space is used. Fix: fewer workers '
+        '(DATA.NUM_WORKERS), a smaller batch (DATA.BATCH_SIZE / BATCH_SIZE_EVAL), or more shared memory '
+        '(docker run --shm-size=8g)')
+    with pytest.raises(DatasetError, match=r'4 process\(es\) x 2 worker\(s\) x 2 batches of 36.8 MiB need 588 MiB'):
+        datasets.get_dataloader(config, dataset, 'val', local_processes=4)
+    monkeypatch.setattr(datasets.os, 'statvfs', _fake_statvfs(8192, 8000))
+    datasets.get_dataloader(config, dataset, 'val', local_processes=4)
+    monkeypatch.setattr(datasets.os, 'statvfs', _fake_statvfs(64, 60))
+    config.DATA.NUM_WORKERS = 0
+    datasets.get_dataloader(config, dataset, 'val')
+
+
+def test_pretraining_and_erasing_samples_weigh_what_they_carry(tmp_path, tiny_jpegs):
+    folder, paths = tiny_jpegs
+    write_list(folder / 'train_list.txt', [f'{path.relative_to(folder)} 0' for path in paths])
+    config = make_config(folder)
+    config.TRAIN.RANDOM_ERASE_COUNT = 3
+    dataset = datasets.get_dataset(config, 'train')
+    assert dataset.sample_nbytes == sum(field.nbytes for field in dataset[0]) == 3 * 8 * 8 + 8 + 3 * 5 * 8
+    config = pretraining_config(folder)
+    dataset = datasets.get_pretraining_dataset(config)
+    assert dataset.sample_nbytes == sum(field.nbytes for field in dataset[0]) == 3 * 16 * 16 + 3 * 32 * 32 + 16
+
+
+@pytest.mark.parametrize(('setting', 'cores', 'processes', 'workers'), [
+    (-1, 16, 1, 8), (-1, 16, 4, 4), (-1, 6, 4, 1), (-1, 2, 1, 2), (3, 16, 1, 3), (0, 16, 1, 0), (12, 2, 2, 12)])
+def test_loader_workers_scale_with_the_cores_per_process_unless_set(setting, cores, processes, workers,
+                                                                    monkeypatch):
+    monkeypatch.setattr(datasets.os, 'sched_getaffinity', lambda pid: set(range(cores)))
+    config = get_config()
+    assert config.DATA.NUM_WORKERS == -1  # the default
+    config.DATA.NUM_WORKERS = setting
+    assert datasets.loader_workers(config, processes) == workers
 
 
 @pytest.mark.parametrize('num_workers', [0, 2])
@@ -494,6 +650,7 @@ def test_real_jpeg_list_set_loads_through_the_loaders(tiny_jpegs, stub_transform
     write_list(folder / 'val_list.txt', [f'{path} {index % 3}' for index, path in enumerate(relative)])
     write_list(folder / 'train_list.txt', [f'{path} {index % 3}' for index, path in enumerate(relative)])
     config = make_config(folder, NUM_WORKERS=num_workers, BATCH_SIZE=3, BATCH_SIZE_EVAL=3, BAD_IMAGE_POLICY='skip')
+    config.TRAIN.RANDOM_ERASE_PROB = 0.0  # its noise could be positive
 
     val_set = datasets.get_dataset(config, 'val')
     assert (len(val_set), val_set.bad_image_policy, val_set.source) == (7, 'skip', str(folder / 'val_list.txt'))
@@ -502,12 +659,13 @@ def test_real_jpeg_list_set_loads_through_the_loaders(tiny_jpegs, stub_transform
     assert np.concatenate(labels).tolist() == [index % 3 for index in range(7)]
     for image, path in zip(np.concatenate(images), paths):
         with Image.open(path) as img:
-            np.testing.assert_array_equal(image, resized_chw(img.convert('RGB'), 8, 1.0))
+            np.testing.assert_array_equal(image, transforms.host_normalise(config)(resized_chw(img.convert('RGB'), 8,
+                                                                                              halve=False)))
 
     train_set = datasets.get_dataset(config, 'train')
     train_batches = [(x.numpy(), y.numpy()) for x, y in datasets.get_dataloader(config, train_set, 'train')]
     assert [x.shape for x, _ in train_batches] == [(3, 3, 8, 8)] * 2
-    assert (np.concatenate([x for x, _ in train_batches]) <= 0).all()  # the train transform (negated) was used
+    assert (np.concatenate([x for x, _ in train_batches]) < 0).all()  # the train transform (halved) was used
     assert val_set.bad_images == train_set.bad_images == 0
 
 
@@ -544,6 +702,34 @@ def test_pretraining_set_gives_two_views_and_a_mask_and_ignores_labels(tmp_path,
     masks = np.concatenate([batch[2] for batch in batches])
     assert len({mask.tobytes() for mask in masks}) > 4  # a new mask per sample
     assert dataset.bad_images == 1
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_pretraining_workers_send_uint8_views_and_the_batch_equals_todays(tiny_jpegs, num_workers):
+    """Both views leave the workers as uint8; after the transfer the patch view is normalised and the tokenizer
+    view scaled and map_pixels'd, bit for bit what the float32 pipeline of before gave with the same seeds."""
+    folder, paths = tiny_jpegs
+    write_list(folder / 'train_list.txt', [f'{path.relative_to(folder)} 0' for path in paths])
+    config = pretraining_config(folder, BATCH_SIZE=3, NUM_WORKERS=num_workers, IMAGENET_MEAN=IMAGENET_MEAN,
+                                IMAGENET_STD=IMAGENET_STD)
+    dataset = datasets.get_pretraining_dataset(config)
+    dataset.reseed(5)
+    loader = datasets.get_dataloader(config, dataset, 'train')
+    raw, prepared = _read_raw_and_prepared(loader)
+    assert all(batch[0].dtype == batch[1].dtype == np.uint8 for batch in raw)
+    normalize = transforms.T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    todays = transforms.TwoViewTransform(dataset.transform.shared,
+                                         transforms.T.Compose([_todays_to_chw_float, normalize]),
+                                         transforms.T.Compose([_todays_to_chw_float, transforms.map_pixels]))
+    expected = []
+    for index in _epoch_indices(loader):
+        dataset._seed_draws(index)
+        expected.append(todays(dataset._first_decodable(index)[0]))
+    for field in (0, 1):
+        views = np.concatenate([batch[field] for batch in prepared])
+        assert views.dtype == np.float32
+        np.testing.assert_array_equal(views, np.stack([pair[field] for pair in expected]))
+    np.testing.assert_array_equal(np.concatenate([b[2] for b in prepared]), np.concatenate([b[2] for b in raw]))
 
 
 def test_pretraining_reads_image_folders_with_any_class_count(tmp_path, tiny_jpegs):

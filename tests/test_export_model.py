@@ -15,14 +15,14 @@ from datasets import load_rgb_image
 from export_model import main
 from inference import DygraphPredictor, ExportedPredictor, WeightsError, load_model
 from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
-from transforms import get_val_transforms
+from transforms import get_val_transforms, host_normalise
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
 
 
 def photo_batch(paths, config) -> np.ndarray:
     transform = get_val_transforms(config)
-    return np.stack([transform(load_rgb_image(str(path))) for path in paths])
+    return host_normalise(config)(np.stack([transform(load_rgb_image(str(path))) for path in paths]))
 
 
 def export(tmp_path, weights: str, *extra) -> str:

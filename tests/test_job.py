@@ -2,6 +2,8 @@
 weights, -amp on CPU, a diverged run stopping after its last good checkpoint."""
 import json
 import logging
+import os
+import types
 
 import numpy as np
 import paddle
@@ -9,6 +11,7 @@ import pytest
 from paddle.utils import unique_name
 
 import cli
+import datasets
 import job
 import main_single_gpu
 from beit import build_beit, relative_position_index
@@ -81,6 +84,20 @@ BAD_INPUTS = {
         'head.weight [96, 5] holds 5 classes, the model 10 classes (MODEL.NUM_CLASSES): evaluating it would '
         'evaluate a random head'),
 }
+
+
+def test_shared_memory_too_small_stops_the_run_before_it_starts(data, tmp_path, monkeypatch, capsys):
+    """A stand-in /dev/shm with 1 MiB free: the loader's batches would not fit, so the run exits 2 naming /dev/shm
+    before any output exists (instead of a worker's bus error mid-epoch)."""
+    is_folder = os.path.isdir
+    monkeypatch.setattr(datasets.os.path, 'isdir', lambda path: path == '/dev/shm' or is_folder(path))
+    monkeypatch.setattr(datasets.os, 'statvfs', lambda path: types.SimpleNamespace(f_frsize=4096, f_blocks=16384,
+                                                                                   f_bavail=256))
+    output = tmp_path / 'out'
+    code = main_single_gpu.main(args(data, output, opts=['DATA.NUM_WORKERS', '2', 'DATA.BATCH_SIZE_EVAL', '256']))
+    assert code == cli.EXIT_BAD_INPUT
+    assert '/dev/shm is too small for the data loader: 64 MiB (1 MiB free)' in capsys.readouterr().err
+    assert not output.exists()
 
 
 @pytest.mark.parametrize('case', list(BAD_INPUTS))

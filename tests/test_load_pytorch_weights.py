@@ -32,7 +32,7 @@ from timm_reference import (
     torch_state_dict,
     unilm_state_dict,
 )
-from transforms import get_val_transforms
+from transforms import get_val_transforms, host_normalise
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
 
@@ -105,7 +105,7 @@ def test_beitv2_files_of_unilm_and_timm_give_timms_logits(tmp_path, photos, timm
         other = _converted_file(tmp_path, torch_state_dict(reference), fmt, model)
         assert other.keys() == weights.keys() and all(np.array_equal(other[k], weights[k]) for k in weights), fmt
     model.set_state_dict({name: paddle.to_tensor(value) for name, value in weights.items()})
-    images = np.stack([get_val_transforms(config)(photo) for photo in photos[:batch_size]])
+    images = host_normalise(config)(np.stack([get_val_transforms(config)(photo) for photo in photos[:batch_size]]))
     assert logits_difference(reference, model, images, tokens=False) <= TOLERANCE
 
 

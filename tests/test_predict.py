@@ -11,7 +11,7 @@ from conftest import ROOT
 from datasets import load_rgb_image
 from inference import DygraphPredictor, bf16_supported, load_model
 from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
-from transforms import get_val_transforms
+from transforms import get_val_transforms, host_normalise
 
 FP32_TOLERANCE = 1e-4  # max abs logit difference, dygraph vs exported fp32
 BF16_RELATIVE_TOLERANCE = 0.02  # max abs logit difference / max abs logit, dygraph vs exported bf16
@@ -157,7 +157,8 @@ def test_the_configs_normalisation_prepares_the_input_of_both_predictors(capsys,
     dygraph = run_json(capsys, '-cfg', cfg_file, '-pretrained', weights, '-topk', num_classes, *photo_paths)
     exported = run_json(capsys, '-inference_model', prefix, '-topk', num_classes, *photo_paths)
     unnormalised = tiny_config('DATA.IMAGENET_MEAN', '[0.0, 0.0, 0.0]', 'DATA.IMAGENET_STD', '[1.0, 1.0, 1.0]')
-    pixels = np.stack([get_val_transforms(unnormalised)(load_rgb_image(str(path))) for path in photo_paths])
+    pixels = host_normalise(unnormalised)(np.stack([get_val_transforms(unnormalised)(load_rgb_image(str(path)))
+                                                    for path in photo_paths]))
     predictor = DygraphPredictor(load_model(tiny_config(), weights)[0])
     expected = predictor(normalised(pixels, IMAGENET_MEAN, IMAGENET_STD))
     np.testing.assert_allclose(all_logits(dygraph, num_classes), expected, rtol=0, atol=1e-5)

@@ -1,4 +1,5 @@
-"""transforms.py against timm 1.0.31: the eval pipeline, the train pipeline and image modes."""
+"""transforms.py against timm 1.0.31: the eval pipeline, the train pipeline and image modes. Our pipelines give
+uint8 images (normalised on the device after the loader); they are compared with timm's after normalisation."""
 import pickle
 
 import numpy as np
@@ -12,6 +13,7 @@ from timm.data import auto_augment as timm_aa
 from timm.data import create_transform, resolve_data_config
 
 import auto_augment as aa
+import device_batch
 import transforms as tr
 from config import get_config
 from conftest import ROOT
@@ -58,15 +60,15 @@ def test_eval_transform_equals_timm(config_file, model_name, photos, tmp_path):
     assert (model_cfg['crop_pct'], model_cfg['interpolation']) == (config.DATA.CROP_PCT, config.DATA.INTERPOLATION)
     assert model_cfg['mean'] == tuple(config.DATA.IMAGENET_MEAN) and model_cfg['std'] == tuple(config.DATA.IMAGENET_STD)
     theirs = create_transform(**model_cfg, is_training=False)
-    ours = tr.get_val_transforms(config)
+    ours, normalise = tr.get_val_transforms(config), tr.host_normalise(config)
     size = config.DATA.IMAGE_SIZE
     checked = 0
     for index, photo in enumerate(photos):
         for image in [photo, *_mode_variants(photo, tmp_path, f'photo{index}')]:
             expected = theirs(image.convert('RGB'))  # timm's loader converts every image to RGB first
-            result = ours(image)
-            assert result.shape == (3, size, size)
-            assert _max_diff(result, expected) <= 1e-6, (index, image.mode)
+            pixels = ours(image)
+            assert pixels.shape == (3, size, size) and pixels.dtype == np.uint8
+            assert _max_diff(normalise(pixels), expected) <= 1e-6, (index, image.mode)
             checked += 1
     assert checked == 4 * len(photos)
 
@@ -179,7 +181,17 @@ def test_train_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r'TRAIN\.RAND_AUGMENT and TRAIN\.AUTO_AUGMENT are both on'):
         tr.get_train_transforms(_small_config(AUTO_AUGMENT=True))
     with pytest.raises(ValueError, match=r'^TRAIN\.RANDOM_ERASE_COUNT: .*min_count <= max_count'):
-        tr.get_train_transforms(_small_config(RANDOM_ERASE_COUNT=0))
+        tr.get_train_erasing(_small_config(RANDOM_ERASE_COUNT=0))
+
+
+def test_train_erasing_follows_the_config():
+    """The random erasing of the train pipeline (drawn in the worker, applied on the device): timm's settings for
+    BEiT from the TRAIN.RANDOM_ERASE_* keys, none at probability 0."""
+    erasing = tr.get_train_erasing(_small_config(RANDOM_ERASE_MODE='rand', RANDOM_ERASE_COUNT=3,
+                                                 RANDOM_ERASE_SPLIT=True))
+    assert (erasing.probability, erasing.mode, erasing.min_count, erasing.max_count, erasing.num_splits) == \
+           (0.25, 'rand', 1, 3, 2)
+    assert tr.get_train_erasing(_small_config(RANDOM_ERASE_PROB=0.0)) is None
 
 
 @pytest.mark.parametrize('cfg_name', [None, 'beitv2_base_patch16_224_pt1k_ft1k.yaml'])
@@ -193,7 +205,9 @@ def test_train_transform_without_augmentation_is_deterministic(photos, cfg_name)
                                HFLIP_PROB=1.0, RANDOM_ERASE_PROB=0.0, RRC_SCALE=[1.0, 1.0], RRC_RATIO=[ratio, ratio])
         config.DATA.IMAGE_SIZE = 224
         mean, std = tuple(config.DATA.IMAGENET_MEAN), tuple(config.DATA.IMAGENET_STD)
-        result = tr.get_train_transforms(config)(photo)
+        pixels_out = tr.get_train_transforms(config)(photo)
+        assert pixels_out.dtype == np.uint8
+        result = tr.host_normalise(config)(pixels_out)
         flipped = photo.resize((224, 224), BICUBIC).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = np.asarray(flipped, dtype=np.float32).transpose(2, 0, 1) / 255
         reference = (pixels - np.reshape(mean, (3, 1, 1))) / np.reshape(std, (3, 1, 1))
@@ -218,8 +232,8 @@ def test_train_transform_runs_on_all_modes(settings, small_photos):
     for image in images:
         for _ in range(5):
             result = pipeline(image)
-            assert isinstance(result, np.ndarray) and result.dtype == np.float32, image.mode
-            assert result.shape == (3, 64, 64) and result.flags.c_contiguous and np.isfinite(result).all()
+            assert isinstance(result, np.ndarray) and result.dtype == np.uint8, image.mode
+            assert result.shape == (3, 64, 64) and result.flags.c_contiguous
 
 
 def test_train_transform_survives_pickling(small_photos):
@@ -267,8 +281,10 @@ def test_pretrain_views_show_the_same_flipped_region_in_their_ranges(flip):
         seed_all(seed)
         patch_view, tokenizer_view = transform(image)
         assert patch_view.shape == (3, 64, 64) and tokenizer_view.shape == (3, 32, 32)
-        assert patch_view.dtype == tokenizer_view.dtype == np.float32
-        pixels = patch_view * 0.5 + 0.5  # normalised with mean = std = 0.5
+        assert patch_view.dtype == tokenizer_view.dtype == np.uint8
+        pixels = patch_view / 255
+        tokenizer_view = device_batch.tokenizer_input(paddle.to_tensor(tokenizer_view[None])).numpy()[0]
+        assert tokenizer_view.dtype == np.float32
         tokenizer_pixels = (tokenizer_view - 0.1) / 0.8  # transforms.map_pixels: (1 - 2 * 0.1) x + 0.1
         assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
         assert tokenizer_view.min() >= 0.1 - 1e-6 and tokenizer_view.max() <= 0.9 + 1e-6
