@@ -457,7 +457,7 @@ def get_pretraining_dataset(config) -> MaskedImageDataset:
     samples, source = _checked_samples(config, 'train', num_classes=None)
     grid = config.DATA.IMAGE_SIZE // config.MODEL.PATCH_SIZE
     nbytes = (_image_nbytes(config.DATA.IMAGE_SIZE) + _image_nbytes(config.PRETRAIN.SECOND_INPUT_SIZE)
-              + grid * grid)  # the bool mask
+              + grid * grid + np.dtype(np.int64).itemsize * config.PRETRAIN.NUM_MASK_PATCHES)  # mask, positions
     return MaskedImageDataset(samples, get_pretrain_transforms(config), build_mask_generator(config),
                               config.DATA.BAD_IMAGE_POLICY, source,
                               on_device=PretrainingBatch(NormaliseAndErase.from_config(config)), sample_nbytes=nbytes)

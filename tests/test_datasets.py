@@ -629,7 +629,8 @@ def test_pretraining_and_erasing_samples_weigh_what_they_carry(tmp_path, tiny_jp
     assert dataset.sample_nbytes == sum(field.nbytes for field in dataset[0]) == 3 * 8 * 8 + 8 + 3 * 5 * 8
     config = pretraining_config(folder)
     dataset = datasets.get_pretraining_dataset(config)
-    assert dataset.sample_nbytes == sum(field.nbytes for field in dataset[0]) == 3 * 16 * 16 + 3 * 32 * 32 + 16
+    assert dataset.sample_nbytes == sum(field.nbytes for field in dataset[0]) == (
+        3 * 16 * 16 + 3 * 32 * 32 + 16 + 8 * config.PRETRAIN.NUM_MASK_PATCHES)  # views, mask, masked positions
 
 
 @pytest.mark.parametrize(('setting', 'cores', 'processes', 'workers'), [
