@@ -16,6 +16,7 @@ import main_pretrain
 from config import get_config, merge_opts
 from conftest import assert_reads_as_paddle_load
 from datasets import get_pretraining_dataset
+from device_batch import tokenizer_input
 from engine import World
 from task_finetune import FINE_TUNING
 from task_pretrain import build_tokenizer_for
@@ -68,13 +69,14 @@ def pretrain_run(demo_subset, tmp_path_factory):
 def best_constant_guess(data, samples=320) -> tuple[float, float]:
     """What a model blind to the image reaches: (MLM accuracy of always naming the commonest visual token, loss of
     always predicting the token frequencies, i.e. their entropy), measured with the run's tokenizer (random
-    weights seeded by SEED) on freshly augmented samples."""
+    weights seeded by SEED) on freshly augmented samples (uint8 views, scaled as the loader does after the
+    transfer)."""
     config = get_config(PRETRAIN_CONFIG)
     merge_opts(config, ['DATA.DATA_PATH', str(data)])
     dataset, tokenizer = get_pretraining_dataset(config), build_tokenizer_for(config)
     seed_everything(1)
     _, tokenizer_views, masks, _ = (np.stack(part) for part in zip(*(dataset[i] for i in range(samples))))
-    ids = tokenizer.get_codebook_indices(paddle.to_tensor(tokenizer_views)).numpy()
+    ids = tokenizer.get_codebook_indices(tokenizer_input(paddle.to_tensor(tokenizer_views))).numpy()
     frequencies = np.bincount(ids[masks]) / masks.sum()
     frequencies = frequencies[frequencies > 0]
     return frequencies.max(), -(frequencies * np.log(frequencies)).sum()
