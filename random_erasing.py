@@ -21,6 +21,7 @@ _SEED_LIMIT = 2 ** 31
 # A 32-bit integer mixer: xorshift, multiply, xorshift, multiply, xorshift (the constants of one of Wellons'
 # hash-prospector functions). Multipliers below 2^31 keep every product of a 32-bit value inside int64.
 _MIXER = ((15, 0x2C1B3C6D), (12, 0x297A2D39), (15, None))
+UNIFORM_BITS = 23  # of a hash, per standard-normal value (normal_from_bits)
 
 
 def _constant(value: int) -> paddle.Tensor:
@@ -39,10 +40,18 @@ def hash32(x: paddle.Tensor) -> paddle.Tensor:
 
 def standard_normal(seeds: paddle.Tensor, counters: paddle.Tensor) -> paddle.Tensor:
     """float32 standard-normal values, one per (seed, counter) pair (broadcast; int64 seeds in [0, 2^31),
-    counters in [0, 2^32)): the top 24 bits of hash32(hash32(seed) ^ counter) give u uniform in (0, 1), and the
-    value is sqrt(2) erfinv(2u - 1). The same pair gives the same value on every device; |values| < 5.4."""
-    bits = paddle.bitwise_right_shift(hash32(paddle.bitwise_xor(hash32(seeds), counters)), _constant(8))
-    uniform = (bits.astype('float32') + 0.5) / 2 ** 24
+    counters in [0, 2^32)): the top UNIFORM_BITS bits of hash32(hash32(seed) ^ counter) give them. The same pair
+    gives the same value on every device."""
+    bits = paddle.bitwise_right_shift(hash32(paddle.bitwise_xor(hash32(seeds), counters)),
+                                      _constant(32 - UNIFORM_BITS))
+    return normal_from_bits(bits)
+
+
+def normal_from_bits(bits: paddle.Tensor) -> paddle.Tensor:
+    """sqrt(2) erfinv(2u - 1) with u = (bits + 0.5) / 2^UNIFORM_BITS, uniform in (0, 1) for bits in
+    [0, 2^UNIFORM_BITS). With 23 bits every u and 2u - 1 is exact in float32 and |2u - 1| <= 1 - 2^-23, so every
+    value is finite (|values| < 5.3); with 24 bits the largest u rounds to 1.0 and erfinv gives inf."""
+    uniform = (bits.astype('float32') + 0.5) / 2 ** UNIFORM_BITS
     return math.sqrt(2) * paddle.erfinv(2 * uniform - 1)
 
 
