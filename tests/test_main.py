@@ -17,6 +17,7 @@ import numpy as np
 import paddle
 import pytest
 
+from procs import descendants
 from tiny_data import TINY_CONFIG, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,24 +322,6 @@ def wait_for_line(process, log, line, timeout=120):
         assert process.poll() is None, 'the run ended before the line'
         assert time.time() < deadline, f'no "{line}" in {log}'
         time.sleep(0.05)
-
-
-def _children(pid) -> list[int]:
-    """The child pids of every thread of ``pid``; a thread or process that ended meanwhile has none."""
-    found = []
-    try:
-        for task in Path(f'/proc/{pid}/task').iterdir():
-            found += map(int, (task / 'children').read_text().split())
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return found
-
-
-def descendants(pid):
-    found = []
-    for child in _children(pid):
-        found += [child, *descendants(child)]
-    return found
 
 
 def alive(pid):
