@@ -17,10 +17,11 @@ import numpy as np
 import paddle
 import pytest
 
+from helpers import ROOT, TINY_CONFIG
 from procs import descendants
-from tiny_data import TINY_CONFIG, write_dataset
+from tiny_data import write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test runs the scripts in subprocesses
 NUM_VAL = 37  # divisible neither by 2 processes nor by the eval batch of 8
 # The scripts share the cores between their processes; an OMP_NUM_THREADS above 1 would override that.
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PATH': f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'}
