@@ -22,6 +22,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from procs import children
+
 IMAGENET_TRAIN, IMAGENET_VAL, IMAGENET_CLASSES = 1_281_167, 50_000, 1000
 STEP_LINE = re.compile(r' step (\d+)/')
 
@@ -59,21 +61,10 @@ def ensure_dataset(root: str, num_train: int, num_val: int, classes: int) -> Non
     print(f'built {num_train} + {num_val} images in {classes} classes under {root} in {time.time() - start:.0f} s')
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f'/proc/{pid}/task'):
-        try:
-            with open(f'/proc/{pid}/task/{task}/children') as f:
-                found += [int(child) for child in f.read().split()]
-        except OSError:
-            pass
-    return found
-
-
 def process_tree(pid: int, depth: int = 0) -> list[tuple[int, int]]:
     """(pid, depth) of ``pid`` and its descendants, parents first."""
     tree = [(pid, depth)]
-    for child in _children(pid):
+    for child in children(pid):
         tree += process_tree(child, depth + 1)
     return tree
 

@@ -357,6 +357,24 @@ def open_output(job: Job) -> None:
                         f'superseded; {moved} metrics lines of them moved to {run_folder.SUPERSEDED_FILE}')
     if job.param_settings is not None:
         write_json(os.path.join(folder, 'param_groups.json'), job.param_settings)
+    _republish_best(job)
+
+
+def _republish_best(job: Job) -> None:
+    """A run killed between its epoch checkpoint and checkpoint-best.pdparams left an older best file, while that
+    checkpoint records its own epoch as the best: resuming from it publishes it again. (Publishing the best first
+    would instead lose the older best's weights, which only the best file may hold, when the kill comes between.)"""
+    best, path = job.best, job.last_checkpoint
+    if best is None or best['epoch'] != job.start_epoch:  # no -resume, or the file was written before it
+        return
+    folder = job.config.SAVE
+    best_path = os.path.join(folder, BEST_CHECKPOINT)
+    if not os.path.samefile(os.path.dirname(os.path.abspath(path)), folder):
+        return  # resumed into another folder, which holds no best file of that run
+    if os.path.exists(best_path) and os.path.samefile(path, best_path):
+        return  # the best file is that checkpoint already (a hard link of it, or -resume named it)
+    publish_copy(path, best_path)
+    job.logger.info(f'saved {best_path} again from {path}, the epoch {best["epoch"]} it records as the best')
 
 
 def _bad_images(job: Job, dataset) -> int:

@@ -16,7 +16,7 @@ import beit
 import cpu_ops
 from beit import build_beit, layer_id_for_lr_decay, lr_scale_for_param, relative_position_index, resolve_block_indices
 from config import get_config
-from conftest import ROOT
+from helpers import ROOT
 from inference import BlockFeatures
 from load_pytorch_weights import convert_state_dict
 from timm_reference import TINY, config_for, logits_difference, random_batch, timm_model
@@ -276,6 +276,7 @@ def _train_two_steps(rank: int, world_size: int, recompute: bool, output: str) -
         paddle.save(model.state_dict(), output)
 
 
+@pytest.mark.slow
 def test_recompute_with_two_processes_trains_as_one_process(tmp_path):
     """DataParallel's reducer and reentrant (PyLayer) recompute fail together ("has been ready before")."""
     _train_two_steps(0, 1, recompute=False, output=str(tmp_path / 'one.pdparams'))

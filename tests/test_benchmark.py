@@ -2,8 +2,12 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+
 from cpu_runtime import cpu_vendor
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow  # benchmark.py in subprocesses
 
 
 def test_every_path_runs_and_is_reported():

@@ -8,7 +8,7 @@ import torch
 
 import benchmark
 from config import get_config
-from conftest import ROOT
+from helpers import ROOT
 
 MIB = 2 ** 20
 TINY = str(ROOT / 'configs' / 'beit_tiny_patch4_32.yaml')

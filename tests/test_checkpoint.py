@@ -17,11 +17,10 @@ from checkpoint import (
     weights_digest,
 )
 from config import get_config
-from conftest import ROOT
 from gpu_runtime import O2_FLOAT32_LAYERS
+from helpers import ROOT, TINY_CONFIG
 from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer, float32_weights
-from tiny_data import TINY_CONFIG
 
 
 def tiny(**model):

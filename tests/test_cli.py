@@ -7,9 +7,8 @@ import pytest
 from beit import build_beit
 from cli import build_arg_parser, update_config
 from config import ConfigError, get_config
-from conftest import ROOT
+from helpers import ROOT, TINY_CONFIG
 from task_finetune import FINE_TUNING
-from tiny_data import TINY_CONFIG
 
 
 def parse(*argv):

@@ -8,7 +8,7 @@ from yacs.config import CfgNode
 
 from cli import update_config
 from config import ConfigError, get_config, validate_pretraining_config
-from conftest import ROOT
+from helpers import ROOT
 from test_cli import parse
 
 CONFIGS = sorted(glob.glob(str(ROOT / 'configs' / '*.yaml')))

@@ -7,7 +7,7 @@ import cpu_runtime
 from beit import build_beit
 from beit_pretrain import build_beit_pretrain
 from config import get_config
-from tiny_data import TINY_CONFIG
+from helpers import TINY_CONFIG
 
 VARIABLE = cpu_runtime.MKL_CPU_TYPE_VARIABLE
 

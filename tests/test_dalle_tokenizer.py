@@ -4,7 +4,6 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import write_file
 from dalle_reference import (
     SMALL,
     TINY,
@@ -15,6 +14,7 @@ from dalle_reference import (
     random_batch,
 )
 from dalle_tokenizer import Encoder, TokenizerWeightsError, build_tokenizer, encoder_from_state_dict
+from helpers import write_file
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
 

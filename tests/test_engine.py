@@ -11,23 +11,16 @@ from beit import build_beit
 from beit_pretrain import build_beit_pretrain
 from config import get_config
 from engine import Amp, NonFiniteLossError, Trainer, World, evaluate, train_one_epoch
+from helpers import TINY_CONFIG, tiny_config
 from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer
 from task_finetune import FINE_TUNING, ClassificationObjective
 from task_pretrain import MaskedImageModelingObjective
-from tiny_data import TINY_CONFIG
 
 LOGGER = logging.getLogger('test_engine')
 PRETRAIN_VOCAB = 64
 TINY_PATCH = get_config(TINY_CONFIG).MODEL.PATCH_SIZE  # 32 px images
-
-
-def tiny_config(**train):
-    config = get_config(TINY_CONFIG)
-    config.MODEL.DROPPATH = 0.0
-    for key, value in train.items():
-        config.TRAIN[key] = value
-    return config
+NO_DROPPATH = ('MODEL.DROPPATH', 0.0)  # exact comparisons need the same forward pass in every run
 
 
 def make_trainer(config, steps_per_epoch):
@@ -48,7 +41,7 @@ def batches(count, size, seed=0):
 
 
 def test_evaluate_reports_exact_totals_over_uneven_batches():
-    config = tiny_config()
+    config = tiny_config(*NO_DROPPATH)
     paddle.seed(0)
     model = build_beit(config)
     data = batches(3, 5) + batches(1, 2, seed=1)
@@ -69,15 +62,15 @@ def test_accumulating_k_batches_equals_one_batch_of_k_times_b():
     small = batches(k * steps, b)
     large = [(paddle.concat([x for x, _ in small[i:i + k]]), paddle.concat([y for _, y in small[i:i + k]]))
              for i in range(0, k * steps, k)]
-    accumulated = make_trainer(tiny_config(ACCUM_ITER=k, GRAD_CLIP=1.0, WARMUP_EPOCHS=0), steps)
-    whole = make_trainer(tiny_config(ACCUM_ITER=1, GRAD_CLIP=1.0, WARMUP_EPOCHS=0), steps)
+    accumulated = make_trainer(tiny_config(*NO_DROPPATH, ACCUM_ITER=k, GRAD_CLIP=1.0, WARMUP_EPOCHS=0), steps)
+    whole = make_trainer(tiny_config(*NO_DROPPATH, ACCUM_ITER=1, GRAD_CLIP=1.0, WARMUP_EPOCHS=0), steps)
     first = train_one_epoch(accumulated, small + batches(k - 1, b, seed=5), 1, 1, steps, 1, LOGGER)
     second = train_one_epoch(whole, large, 1, 1, steps, 1, LOGGER)
     assert accumulated.global_step == whole.global_step == steps
     assert first['num_samples'] == second['num_samples'] == k * b * steps  # the k - 1 leftover batches unused
     assert first['loss'] == pytest.approx(second['loss'], rel=1e-6)
     moved = 0.0
-    start = make_trainer(tiny_config(), steps).module.state_dict()
+    start = make_trainer(tiny_config(*NO_DROPPATH), steps).module.state_dict()
     for name, value in whole.module.state_dict().items():
         actual = accumulated.module.state_dict()[name].numpy()
         np.testing.assert_allclose(actual, value.numpy(), rtol=0, atol=1e-6, err_msg=name)
@@ -86,7 +79,7 @@ def test_accumulating_k_batches_equals_one_batch_of_k_times_b():
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step():
-    trainer = make_trainer(tiny_config(), 2)
+    trainer = make_trainer(tiny_config(*NO_DROPPATH), 2)
     trainer.module.head.bias.set_value(paddle.full_like(trainer.module.head.bias, float('nan')))
     before = {name: value.numpy().copy() for name, value in trainer.module.state_dict().items()}
     with pytest.raises(NonFiniteLossError, match='nan at epoch 3 step 1'):
@@ -190,7 +183,7 @@ def test_one_host_sync_per_optimizer_step(scaler, paddle_syncs, host_syncs):
     """The recipe's step (Mixup/CutMix, soft-target loss, clipping, EMA, accumulation of 2) reads the device once
     and copies nothing from the host; with a grad scaler, Paddle's optimizer step reads the scaler's verdict once
     more. (Drawing Mixup in the step cost 5 host copies a micro-batch.)"""
-    config = tiny_config(ACCUM_ITER=2, GRAD_CLIP=1.0)
+    config = tiny_config(*NO_DROPPATH, ACCUM_ITER=2, GRAD_CLIP=1.0)
     trainer = make_trainer(config, steps_per_epoch=3)
     trainer.objective = FINE_TUNING.build_objective(config, World())
     trainer.model_ema = ModelEma(trainer.module, 0.9)
@@ -229,7 +222,7 @@ def pretraining_batches(count, size, seed=0):
 def test_one_host_sync_per_pretraining_step(host_syncs):
     """Pre-training's step (gathered masked patches, accumulation of 2) reads the device once and copies nothing
     from the host. (Boolean-mask indexing and to_tensor cost 4 syncs a micro-batch.)"""
-    config = tiny_config(ACCUM_ITER=2, GRAD_CLIP=1.0)
+    config = tiny_config(*NO_DROPPATH, ACCUM_ITER=2, GRAD_CLIP=1.0)
     config.PRETRAIN.VOCAB_SIZE = PRETRAIN_VOCAB
     paddle.seed(0)
     model = build_beit_pretrain(config)

@@ -11,23 +11,17 @@ import beit
 import export_model
 import inference
 from config import get_config
-from datasets import load_rgb_image
 from export_model import main
+from helpers import TINY_CONFIG, photo_batch, tiny_config
 from inference import DygraphPredictor, ExportedPredictor, WeightsError, load_model
-from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
-from transforms import get_val_transforms, host_normalise
+from tiny_weights import save_weights, trained_like_state
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
 
 
-def photo_batch(paths, config) -> np.ndarray:
-    transform = get_val_transforms(config)
-    return host_normalise(config)(np.stack([transform(load_rgb_image(str(path))) for path in paths]))
-
-
 def export(tmp_path, weights: str, *extra) -> str:
     prefix = str(tmp_path / 'exported' / 'model')
-    assert main(['-cfg', TINY_CFG, '-pretrained', weights, '-output', prefix, *extra]) == 0
+    assert main(['-cfg', TINY_CONFIG, '-pretrained', weights, '-output', prefix, *extra]) == 0
     return prefix
 
 
@@ -91,7 +85,7 @@ def test_block_features_export_matches_dygraph_for_any_batch_size(tmp_path, phot
 def test_blocks_the_model_lacks_exit_2_before_reading_weights(tmp_path, capsys):
     prefix = str(tmp_path / 'out' / 'm')
     with pytest.raises(SystemExit) as exit_info:
-        main(['-cfg', TINY_CFG, '-pretrained', str(tmp_path / 'none.pdparams'), '-output', prefix,
+        main(['-cfg', TINY_CONFIG, '-pretrained', str(tmp_path / 'none.pdparams'), '-output', prefix,
               '-block_features', '1', '4'])
     assert exit_info.value.code == 2
     assert '-block_features: block index 4 is out of range for 4 blocks' in capsys.readouterr().err
@@ -99,14 +93,14 @@ def test_blocks_the_model_lacks_exit_2_before_reading_weights(tmp_path, capsys):
 
 
 def test_missing_weights_exit_2_and_write_nothing(tmp_path, capsys):
-    code = main(['-cfg', TINY_CFG, '-pretrained', str(tmp_path / 'none.pdparams'), '-output', str(tmp_path / 'm')])
+    code = main(['-cfg', TINY_CONFIG, '-pretrained', str(tmp_path / 'none.pdparams'), '-output', str(tmp_path / 'm')])
     assert code == 2 and '-pretrained: file not found' in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_weights_of_another_architecture_exit_2_and_write_nothing(tmp_path, capsys):
     deeper = save_weights(tmp_path / 'deeper.pdparams', trained_like_state(tiny_config('MODEL.DEPTH', 6)))
-    code = main(['-cfg', TINY_CFG, '-pretrained', deeper, '-output', str(tmp_path / 'out' / 'm')])
+    code = main(['-cfg', TINY_CONFIG, '-pretrained', deeper, '-output', str(tmp_path / 'out' / 'm')])
     err = capsys.readouterr().err
     assert code == 2 and f'-pretrained {deeper}: ' in err and 'blocks.4' in err
     assert not (tmp_path / 'out').exists()
@@ -114,13 +108,14 @@ def test_weights_of_another_architecture_exit_2_and_write_nothing(tmp_path, caps
 
 def test_bad_config_exit_2(tmp_path, capsys):
     weights = save_weights(tmp_path / 'weights.pdparams', trained_like_state(tiny_config()))
-    code = main(['-cfg', TINY_CFG, '-pretrained', weights, '-output', str(tmp_path / 'm'), '-opts', 'MODEL.DEPHT', '2'])
+    code = main(['-cfg', TINY_CONFIG, '-pretrained', weights, '-output', str(tmp_path / 'm'),
+                 '-opts', 'MODEL.DEPHT', '2'])
     assert code == 2 and 'unknown config key MODEL.DEPHT' in capsys.readouterr().err
 
 
 def test_output_and_weights_are_required(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(['-cfg', TINY_CFG, '-pretrained', 'weights.pdparams'])
+        main(['-cfg', TINY_CONFIG, '-pretrained', 'weights.pdparams'])
     assert exit_info.value.code == 2 and '-output PREFIX are required' in capsys.readouterr().err
 
 

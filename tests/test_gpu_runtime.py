@@ -17,8 +17,9 @@ import main_single_gpu
 from beit import Attention, build_beit
 from config import ConfigError, get_config
 from engine import Amp
+from helpers import TINY_CONFIG
 from task_finetune import FINE_TUNING
-from tiny_data import TINY_CONFIG, write_dataset
+from tiny_data import write_dataset
 
 CAPABILITIES = [(7, 0), (7, 5), (8, 0), (9, 0)]
 PRECISIONS = ['float32', 'float16', 'bfloat16']

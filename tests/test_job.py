@@ -18,9 +18,10 @@ from beit import build_beit, relative_position_index
 from checkpoint import save_checkpoint
 from config import get_config
 from engine import NonFiniteLossError, World
+from helpers import TINY_CONFIG
 from optim import build_lr_scheduler, build_optimizer
 from task_finetune import FINE_TUNING
-from tiny_data import TINY_CONFIG, write_dataset
+from tiny_data import write_dataset
 
 FAST = ['DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE', '8', 'TRAIN.NUM_EPOCHS', '2']
 
@@ -266,6 +267,41 @@ def test_retention_after_a_kill_between_save_and_deletion(data, tmp_path, monkey
     best = paddle.load(str(output / 'checkpoint-best.pdparams'))['best']
     records = val_records(output)
     assert best['acc1'] == max(record['acc1'] for record in records) >= best_before['acc1']
+
+
+def accuracies(values, monkeypatch):
+    """job.evaluate with its acc1 replaced by the next of ``values``: the run's best follows them, not the data."""
+    real_evaluate, given = job.evaluate, iter(values)
+
+    def forced(*args):
+        return {**real_evaluate(*args), 'acc1': next(given)}
+
+    monkeypatch.setattr(job, 'evaluate', forced)
+
+
+def test_a_kill_between_the_epoch_checkpoint_and_the_best_file_is_repaired_on_resume(data, tmp_path, monkeypatch):
+    output = tmp_path / 'run'
+    real_publish_copy = job.publish_copy
+
+    def killed_before_publishing_epoch_2(source, path):
+        if source.endswith('checkpoint-epoch-2.pdparams'):
+            raise Killed
+        real_publish_copy(source, path)
+
+    with monkeypatch.context() as patched:
+        accuracies([0.1, 0.2], patched)  # rising: epoch 2 is the best
+        patched.setattr(job, 'publish_copy', killed_before_publishing_epoch_2)
+        with pytest.raises(Killed):
+            main_single_gpu.main(args(data, output))
+    assert paddle.load(str(output / 'checkpoint-epoch-2.pdparams'))['best']['epoch'] == 2
+    assert paddle.load(str(output / 'checkpoint-best.pdparams'))['epoch'] == 1  # the window the kill left
+    accuracies([0.0], monkeypatch)  # the resumed epoch 3 is no better
+    assert main_single_gpu.main(args(data, output, '-resume', str(output), opts=['TRAIN.NUM_EPOCHS', '3'])) == 0
+    recorded = paddle.load(str(output / 'checkpoint-epoch-3.pdparams'))['best']
+    best = paddle.load(str(output / 'checkpoint-best.pdparams'))
+    assert recorded == {'acc1': 0.2, 'epoch': 2, 'weights': 'model'}
+    assert (best['epoch'], best['best']) == (2, recorded)
+    assert (output / 'checkpoint-best.pdparams').read_bytes() == (output / 'checkpoint-epoch-2.pdparams').read_bytes()
 
 
 def test_a_fresh_run_never_replaces_another_runs_best(data, tmp_path, capsys):

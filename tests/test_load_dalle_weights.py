@@ -10,7 +10,6 @@ import paddle
 import pytest
 import torch
 
-from conftest import ROOT, assert_output_untouched, assert_reads_as_paddle_load, existing_output, truncated, write_file
 from dalle_reference import (
     TINY,
     compare_with_openai,
@@ -21,6 +20,7 @@ from dalle_reference import (
     random_batch,
 )
 from dalle_tokenizer import build_tokenizer
+from helpers import ROOT, assert_output_untouched, assert_reads_as_paddle_load, existing_output, truncated, write_file
 from load_dalle_weights import main
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
@@ -39,6 +39,7 @@ def run_cli(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow
 def test_full_size_encoder_pickle_converts_with_the_cli(tmp_path, photo_paths):
     """OpenAI's size (53.8M parameters; random inputs are covered by the smaller sizes, to keep this fast)."""
     reference = openai_encoder()
@@ -126,6 +127,7 @@ def test_bad_source_fails_clearly_and_writes_nothing(tmp_path, capsys, case):
     assert_output_untouched(dst)
 
 
+@pytest.mark.slow
 def test_cli_failure_is_one_line_without_traceback(tmp_path):
     src = _torch_save(tmp_path / 'model.pkl', torch.nn.Conv2d(3, 4, 7))
     result = run_cli('-src', src, '-dst', tmp_path / 'out.pdparams')

@@ -14,7 +14,7 @@ from beit import CheckpointMismatchError, build_beit
 from beit_pretrain import build_beit_pretrain
 from checkpoint import load_pretrained
 from config import get_config
-from conftest import ROOT, assert_output_untouched, assert_reads_as_paddle_load, existing_output, truncated, write_file
+from helpers import ROOT, assert_output_untouched, assert_reads_as_paddle_load, existing_output, truncated, write_file
 from load_pytorch_weights import ConversionError, convert_file, read_checkpoint
 from timm_reference import (
     CHECKPOINT_FORMATS,
@@ -228,6 +228,7 @@ def tiny_cfg(tmp_path):
     return cfg_file
 
 
+@pytest.mark.slow
 def test_cli_converts_and_checks_against_timm(tmp_path, tiny_cfg):
     save_checkpoint(torch_state_dict(timm_model(TINY)), tmp_path / 'c.pth', 'unilm.pth')
     result = run_cli('-cfg', tiny_cfg, '-src', tmp_path / 'c.pth', '-dst', tmp_path / 'out.pdparams', '-check')
@@ -266,6 +267,7 @@ def _torch_save(path, obj):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(BAD_SOURCES))
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, tiny_cfg, case):
     make_source, message = BAD_SOURCES[case]
@@ -290,6 +292,7 @@ def test_mismatch_error_names_the_tensor(tmp_path):
 LINEAR_WEIGHTS = ('attn.qkv.weight', 'attn.proj.weight', 'mlp.fc1.weight', 'mlp.fc2.weight', 'lm_head.weight')
 
 
+@pytest.mark.slow
 def test_unilm_pretraining_checkpoint_round_trips_into_the_mim_model_and_fine_tuning(tmp_path):
     """unilm names -> -mim conversion (checked against timm's encoder) -> our pre-training model, tensor for
     tensor; the same file -> -pretrained start of fine-tuning with the shared table in every block."""

@@ -17,9 +17,11 @@ import numpy as np
 import paddle
 import pytest
 
-from tiny_data import TINY_CONFIG, write_dataset
+from helpers import ROOT, TINY_CONFIG
+from procs import descendants
+from tiny_data import write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test runs the scripts in subprocesses
 NUM_VAL = 37  # divisible neither by 2 processes nor by the eval batch of 8
 # The scripts share the cores between their processes; an OMP_NUM_THREADS above 1 would override that.
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PATH': f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'}
@@ -321,24 +323,6 @@ def wait_for_line(process, log, line, timeout=120):
         assert process.poll() is None, 'the run ended before the line'
         assert time.time() < deadline, f'no "{line}" in {log}'
         time.sleep(0.05)
-
-
-def _children(pid) -> list[int]:
-    """The child pids of every thread of ``pid``; a thread or process that ended meanwhile has none."""
-    found = []
-    try:
-        for task in Path(f'/proc/{pid}/task').iterdir():
-            found += map(int, (task / 'children').read_text().split())
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return found
-
-
-def descendants(pid):
-    found = []
-    for child in _children(pid):
-        found += [child, *descendants(child)]
-    return found
 
 
 def alive(pid):

@@ -10,7 +10,7 @@ import pytest
 
 import main_linprobe
 import plot_metrics
-from conftest import assert_reads_as_paddle_load
+from helpers import assert_reads_as_paddle_load
 from test_main_pretrain import EPOCHS as PRETRAIN_EPOCHS
 from test_main_pretrain import (  # noqa: F401 (fixtures: the 625 + 125 image subset, its 10-epoch pre-training)
     PRETRAIN_CONFIG,
@@ -47,6 +47,7 @@ def probe_run(pretrained, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_the_probe_of_a_pretraining_checkpoint_beats_chance_at_its_best_block(probe_run, pretrained):
     val = records(probe_run, 'val')
     assert [r['epoch'] for r in val] == list(range(1, EPOCHS + 1))
@@ -65,6 +66,7 @@ def test_the_probe_of_a_pretraining_checkpoint_beats_chance_at_its_best_block(pr
     assert (probe_run / 'blocks.png').stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_resumed_probe_ends_with_the_uninterrupted_classifiers(pretrained, demo_subset, tmp_path):  # noqa: F811
     """Epochs 2 and 3 again from the checkpoint of epoch 1, in another folder: the same classifiers and metrics."""
     weights = ['-pretrained', str(pretrained)]
@@ -84,6 +86,7 @@ def test_a_resumed_probe_ends_with_the_uninterrupted_classifiers(pretrained, dem
         assert resumed_val[key] == pytest.approx(full_val[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_resuming_on_other_frozen_weights_is_refused(probe_run, demo_subset, tmp_path, capsys):  # noqa: F811
     """The checkpoint holds the classifiers only: without the run's -pretrained they would meet other features."""
     code = main_linprobe.main(probe_args(demo_subset, tmp_path / 'out', '-resume', str(probe_run),
@@ -113,7 +116,7 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize('ngpus', ['1', '2'])
+@pytest.mark.parametrize('ngpus', ['1', pytest.param('2', marks=pytest.mark.slow)])  # 2: spawned processes
 @pytest.mark.parametrize('case', sorted(BAD_INPUTS))
 def test_bad_input_exits_2_naming_the_key_and_writes_nothing(case, ngpus, demo_subset, used_output,  # noqa: F811
                                                              capfd):
@@ -127,6 +130,7 @@ def test_bad_input_exits_2_naming_the_key_and_writes_nothing(case, ngpus, demo_s
     assert {path.name: path.read_bytes() for path in used_output.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_two_processes(pretrained, demo_subset, tmp_path):  # noqa: F811
     """DataParallel over the classifiers alone (the encoder's frozen tensors take no part in the gradient sync)."""
     output = tmp_path / 'two'

@@ -14,15 +14,14 @@ import pytest
 import job
 import main_pretrain
 from config import get_config, merge_opts
-from conftest import assert_reads_as_paddle_load
 from datasets import get_pretraining_dataset
 from device_batch import tokenizer_input
 from engine import World
+from helpers import ROOT, assert_reads_as_paddle_load
 from task_finetune import FINE_TUNING
 from task_pretrain import build_tokenizer_for
 from utils import seed_everything, start_logger
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / 'data' / 'fashion_mnist'
 PRETRAIN_CONFIG = str(ROOT / 'configs' / 'beit_tiny_pretrain_fashion_mnist.yaml')
 FINE_TUNE_CONFIG = str(ROOT / 'configs' / 'beit_tiny_fashion_mnist.yaml')
@@ -82,6 +81,7 @@ def best_constant_guess(data, samples=320) -> tuple[float, float]:
     return frequencies.max(), -(frequencies * np.log(frequencies)).sum()
 
 
+@pytest.mark.slow
 def test_pretraining_loss_falls_and_mlm_accuracy_beats_the_best_constant_guess(pretrain_run, demo_subset):
     train = records(pretrain_run)
     assert [r['epoch'] for r in train] == list(range(1, EPOCHS + 1))
@@ -99,6 +99,7 @@ def test_pretraining_loss_falls_and_mlm_accuracy_beats_the_best_constant_guess(p
     assert {'mask_token', 'lm_head.weight', 'rel_pos_bias.relative_position_bias_table'} <= set(checkpoint['model'])
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_pretraining_checkpoint(pretrain_run, demo_subset, tmp_path):
     weights = pretrain_run / f'checkpoint-epoch-{EPOCHS}.pdparams'
     shared = paddle.load(str(weights))['model']['rel_pos_bias.relative_position_bias_table'].numpy()
@@ -135,7 +136,7 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize('ngpus', ['1', '2'])
+@pytest.mark.parametrize('ngpus', ['1', pytest.param('2', marks=pytest.mark.slow)])  # 2: spawned processes
 @pytest.mark.parametrize('case', sorted(BAD_INPUTS))
 def test_bad_input_exits_2_naming_the_key_and_writes_nothing(case, ngpus, demo_subset, used_output, capfd):
     """The earlier run's checkpoint-epoch-2 lies beyond this 1-epoch run: only the bad input stops it."""
@@ -153,6 +154,7 @@ def test_eval_is_refused(capsys):
     assert 'pre-training has no evaluation' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_processes_through_the_script(demo_subset, tmp_path):
     output = tmp_path / 'two'
     run(['sh', 'run_pretrain_multi.sh', '-ngpus', '2', '-output', str(output),

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
 from datasets import scan_image_folder, validate_list_file
+from helpers import ROOT
 from make_demo_data import CLASS_NAMES, DEFAULT_SOURCE, SourceError, main, read_idx_ubyte
 
 DEMO = ROOT / 'data' / 'fashion_mnist'

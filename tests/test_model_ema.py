@@ -5,8 +5,8 @@ import pytest
 
 from beit import build_beit, relative_position_index
 from config import get_config
+from helpers import TINY_CONFIG
 from model_ema import ModelEma
-from tiny_data import TINY_CONFIG
 
 
 @pytest.fixture()

@@ -9,8 +9,8 @@ import pytest
 
 from beit import build_beit
 from config import get_config
+from helpers import tiny_config
 from optim import build_lr_scheduler, build_optimizer, param_settings, scaled_learning_rates
-from tiny_data import TINY_CONFIG
 
 
 def unilm_layer_id(name: str, depth: int) -> int:
@@ -29,13 +29,6 @@ def unilm_expectation(name: str, shape, depth: int, layer_decay: float, weight_d
     lr_scale = layer_decay ** (num_layers - 1 - unilm_layer_id(name, depth))
     no_decay = len(shape) == 1 or name.endswith('.bias') or name in ('pos_embed', 'cls_token')
     return lr_scale, 0.0 if no_decay else weight_decay
-
-
-def tiny_config(**train):
-    config = get_config(TINY_CONFIG)
-    for key, value in train.items():
-        config.TRAIN[key] = value
-    return config
 
 
 def test_every_base_parameter_follows_the_unilm_rule():

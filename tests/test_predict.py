@@ -7,11 +7,9 @@ import pytest
 
 import export_model
 import predict
-from conftest import ROOT
-from datasets import load_rgb_image
+from helpers import ROOT, TINY_CONFIG, photo_batch, tiny_config
 from inference import DygraphPredictor, bf16_supported, load_model
-from tiny_weights import TINY_CFG, save_weights, tiny_config, trained_like_state
-from transforms import get_val_transforms, host_normalise
+from tiny_weights import save_weights, trained_like_state
 
 FP32_TOLERANCE = 1e-4  # max abs logit difference, dygraph vs exported fp32
 BF16_RELATIVE_TOLERANCE = 0.02  # max abs logit difference / max abs logit, dygraph vs exported bf16
@@ -26,7 +24,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory, weights):
     prefix = str(tmp_path_factory.mktemp('exported') / 'tiny')
-    assert export_model.main(['-cfg', TINY_CFG, '-pretrained', weights, '-output', prefix]) == 0
+    assert export_model.main(['-cfg', TINY_CONFIG, '-pretrained', weights, '-output', prefix]) == 0
     return prefix
 
 
@@ -54,7 +52,7 @@ def all_logits(report: dict, num_classes: int) -> np.ndarray:
 
 
 def test_exported_fp32_gives_the_dygraph_top5_and_logits(capsys, photo_paths, weights, exported):
-    dygraph = run_json(capsys, '-cfg', TINY_CFG, '-pretrained', weights, *photo_paths)
+    dygraph = run_json(capsys, '-cfg', TINY_CONFIG, '-pretrained', weights, *photo_paths)
     inference = run_json(capsys, '-inference_model', exported, *photo_paths)
     assert [r['image'] for r in dygraph['predictions']] == [str(p) for p in photo_paths]
     dygraph_logits, dygraph_top5 = logits_and_top5(dygraph)
@@ -66,7 +64,7 @@ def test_exported_fp32_gives_the_dygraph_top5_and_logits(capsys, photo_paths, we
 
 @pytest.mark.skipif(not bf16_supported(), reason='this CPU has no bfloat16 support (oneDNN: no AVX-512 BF16/AMX)')
 def test_exported_bf16_stays_within_the_stated_tolerance(capsys, photo_paths, weights, exported):
-    dygraph = run_json(capsys, '-cfg', TINY_CFG, '-pretrained', weights, '-topk', 10, *photo_paths)
+    dygraph = run_json(capsys, '-cfg', TINY_CONFIG, '-pretrained', weights, '-topk', 10, *photo_paths)
     bf16 = run_json(capsys, '-inference_model', exported, '-precision', 'bf16', '-topk', 10, *photo_paths)
     dygraph_logits, bf16_logits = all_logits(dygraph, 10), all_logits(bf16, 10)
     scale = np.abs(dygraph_logits).max()
@@ -85,7 +83,7 @@ def test_a_corrupt_image_among_good_ones_is_named_and_the_others_predicted(capsy
     not_an_image.write_text('not a picture')
     missing = tmp_path / 'missing.png'
     images = [photo_paths[0], truncated, photo_paths[1], not_an_image, missing]
-    code, out, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', weights, *images, '-json')
+    code, out, err = run(capsys, '-cfg', TINY_CONFIG, '-pretrained', weights, *images, '-json')
     assert code == 0
     report = json.loads(out)
     assert [r['image'] for r in report['predictions']] == [str(photo_paths[0]), str(photo_paths[1])]
@@ -96,32 +94,32 @@ def test_a_corrupt_image_among_good_ones_is_named_and_the_others_predicted(capsy
 
 def test_no_readable_image_exits_1(capsys, tmp_path, weights):
     (tmp_path / 'empty.png').write_bytes(b'')
-    code, out, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', weights, tmp_path / 'empty.png')
+    code, out, err = run(capsys, '-cfg', TINY_CONFIG, '-pretrained', weights, tmp_path / 'empty.png')
     assert code == 1 and out == '' and 'empty.png' in err
 
 
 def test_missing_weights_exit_2(capsys, tmp_path, photo_paths):
-    code, out, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', tmp_path / 'nothing.pdparams', photo_paths[0])
+    code, out, err = run(capsys, '-cfg', TINY_CONFIG, '-pretrained', tmp_path / 'nothing.pdparams', photo_paths[0])
     assert code == 2 and out == ''
     assert f'-pretrained: file not found: {tmp_path / "nothing.pdparams"}' in err
 
 
 def test_unreadable_weights_exit_2(capsys, tmp_path, photo_paths):
     (tmp_path / 'broken.pdparams').write_text('not weights')
-    code, _, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', tmp_path / 'broken.pdparams', photo_paths[0])
+    code, _, err = run(capsys, '-cfg', TINY_CONFIG, '-pretrained', tmp_path / 'broken.pdparams', photo_paths[0])
     assert code == 2 and '-pretrained: cannot read' in err
 
 
 def test_weights_of_another_architecture_exit_2(capsys, tmp_path, photo_paths):
     other = save_weights(tmp_path / 'wide.pdparams', trained_like_state(tiny_config('MODEL.EMBED_DIM', 48)))
-    code, out, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', other, photo_paths[0])
+    code, out, err = run(capsys, '-cfg', TINY_CONFIG, '-pretrained', other, photo_paths[0])
     assert code == 2 and out == ''
     assert f'-pretrained {other}: ' in err and 'another architecture' in err
 
 
 def test_weights_with_another_class_count_exit_2(capsys, tmp_path, photo_paths):
     other = save_weights(tmp_path / 'five.pdparams', trained_like_state(tiny_config('MODEL.NUM_CLASSES', 5)))
-    code, _, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', other, photo_paths[0])
+    code, _, err = run(capsys, '-cfg', TINY_CONFIG, '-pretrained', other, photo_paths[0])
     assert code == 2 and 'head.weight [96, 5] holds 5 classes, the model 10 classes (MODEL.NUM_CLASSES)' in err
 
 
@@ -133,12 +131,12 @@ def test_training_checkpoint_model_or_ema(capsys, tmp_path, photo_paths):
     bare_ema = save_weights(tmp_path / 'ema.pdparams', ema_state)
 
     def top(*args):
-        return run_json(capsys, '-cfg', TINY_CFG, *args, *photo_paths)['predictions']
+        return run_json(capsys, '-cfg', TINY_CONFIG, *args, *photo_paths)['predictions']
 
     assert top('-pretrained', checkpoint) == top('-pretrained', bare_model)
     assert top('-pretrained', checkpoint, '-ema') == top('-pretrained', bare_ema)
     assert top('-pretrained', checkpoint, '-ema') != top('-pretrained', checkpoint)
-    code, _, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', bare_model, '-ema', photo_paths[0])
+    code, _, err = run(capsys, '-cfg', TINY_CONFIG, '-pretrained', bare_model, '-ema', photo_paths[0])
     assert code == 2 and 'holds no EMA weights' in err
 
 
@@ -149,7 +147,8 @@ def test_the_configs_normalisation_prepares_the_input_of_both_predictors(capsys,
     """A config with BEiT v2's ImageNet mean/std (as configs/beitv2_*.yaml) normalises predict.py's input, and its
     export keeps them (PREFIX.yaml): both give the model's logits on the photos normalised that way by hand."""
     cfg_file = tmp_path / 'v2.yaml'
-    cfg_file.write_text(f'BASE: {TINY_CFG}\nDATA:\n  IMAGENET_MEAN: {IMAGENET_MEAN}\n  IMAGENET_STD: {IMAGENET_STD}\n')
+    cfg_file.write_text(f'BASE: {TINY_CONFIG}\nDATA:\n  IMAGENET_MEAN: {IMAGENET_MEAN}\n'
+                        f'  IMAGENET_STD: {IMAGENET_STD}\n')
     prefix = str(tmp_path / 'v2')
     assert export_model.main(['-cfg', str(cfg_file), '-pretrained', weights, '-output', prefix]) == 0
     capsys.readouterr()
@@ -157,8 +156,7 @@ def test_the_configs_normalisation_prepares_the_input_of_both_predictors(capsys,
     dygraph = run_json(capsys, '-cfg', cfg_file, '-pretrained', weights, '-topk', num_classes, *photo_paths)
     exported = run_json(capsys, '-inference_model', prefix, '-topk', num_classes, *photo_paths)
     unnormalised = tiny_config('DATA.IMAGENET_MEAN', '[0.0, 0.0, 0.0]', 'DATA.IMAGENET_STD', '[1.0, 1.0, 1.0]')
-    pixels = host_normalise(unnormalised)(np.stack([get_val_transforms(unnormalised)(load_rgb_image(str(path)))
-                                                    for path in photo_paths]))
+    pixels = photo_batch(photo_paths, unnormalised)
     predictor = DygraphPredictor(load_model(tiny_config(), weights)[0])
     expected = predictor(normalised(pixels, IMAGENET_MEAN, IMAGENET_STD))
     np.testing.assert_allclose(all_logits(dygraph, num_classes), expected, rtol=0, atol=1e-5)
@@ -172,7 +170,7 @@ def normalised(pixels: np.ndarray, mean: list, std: list) -> np.ndarray:
 
 
 def test_exported_model_refuses_a_config_with_other_preprocessing(capsys, photo_paths, exported):
-    code, _, err = run(capsys, '-inference_model', exported, '-cfg', TINY_CFG, photo_paths[0],
+    code, _, err = run(capsys, '-inference_model', exported, '-cfg', TINY_CONFIG, photo_paths[0],
                        '-opts', 'DATA.CROP_PCT', '0.875')  # -opts takes every word after it: last
     assert code == 2 and 'DATA.CROP_PCT is 0.875 but' in err
     code, _, err = run(capsys, '-inference_model', exported, '-image_size', 48, photo_paths[0])
@@ -190,17 +188,19 @@ def test_missing_exported_model_exit_2(capsys, tmp_path, photo_paths, exported):
 
 def test_an_export_of_block_features_is_refused_as_a_classifier(capsys, tmp_path, photo_paths, weights):
     prefix = str(tmp_path / 'backbone')
-    assert export_model.main(['-cfg', TINY_CFG, '-pretrained', weights, '-output', prefix, '-block_features', '2']) == 0
+    assert export_model.main(['-cfg', TINY_CONFIG, '-pretrained', weights, '-output', prefix,
+                              '-block_features', '2']) == 0
     capsys.readouterr()
     code, out, err = run(capsys, '-inference_model', prefix, photo_paths[0])
     assert code == 2 and out == '' and 'returns block features [[1, 96, 8, 8]], not logits' in err
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['-cfg', TINY_CFG], 'give -pretrained WEIGHTS'),
-    (['-cfg', TINY_CFG, '-pretrained', 'w.pdparams', '-precision', 'bf16'], '-precision bf16 needs -inference_model'),
+    (['-cfg', TINY_CONFIG], 'give -pretrained WEIGHTS'),
+    (['-cfg', TINY_CONFIG, '-pretrained', 'w.pdparams', '-precision', 'bf16'],
+     '-precision bf16 needs -inference_model'),
     (['-inference_model', 'exported', '-pretrained', 'w.pdparams'], 'drop -pretrained'),
-    (['-cfg', TINY_CFG, '-pretrained', 'w.pdparams', '-topk', '0'], '-topk must be at least 1'),
+    (['-cfg', TINY_CONFIG, '-pretrained', 'w.pdparams', '-topk', '0'], '-topk must be at least 1'),
 ])
 def test_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -231,16 +231,16 @@ def test_class_names_follow_the_documented_order(tmp_path):
 def test_bad_class_names_file_exit_2(capsys, tmp_path, photo_paths, weights):
     names = tmp_path / 'names.txt'
     names.write_text('shirt\ntrouser\n')
-    code, _, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', weights, '-class_names', names, photo_paths[0])
+    code, _, err = run(capsys, '-cfg', TINY_CONFIG, '-pretrained', weights, '-class_names', names, photo_paths[0])
     assert code == 2 and f'{names}: 2 lines (0 empty), expected 10' in err
-    code, _, err = run(capsys, '-cfg', TINY_CFG, '-pretrained', weights, '-class_names', tmp_path / 'no.txt',
+    code, _, err = run(capsys, '-cfg', TINY_CONFIG, '-pretrained', weights, '-class_names', tmp_path / 'no.txt',
                        photo_paths[0])
     assert code == 2 and 'class names file not found' in err
 
 
 def test_text_output_names_the_classes_of_a_demo_image(capsys, weights):
     image = DEMO / 'val' / '1_trouser' / sorted(p.name for p in (DEMO / 'val' / '1_trouser').iterdir())[0]
-    code, out, _ = run(capsys, '-cfg', TINY_CFG, '-pretrained', weights, '-data_path', DEMO, '-topk', 3, image)
+    code, out, _ = run(capsys, '-cfg', TINY_CONFIG, '-pretrained', weights, '-data_path', DEMO, '-topk', 3, image)
     lines = out.splitlines()
     assert code == 0 and lines[0] == str(image) and len(lines) == 4
     names = (DEMO / 'classes.txt').read_text().splitlines()

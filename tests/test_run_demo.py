@@ -3,7 +3,11 @@ import json
 import os
 import subprocess
 
-from conftest import ROOT
+import pytest
+
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow  # run_demo.sh in a subprocess, 2 training processes
 
 CHANCE = 0.1  # 10 balanced classes
 

@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow  # the shell scripts in subprocesses
 
 STANDIN_PYTHON = f'''#!{sys.executable}
 import json, os, runpy, shutil, sys

@@ -20,9 +20,9 @@ import predict
 import safe_pickle
 from beit import build_beit, relative_position_index
 from config import ConfigError, get_config, merge_yaml
-from conftest import assert_reads_as_paddle_load
+from helpers import TINY_CONFIG, assert_reads_as_paddle_load
 from test_main_pretrain import PRETRAIN_CONFIG, demo_subset  # noqa: F401 (fixture: the embedded set's subset)
-from tiny_data import TINY_CONFIG, write_dataset
+from tiny_data import write_dataset
 from utils import LOGGER_NAME
 
 FAST = ['DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE', '8', 'TRAIN.NUM_EPOCHS', '1']
@@ -102,7 +102,8 @@ ENTRY_POINTS = {
 }
 
 
-@pytest.mark.parametrize('entry_point', list(ENTRY_POINTS))
+@pytest.mark.parametrize('entry_point', [pytest.param(name, marks=pytest.mark.slow) if '-ngpus 2' in name else name
+                                         for name in ENTRY_POINTS])  # -ngpus 2: spawned processes
 def test_every_entry_point_refuses_it_with_exit_2_and_writes_nothing(entry_point, evil, data, demo_subset,  # noqa: F811
                                                                      photo_paths, tmp_path, capfd):
     output = tmp_path / 'out'

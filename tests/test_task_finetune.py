@@ -6,9 +6,9 @@ import pytest
 from beit import build_beit
 from config import get_config
 from engine import Amp, World
+from helpers import TINY_CONFIG
 from mixup import Mixup
 from task_finetune import ClassificationObjective, build_classification_objective, topk_correct
-from tiny_data import TINY_CONFIG
 
 
 def test_topk_correct_counts_rows_with_the_label_among_the_k_best():

@@ -17,6 +17,7 @@ from beit_pretrain import build_beit_pretrain
 from checkpoint import weights_digest
 from config import ConfigError, get_config
 from engine import Amp, World
+from helpers import TINY_CONFIG
 from load_pytorch_weights import convert_state_dict
 from task_linprobe import (
     LINEAR_PROBING,
@@ -27,7 +28,7 @@ from task_linprobe import (
     probed_blocks,
 )
 from timm_reference import PRETRAIN_SPEC, PRETRAIN_VOCAB, config_for, pretraining_checkpoint, random_batch
-from tiny_data import TINY_CONFIG, write_dataset
+from tiny_data import write_dataset
 
 LOGGER = logging.getLogger('test_task_linprobe')
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as TF
 
 from config import get_config
-from conftest import ROOT
 from engine import Amp
+from helpers import ROOT
 from losses import cross_entropy
 from masking_generator import masked_positions
 from task_pretrain import MaskedImageModelingObjective, build_tokenizer_for

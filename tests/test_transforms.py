@@ -16,7 +16,7 @@ import auto_augment as aa
 import device_batch
 import transforms as tr
 from config import get_config
-from conftest import ROOT
+from helpers import ROOT
 from test_auto_augment import op_settings, seed_all
 
 BICUBIC = Image.Resampling.BICUBIC

@@ -6,7 +6,6 @@ import numpy as np
 from PIL import Image
 
 NUM_CLASSES = 10
-TINY_CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'beit_tiny_patch4_32.yaml')
 
 
 def class_colour(label: int) -> np.ndarray:

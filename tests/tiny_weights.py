@@ -3,18 +3,6 @@ import numpy as np
 import paddle
 
 from beit import build_beit
-from config import get_config, merge_opts, validate_config
-from conftest import ROOT
-
-TINY_CFG = str(ROOT / 'configs' / 'beit_tiny_patch4_32.yaml')
-
-
-def tiny_config(*opts):
-    """The tiny config with ``KEY VALUE`` overrides."""
-    config = get_config(TINY_CFG)
-    merge_opts(config, list(opts))
-    validate_config(config)
-    return config
 
 
 def trained_like_state(config, seed: int = 0) -> dict:
