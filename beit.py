@@ -123,7 +123,7 @@ class DropPath(nn.Layer):
 
 
 class PatchEmbed(nn.Layer):
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f'image size {img_size} is not a multiple of patch size {patch_size}')
@@ -139,15 +139,22 @@ class PatchEmbed(nn.Layer):
 
 
 class Attention(nn.Layer):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float,
-                 grid: tuple[int, int] | None, fused: bool):
+    """Multi-head self-attention with BEiT's q/v biases and, given a ``grid``, its own relative position bias.
+
+    ``drop_rate`` drops the projected output, ``attn_drop_rate`` the attention weights (the names and order of the
+    rates are the same in Mlp, Block and BeitEncoder). Device layers (cpu_ops) override ``_linear``, ``_permute``
+    and ``_add_bias``, the ops the attention math is written with.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, drop_rate: float, attn_drop_rate: float,
+                 grid: tuple[int, int] | None, fused_attn: bool):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'embedding dim {dim} is not divisible by {num_heads} heads')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.fused = fused
+        self.fused = fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias_attr=False)
         if qkv_bias:  # BEiT biases q and v only; k stays bias-free
             self.q_bias = self.create_parameter([dim], default_initializer=zeros_)
@@ -157,9 +164,22 @@ class Attention(nn.Layer):
         self.relative_position_bias_table = None
         if grid:
             _add_relative_position_table(self, grid, num_heads)
-        self.attn_drop = attn_drop
+        self.attn_drop_rate = attn_drop_rate
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(drop_rate)
+
+    @staticmethod
+    def _linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def _permute(x: paddle.Tensor, perm: list[int]) -> paddle.Tensor:
+        return x.transpose(perm)
+
+    @staticmethod
+    def _add_bias(logits: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
+        """``logits`` [B, heads, N, N] + ``bias`` [1, heads, N, N]."""
+        return logits + bias
 
     def _qkv_bias(self) -> paddle.Tensor | None:
         if self.q_bias is None:
@@ -176,7 +196,7 @@ class Attention(nn.Layer):
 
     def _project_qkv(self, x: paddle.Tensor) -> paddle.Tensor:
         """[B, N, dim] -> [B, N, 3, heads, head_dim]."""
-        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
+        qkv = self._linear(x, self.qkv.weight, self._qkv_bias())
         return qkv.reshape([0, 0, 3, self.num_heads, self.head_dim])
 
     def forward(self, x: paddle.Tensor, shared_bias: paddle.Tensor | None = None) -> paddle.Tensor:
@@ -191,7 +211,7 @@ class Attention(nn.Layer):
         return self.proj_drop(self.proj(out.reshape([0, 0, -1])))
 
     def _dropout_rate(self) -> float:
-        return self.attn_drop if self.training else 0.0
+        return self.attn_drop_rate if self.training else 0.0
 
     def _fused_attention(self, qkv: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:
         """Paddle's scaled_dot_product_attention ([B, N, heads, head_dim] layout). The flash kernel takes a mask
@@ -208,36 +228,39 @@ class Attention(nn.Layer):
         The scale goes on the logits: in a static graph (export, TO_STATIC) that is the pattern Paddle
         Inference's oneDNN passes fuse (bf16 inference ~1.3x faster than scaling q).
         """
-        q, k, v = paddle.unbind(qkv.transpose([2, 0, 3, 1, 4]), axis=0)
+        q, k, v = paddle.unbind(self._permute(qkv, [2, 0, 3, 1, 4]), axis=0)
         logits = paddle.matmul(q, k, transpose_y=True) * self.scale
         if bias is not None:
-            logits = logits + bias
+            logits = self._add_bias(logits, bias)
         weights = F.dropout(F.softmax(logits, axis=-1), self._dropout_rate(), training=self.training)
-        return paddle.matmul(weights, v).transpose([0, 2, 1, 3])
+        return self._permute(paddle.matmul(weights, v), [0, 2, 1, 3])
 
 
 class Mlp(nn.Layer):
-    def __init__(self, dim: int, hidden_dim: int, drop: float):
+    def __init__(self, dim: int, hidden_dim: int, *, drop_rate: float):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
+        self.drop = nn.Dropout(drop_rate)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class Block(nn.Layer):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float,
-                 attn_drop: float, drop_path: float, init_values: float | None,
+    """Pre-norm transformer block; ``drop_path_rate`` is this block's own stochastic depth rate."""
+
+    def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, drop_rate: float,
+                 attn_drop_rate: float, drop_path_rate: float, init_values: float | None,
                  grid: tuple[int, int] | None, fused_attn: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, epsilon=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, grid, fused_attn)
-        self.drop_path = DropPath(drop_path)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                              grid=grid, fused_attn=fused_attn)
+        self.drop_path = DropPath(drop_path_rate)
         self.norm2 = nn.LayerNorm(dim, epsilon=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop_rate=drop_rate)
         if not init_values:  # 0 or None: layer scale off, as unilm's --layer_scale_init_value 0 and timm
             self.gamma_1 = self.gamma_2 = None
         else:
@@ -261,14 +284,14 @@ class BeitEncoder(nn.Layer):
     Subclasses add their outputs, then call ``_init_weights`` once every layer exists.
     """
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int, num_heads: int,
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int, num_heads: int,
                  mlp_ratio: float, qkv_bias: bool, drop_rate: float, attn_drop_rate: float, drop_path_rate: float,
                  init_values: float | None, use_abs_pos_emb: bool, use_rel_pos_bias: bool,
                  use_shared_rel_pos_bias: bool, final_norm: bool, fused_attn: bool, recompute: bool):
         super().__init__()
         self.embed_dim = embed_dim
         self.recompute = recompute
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         grid = self.patch_embed.grid
         num_tokens = grid[0] * grid[1] + 1
         self.cls_token = self.create_parameter([1, 1, embed_dim], default_initializer=trunc_normal_)
@@ -278,8 +301,9 @@ class BeitEncoder(nn.Layer):
         self.rel_pos_bias = SharedRelativePositionBias(grid, num_heads) if use_shared_rel_pos_bias else None
         drop_path_rates = np.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.LayerList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rate, init_values,
-                  grid if use_rel_pos_bias else None, fused_attn)
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate,
+                  attn_drop_rate=attn_drop_rate, drop_path_rate=rate, init_values=init_values,
+                  grid=grid if use_rel_pos_bias else None, fused_attn=fused_attn)
             for rate in drop_path_rates])
         self.norm = nn.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS) if final_norm else nn.Identity()
 
@@ -336,7 +360,7 @@ class Beit(BeitEncoder):
     is then the identity); otherwise the cls token after ``norm`` is classified.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
@@ -344,9 +368,12 @@ class Beit(BeitEncoder):
                  use_rel_pos_bias: bool = True, use_shared_rel_pos_bias: bool = False,
                  use_mean_pooling: bool = True, init_scale: float = 0.001,
                  fused_attn: bool = False, recompute: bool = False):
-        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
-                         drop_rate, attn_drop_rate, drop_path_rate, init_values, use_abs_pos_emb, use_rel_pos_bias,
-                         use_shared_rel_pos_bias, not use_mean_pooling, fused_attn, recompute)
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate,
+                         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, init_values=init_values,
+                         use_abs_pos_emb=use_abs_pos_emb, use_rel_pos_bias=use_rel_pos_bias,
+                         use_shared_rel_pos_bias=use_shared_rel_pos_bias, final_norm=not use_mean_pooling,
+                         fused_attn=fused_attn, recompute=recompute)
         self.num_classes = num_classes
         self.fc_norm = nn.LayerNorm(embed_dim, epsilon=LAYER_NORM_EPS) if use_mean_pooling else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()

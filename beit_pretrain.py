@@ -16,7 +16,7 @@ from cpu_runtime import use_fast_blas_kernels
 class BeitForMaskedImageModeling(BeitEncoder):
     """Encoder + mask token + final ``norm`` + ``lm_head`` over ``vocab_size`` visual tokens."""
 
-    def __init__(self, vocab_size: int = 8192, **encoder_args):
+    def __init__(self, *, vocab_size: int = 8192, **encoder_args):
         super().__init__(final_norm=True, **encoder_args)
         self.vocab_size = vocab_size
         self.mask_token = self.create_parameter([1, 1, self.embed_dim], default_initializer=trunc_normal_)

@@ -164,18 +164,12 @@ class CpuLayerNorm(nn.LayerNorm):
 
 
 class CpuAttention(Attention):
-    """beit.Attention's explicit path with contiguous transposes and a GEMM-summed bias gradient."""
+    """beit.Attention's math on this module's ops: the qkv GEMM with a GEMM-summed bias gradient, contiguous
+    transposes, and a bias add whose gradient is a GEMM."""
 
-    def _project_qkv(self, x: paddle.Tensor) -> paddle.Tensor:
-        return linear(x, self.qkv.weight, self._qkv_bias()).reshape([0, 0, 3, self.num_heads, self.head_dim])
-
-    def _explicit_attention(self, qkv: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:
-        q, k, v = paddle.unbind(permute(qkv, [2, 0, 3, 1, 4]), axis=0)
-        logits = paddle.matmul(q, k, transpose_y=True) * self.scale
-        if bias is not None:
-            logits = add_broadcast(logits, bias)
-        weights = F.dropout(F.softmax(logits, axis=-1), self._dropout_rate(), training=self.training)
-        return permute(paddle.matmul(weights, v), [0, 2, 1, 3])
+    _linear = staticmethod(linear)
+    _permute = staticmethod(permute)
+    _add_bias = staticmethod(add_broadcast)
 
 
 class CpuBlock(Block):

@@ -1,4 +1,5 @@
 """The Paddle model itself: structure, initialisation, fast paths, block features and the layer-decay rule."""
+import inspect
 import itertools
 import math
 
@@ -15,6 +16,7 @@ from timm.models._features import feature_take_indices
 import beit
 import cpu_ops
 from beit import build_beit, layer_id_for_lr_decay, lr_scale_for_param, relative_position_index, resolve_block_indices
+from beit_pretrain import BeitForMaskedImageModeling
 from config import get_config
 from helpers import ROOT
 from inference import BlockFeatures
@@ -76,8 +78,10 @@ MODEL_KEY_EFFECTS = {
     'NUM_HEADS': (4, lambda m: m.blocks[0].attn.num_heads == 4),
     'MLP_RATIO': (2.0, lambda m: m.blocks[0].mlp.fc1.weight.shape == [32, 64]),
     'QKV_BIAS': (False, lambda m: m.blocks[0].attn.q_bias is None),
-    'DROPOUT': (0.3, lambda m: m.blocks[0].mlp.drop.p == 0.3 and m.pos_drop.p == 0.3),
-    'ATTENTION_DROPOUT': (0.2, lambda m: m.blocks[0].attn.attn_drop == 0.2),
+    'DROPOUT': (0.3, lambda m: m.blocks[0].mlp.drop.p == m.blocks[0].attn.proj_drop.p == m.pos_drop.p == 0.3
+                and m.blocks[0].attn.attn_drop_rate == 0.0),
+    'ATTENTION_DROPOUT': (0.2, lambda m: m.blocks[0].attn.attn_drop_rate == 0.2
+                          and m.blocks[0].attn.proj_drop.p == m.blocks[0].mlp.drop.p == 0.0),
     'DROPPATH': (0.3, lambda m: m.blocks[-1].drop_path.drop_prob == pytest.approx(0.3)),
     'INIT_VALUES': (None, lambda m: m.blocks[0].gamma_1 is None),
     'USE_ABS_POS_EMB': (True, lambda m: m.pos_embed is not None),
@@ -89,6 +93,23 @@ MODEL_KEY_EFFECTS = {
     'RECOMPUTE': (True, lambda m: m.recompute),
     'TO_STATIC': (True, lambda m: isinstance(m.forward, StaticFunction)),
 }
+
+
+@pytest.mark.parametrize('layer, leading', [
+    (beit.Attention, (32, 2)), (beit.Block, (32, 2)), (beit.Mlp, (32, 64)), (beit.PatchEmbed, ()),
+    (beit.BeitEncoder, ()), (beit.Beit, ()), (BeitForMaskedImageModeling, ()),
+])
+def test_model_constructors_take_their_options_by_keyword(layer, leading):
+    """After the obvious leading sizes every option is keyword-only, so two rates or sizes cannot be swapped by
+    position; the dropout rates have one name (and order) in every constructor."""
+    parameters = list(inspect.signature(layer.__init__).parameters.values())[1:]
+    positional = [p.name for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert len(positional) == len(leading)
+    with pytest.raises(TypeError):
+        layer(*leading, *[0.1] * (len(parameters) - len(leading)))
+    rates = [p.name for p in parameters if p.name.endswith('drop_rate') or p.name == 'drop_path_rate']
+    expected = [name for name in ('drop_rate', 'attn_drop_rate', 'drop_path_rate') if name in rates]
+    assert rates == expected
 
 
 def test_every_model_key_reaches_the_model():
@@ -153,6 +174,36 @@ def test_drop_path_keeps_the_exact_rate_and_scale_in_half_precision(dtype, monke
     exact = paddle.to_tensor(x.astype('float32').numpy() * (np.float32(1.0) / np.float32(0.9))).astype(dtype)
     np.testing.assert_array_equal(out[kept], exact.astype('float32').numpy()[kept])
     assert drop.eval()(x) is x
+
+
+def test_drop_path_equals_timms_with_the_same_keep_mask(monkeypatch):
+    """Given the same keep mask (stand-ins for both libraries' Bernoulli draws), DropPath's values are timm's
+    drop_path's: dropped samples zero, kept ones scaled by 1/keep_prob."""
+    from timm.layers import drop_path
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 2.0, (16, 5, 3)).astype('float32')
+    mask = np.zeros((16, 1, 1), dtype='float32')
+    mask[::3] = 1.0
+    monkeypatch.setattr(paddle, 'bernoulli', lambda probabilities: paddle.to_tensor(mask))
+    monkeypatch.setattr(torch.Tensor, 'bernoulli_', lambda tensor, p: tensor.copy_(torch.from_numpy(mask)))
+    ours = beit.DropPath(0.3).train()(paddle.to_tensor(x)).numpy()
+    theirs = drop_path(torch.from_numpy(x), 0.3, training=True).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)
+    assert ours[::3].all() and not ours[1::3].any()
+
+
+def test_drop_path_keeps_the_mean_of_its_input():
+    """With Paddle's own draws, the batch mean of DropPath(0.3)'s output is its input's, as for timm's drop_path:
+    the residual branch is unbiased in training (within 4 standard errors of 40000 samples)."""
+    from timm.layers import drop_path
+    samples, keep = 40000, 0.7
+    paddle.seed(0)
+    torch.manual_seed(0)
+    ones = np.ones((samples, 2, 3), dtype='float32')
+    tolerance = 4 * math.sqrt((1 - keep) / keep / samples)
+    ours = beit.DropPath(1 - keep).train()(paddle.to_tensor(ones)).numpy()
+    theirs = drop_path(torch.from_numpy(ones), 1 - keep, training=True).numpy()
+    assert abs(ours.mean() - 1.0) < tolerance and abs(theirs.mean() - 1.0) < tolerance
 
 
 def _trained_copy_pair(spec, cpu_kernels: bool = False, **extra):

@@ -1,4 +1,6 @@
 """cpu_ops: each autograd function equals Paddle's own op, forward and every gradient, on CPU."""
+from collections import Counter
+
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -91,3 +93,42 @@ def test_autograd_functions_run_in_dygraph_on_cpu_only():
     x = paddle.ones([2, 3])
     assert _which_path(x).numpy().min() == 1
     assert paddle.jit.to_static(_which_path, full_graph=True)(x).numpy().max() == 0
+
+
+def test_cpu_attention_is_beits_attention_on_this_modules_ops(monkeypatch):
+    """CpuAttention holds no copy of the attention math, only beit.Attention's op hooks; with them it computes
+    beit.Attention's output and gradients (a block's own and a shared bias, attention dropout off), and its qkv
+    GEMM, transposes and bias add run through cpu_ops' autograd functions."""
+    from beit import Attention
+    own = {name for name in vars(cpu_ops.CpuAttention) if not name.startswith('__')}
+    assert own == {'_linear', '_permute', '_add_bias'}
+    calls = []
+    for function in (cpu_ops._Linear, cpu_ops._Permute, cpu_ops._AddBroadcast):
+        monkeypatch.setattr(function, 'apply', _counted(function.__name__, function.apply, calls))
+    rng = np.random.default_rng(0)
+    paddle.seed(0)
+    plain = Attention(8, 2, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0, grid=(2, 2), fused_attn=False)
+    state = {name: paddle.to_tensor(rng.standard_normal(value.shape).astype('float32'))
+             for name, value in plain.state_dict().items()}
+    plain.set_state_dict(state)
+    fast = Attention(8, 2, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0, grid=(2, 2), fused_attn=False)
+    fast.set_state_dict(state)
+    cpu_ops.use_cpu_kernels(fast)
+    x, shared = _tensor(rng, (3, 5, 8), 'float32'), _tensor(rng, (1, 2, 5, 5), 'float32')
+    upstream = paddle.to_tensor(rng.standard_normal((3, 5, 8)).astype('float32'))
+    results, counts = [], []
+    for layer in (plain, fast):
+        out, (grad_x, grad_shared) = _output_and_grads(layer, [x, shared], upstream)
+        results.append([out, grad_x, grad_shared, *(p.grad.numpy() for p in layer.parameters())])
+        counts.append(Counter(calls))
+        calls.clear()
+    assert counts == [Counter(), Counter({'_Linear': 2, '_Permute': 2, '_AddBroadcast': 1})]  # qkv and proj
+    for ours, expected in zip(results[1], results[0], strict=True):
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def _counted(name, apply, calls):
+    def counting(*args):
+        calls.append(name)
+        return apply(*args)
+    return counting

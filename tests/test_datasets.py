@@ -1,6 +1,7 @@
 """datasets.py: list files and their checks, image folders, RGB decoding, the bad-image policy, the samplers
 and the loaders (with and without worker processes) on tiny images written in a temporary folder."""
 import logging
+import random
 import threading
 import types
 from functools import partial
@@ -15,6 +16,7 @@ import datasets
 import transforms
 from config import DATASETS, get_config
 from datasets import DatasetError, LabeledImageDataset, Sample, ShardedEvalBatchSampler
+from utils import derived_seed
 
 TINY = (12, 10)  # width, height of the JPEGs written from the real photos
 
@@ -745,3 +747,25 @@ def test_pretraining_reads_image_folders_with_any_class_count(tmp_path, tiny_jpe
     np.testing.assert_array_equal(positions, np.flatnonzero(mask))
     with pytest.raises(DatasetError, match='3 class folders, but MODEL.NUM_CLASSES is 5'):
         datasets.get_dataset(config, 'train')
+
+
+def test_reseed_makes_a_samples_draws_depend_on_the_epoch_seed_and_its_index(tiny_jpegs):
+    """After reseed, sample i's draws from python's and numpy's generators (a stand-in transform records them) are
+    a function of (seed, i): the same for the same seed in any order of loading, new for every other sample and
+    for the seed of another epoch, SEED or rank (derived as job._start_epoch derives them)."""
+    _, paths = tiny_jpegs
+    dataset = LabeledImageDataset([Sample(str(path), 0) for path in paths],
+                                  lambda image: (random.random(), float(np.random.random())))
+
+    def draws(seed, order):
+        dataset.reseed(seed)
+        drawn = {index: dataset[index][0] for index in order}
+        return [drawn[index] for index in range(len(paths))]
+
+    order = list(range(len(paths)))
+    first = draws(derived_seed(0, 1, 0), order)
+    assert draws(derived_seed(0, 1, 0), order[::-1]) == first
+    values = {value for pair in first for value in pair}
+    assert len(values) == 2 * len(paths)
+    for other in (derived_seed(0, 2, 0), derived_seed(1, 1, 0), derived_seed(0, 1, 1)):
+        assert not values & {value for pair in draws(other, order) for value in pair}

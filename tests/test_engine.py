@@ -236,3 +236,28 @@ def test_one_host_sync_per_pretraining_step(host_syncs):
     result = train_one_epoch(trainer, data, 1, 1, steps=3, report_freq=100, logger=LOGGER)
     assert trainer.global_step == 3 and result['num_masked'] == 6 * 4 * 6
     assert host_syncs['ours'] == 3 and host_syncs['optimizer'] == 0, dict(host_syncs)
+
+
+def test_evaluate_sums_the_counts_of_every_process(monkeypatch):
+    """On 2 processes, each evaluating its shard, the reported metrics are the whole val set's exact counts: the
+    all-reduce (a stand-in adding the other process's totals in place) sums the totals, nothing divides them."""
+    config = tiny_config()
+    paddle.seed(0)
+    model = build_beit(config)
+    objective = ClassificationObjective(paddle.nn.CrossEntropyLoss())
+    own, other = batches(2, 5), batches(1, 3, seed=1) + batches(1, 4, seed=2)
+    whole = evaluate(model, own + other, World(), Amp(), objective)
+    with paddle.no_grad():
+        other_totals = paddle.add_n([objective.evaluate_batch(model, batch, Amp()) for batch in other])
+    reduced = []
+
+    def all_reduce(values):
+        reduced.append(values.numpy().copy())
+        paddle.assign(values + other_totals, output=values)
+
+    monkeypatch.setattr(paddle.distributed, 'all_reduce', all_reduce)
+    result = evaluate(model, own, World(rank=0, size=2, local_size=2), Amp(), objective)
+    assert len(reduced) == 1 and reduced[0][-1] == 10
+    assert result['num_samples'] == whole['num_samples'] == 17
+    for key in ('loss', 'acc1', 'acc5'):
+        assert result[key] == pytest.approx(whole[key], rel=1e-12), key

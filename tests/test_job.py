@@ -3,6 +3,7 @@ weights, -amp on CPU, a diverged run stopping after its last good checkpoint."""
 import json
 import logging
 import os
+import random
 import types
 
 import numpy as np
@@ -338,3 +339,42 @@ def test_a_resume_without_o2_saves_the_weights_it_trains(data, tmp_path, capsys)
     assert 'master_weights' not in saved['optimizer']
     assert "this run is not O2: its optimizer's float32 master weights are dropped" in (resumed / 'log.txt').read_text()
     capsys.readouterr()
+
+
+class _SeedRecorder:
+    """A stand-in for the objective, the train set and its sampler: records what _start_epoch hands it."""
+
+    def __init__(self, received: dict, name: str):
+        self.received, self.name = received, name
+
+    def reseed(self, seed):
+        self.received[self.name] = seed
+
+    def set_epoch(self, epoch):
+        self.received['sampler epoch'] = epoch
+
+
+def _epoch_start(seed: int, rank: int, epoch: int) -> dict:
+    """What job._start_epoch gives a stand-in job's receivers, and the first draws of the global generators."""
+    received = {}
+    stand_in = types.SimpleNamespace(
+        config=types.SimpleNamespace(SEED=seed), world=World(rank=rank, size=2, local_size=2),
+        trainer=types.SimpleNamespace(objective=_SeedRecorder(received, 'objective')),
+        train_set=_SeedRecorder(received, 'dataset'),
+        train_loader=types.SimpleNamespace(batch_sampler=_SeedRecorder(received, 'sampler')))
+    job._start_epoch(stand_in, epoch)
+    received['global draws'] = (random.random(), float(np.random.random()), paddle.rand([]).item())
+    return received
+
+
+def test_a_two_epoch_run_draws_from_seed_epoch_and_rank():
+    """Epochs 1 and 2 of a run, on ranks 0 and 1, for SEED 0 and 1: each start hands the objective and the dataset
+    one seed and the sampler the epoch, and seeds the global generators (augmentations, drop path); the 8 starts
+    differ from one another and repeat exactly for the same (SEED, epoch, rank), as a resumed run needs."""
+    starts = {(seed, rank, epoch): _epoch_start(seed, rank, epoch)
+              for seed in (0, 1) for rank in (0, 1) for epoch in (1, 2)}
+    for (seed, rank, epoch), received in starts.items():
+        assert received['objective'] == received['dataset'] and received['sampler epoch'] == epoch
+        assert _epoch_start(seed, rank, epoch) == received
+    assert len({received['dataset'] for received in starts.values()}) == 8
+    assert len({received['global draws'] for received in starts.values()}) == 8

@@ -55,3 +55,19 @@ def test_mixup_batches_without_draws_or_of_another_size_are_refused():
         ClassificationObjective(objective.criterion, objective.mixup)
     config.TRAIN.MIXUP_ALPHA = config.TRAIN.CUTMIX_ALPHA = 0.0
     assert build_classification_objective(config, World()).batch_draws is None
+
+
+def test_reseed_repeats_the_mixup_draws_of_a_seed_and_changes_them_with_it():
+    """The loader's Mixup/CutMix draws after reseed depend on the seed alone: repeated for the same epoch seed,
+    different for another (job._start_epoch derives one per SEED, epoch and rank)."""
+    objective = build_classification_objective(get_config(TINY_CONFIG), World())
+
+    def draws(seed):
+        objective.reseed(seed)
+        return np.concatenate([np.ravel(part).astype(np.float64) for _ in range(3)
+                               for part in objective.batch_draws(4)])
+
+    first = draws(11)
+    np.testing.assert_array_equal(draws(11), first)
+    for other in (12, 13):
+        assert not np.array_equal(draws(other), first)
