@@ -14,6 +14,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 MAX_LEVEL = 10.0
 _TRANSLATE_FRACTION = 0.45  # largest relative shift; timm's default, which its ImageNet train transform keeps
+_PIXEL_VALUES = 256  # of an 8-bit channel
 
 
 def _random_sign(value: float) -> float:
@@ -57,12 +58,12 @@ def _posterize_bits_original(level):
 
 
 def _solarize_threshold(level):
-    """Pixels at or above the threshold are inverted: 0 inverts all, 256 none."""
-    return min(256, int((level / MAX_LEVEL) * 256))
+    """Pixels at or above the threshold are inverted: 0 inverts all, 256 (_PIXEL_VALUES) none."""
+    return min(_PIXEL_VALUES, int((level / MAX_LEVEL) * _PIXEL_VALUES))
 
 
 def _solarize_threshold_increasing(level):
-    return 256 - _solarize_threshold(level)
+    return _PIXEL_VALUES - _solarize_threshold(level)
 
 
 def _solarize_addition(level):

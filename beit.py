@@ -14,6 +14,7 @@ import paddle.nn.functional as F
 from paddle.distributed.fleet.utils import recompute
 
 from cpu_runtime import use_fast_blas_kernels
+from errors import BadInputError
 from pos_resample import NUM_CLS_RELATIONS, resample_abs_pos_embed, resample_rel_pos_table
 
 LAYER_NORM_EPS = 1e-6
@@ -484,7 +485,7 @@ def lr_scale_for_param(param_name: str, depth: int, layer_decay: float) -> float
     return layer_decay ** (depth + 1 - layer_id_for_lr_decay(param_name, depth))
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(BadInputError):
     """A state dict that cannot be made to fit the model."""
 
 

@@ -15,6 +15,7 @@ import paddle
 
 import safe_pickle
 from beit import CheckpointMismatchError, adapt_state_dict
+from errors import BadInputError
 from optim import float32_weights
 from utils import save_atomically
 
@@ -24,7 +25,7 @@ REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'global_step')
 _WRAPPER_KEYS = ('model', 'module', 'state_dict', 'model_ema')  # what holds a state dict in the files of each zoo
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInputError):
     """A checkpoint file that is missing, unreadable, or not what the run needs."""
 
 

@@ -1,23 +1,28 @@
-"""The command line of every main script: flags into a config, exit codes, and the run of a task in this process
-with bad input reported as one clear line.
+"""The command line of every main script: flags into a config, exit codes, and the launch of a task (in this
+process, or in one process per device) with bad input reported as one clear line. Each main_*.py names its task
+and description and calls ``launch``.
 
-Exit codes: 0 done, EXIT_BAD_INPUT (2) for input the user can fix (nothing was written), EXIT_TRAINING_FAILED
-(1) when training diverged or a process failed.
+Exit codes (errors.py): 0 done, EXIT_BAD_INPUT (2) for input the user can fix (an errors.BadInputError: nothing
+was written), EXIT_TRAINING_FAILED (1) when training diverged or a process failed.
 """
 import argparse
 import logging
+import multiprocessing
+import os
 import sys
+import tempfile
 
+import paddle
+import paddle.distributed as dist
 from yacs.config import CfgNode as CN
 
 from config import ConfigError, get_config, lookup, merge_opts, merge_yaml, set_value, validate_config
+from datasets import lists_checked_once
 from engine import NonFiniteLossError
-from job import INPUT_ERRORS, check_before_launch, execute
+from errors import EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, BadInputError
+from job import check_before_launch, execute
 from tasks import Task
-from utils import LOGGER_NAME, start_logger
-
-EXIT_BAD_INPUT = 2
-EXIT_TRAINING_FAILED = 1
+from utils import LOGGER_NAME, die_with_parent, start_logger
 
 _FLAG_TO_KEY = {
     'dataset': 'DATA.DATASET',
@@ -102,26 +107,99 @@ def parse_config(argv, description: str, task: Task | None = None):
         return None
 
 
+def launch(argv, *, task: Task, description: str, one_process: bool = False) -> int:
+    """A main script's whole run of ``task`` as the command line says, and its exit code: in this process with
+    ``one_process`` or under ``python -m paddle.distributed.launch`` (which started the processes), else in
+    process_count(config) processes (paddle.distributed.spawn when more than one)."""
+    config = parse_config(argv, description, task)
+    if config is None:
+        return EXIT_BAD_INPUT
+    if one_process:
+        return run(config, multi_process=False, task=task)
+    if launched_by_paddle():
+        die_with_parent()  # the launcher's controller
+        return run(config, multi_process=True, task=task)
+    nprocs = process_count(config)
+    if nprocs == 1:
+        return run(config, multi_process=False, task=task)
+    with lists_checked_once(tempfile.mkdtemp(prefix='beit-sample-tables-')):  # here, for every process
+        return check_inputs(config, task) or _spawn_and_wait(config, task, nprocs)
+
+
+def launched_by_paddle() -> bool:
+    """paddle.distributed.launch (and spawn) describe the job to each process in PADDLE_* variables."""
+    return 'PADDLE_TRAINERS_NUM' in os.environ
+
+
+def visible_gpus() -> int:
+    """The GPUs this Paddle can use (CUDA_VISIBLE_DEVICES applies); 0 for a CPU build."""
+    return paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
+
+
+def process_count(config) -> int:
+    """NGPUS (-ngpus) when set, else every visible GPU; a CPU-only machine runs one process unless told."""
+    return config.NGPUS if config.NGPUS > 0 else max(1, visible_gpus())
+
+
+def check_gpus_visible(config) -> None:
+    """-ngpus N needs N visible GPUs on a GPU build (a CPU build runs N processes over gloo)."""
+    visible = visible_gpus()
+    if 0 < visible < config.NGPUS:
+        raise ConfigError(f'-ngpus {config.NGPUS}: only {visible} GPUs are visible (CUDA_VISIBLE_DEVICES)')
+
+
 def run(config, multi_process: bool, task: Task) -> int:
     """Run this process's part of ``task`` and return the exit code, after printing a clear message for a failure
     the user can fix (bad input) or a diverged training."""
+    return _exit_code(lambda: execute(config, multi_process, task), logging.getLogger(LOGGER_NAME).error)
+
+
+def check_inputs(config, task: Task) -> int:
+    """In the launching process, before it starts any: the GPUs -ngpus asks for, then job.check_before_launch; 0,
+    or EXIT_BAD_INPUT after the message."""
+    def check():
+        check_gpus_visible(config)
+        check_before_launch(config, task)
+    return _exit_code(check, start_logger(is_main=False).error)
+
+
+def _exit_code(step, report) -> int:
+    """The exit code of ``step()``: 0, or EXIT_BAD_INPUT for input the user can fix and EXIT_TRAINING_FAILED for a
+    diverged training, each after ``report``ing the one-line reason. The one place bad input becomes exit 2."""
     try:
-        execute(config, multi_process, task)
-    except INPUT_ERRORS as err:
-        logging.getLogger(LOGGER_NAME).error(f'error: {err}')
+        step()
+    except BadInputError as err:
+        report(f'error: {err}')
         return EXIT_BAD_INPUT
     except NonFiniteLossError as err:
-        logging.getLogger(LOGGER_NAME).error(f'error: {err}')
+        report(f'error: {err}')
         return EXIT_TRAINING_FAILED
     return 0
 
 
-def check_inputs(config, task: Task) -> int:
-    """job.check_before_launch in the launching process: 0, or EXIT_BAD_INPUT after the message."""
-    logger = start_logger(is_main=False)
+def _spawned_process(config, task: Task) -> None:
+    # spawn's children inherit its start method, so their DataLoader workers would be spawned too: each would
+    # import everything and unpickle a copy of the dataset (14 s to the first batch on an ImageNet list, against
+    # 1 s forked, as in one process or under paddle.distributed.launch).
+    if 'fork' in multiprocessing.get_all_start_methods():
+        multiprocessing.set_start_method('fork', force=True)
+    die_with_parent()
+    code = run(config, multi_process=True, task=task)
+    if code:
+        sys.exit(code)
+
+
+def _spawn_and_wait(config, task: Task, nprocs: int) -> int:
+    """Run the processes to the end. A process that found bad input printed why and wrote nothing: the run then
+    exits with EXIT_BAD_INPUT, as one process would."""
+    context = None
     try:
-        check_before_launch(config, task)
-    except INPUT_ERRORS as err:
-        logger.error(f'error: {err}')
-        return EXIT_BAD_INPUT
+        context = dist.spawn(_spawned_process, args=(config, task), nprocs=nprocs, join=False)
+        while not context.join():
+            pass
+    except Exception as err:  # spawn re-raises a failed process's exit or traceback as a plain Exception
+        if context is not None and any(p.exitcode == EXIT_BAD_INPUT for p in context.processes):
+            return EXIT_BAD_INPUT
+        print(f'error: a training process failed: {err}', file=sys.stderr)
+        return EXIT_TRAINING_FAILED
     return 0

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+from errors import BadInputError
+
 # Choices, defined here once: validate_config checks them and the module that implements them imports them
 # (config.py itself imports no paddle).
 DATASETS = ('imagenet2012', 'imagefolder')  # datasets.py: list files, class folders
@@ -147,7 +149,7 @@ _C.VALIDATE_FREQ = 1  # epochs between evaluations
 _C.SEED = 0
 _C.EVAL = False
 _C.EVAL_BACKEND = 'dygraph'  # -eval runs: dygraph, or the exported model in Paddle Inference (CPU) fp32 / bf16
-_C.NGPUS = -1  # processes for main_multi_gpu.py; -1 uses every visible GPU
+_C.NGPUS = -1  # processes (-ngpus) of main_multi_gpu.py, main_pretrain.py, main_linprobe.py; -1: every visible GPU
 _C.CPU_KERNELS = True  # CPU dygraph: cpu_ops.py's gradient kernels (the same results, faster); False: Paddle's own ops
 _C.DETERMINISTIC = False  # GPU: Paddle's deterministic cuDNN kernels (slower); nothing to set on a CPU
 # Read .pdparams with plain pickle (paddle.load), which runs any code a file holds, instead of safe_pickle's
@@ -182,7 +184,7 @@ _PROBABILITIES = ('DATA.CROP_PCT', 'MODEL.DROPOUT', 'MODEL.ATTENTION_DROPOUT', '
                   'TRAIN.MIXUP_SWITCH_PROB', 'TRAIN.RANDOM_ERASE_PROB', 'TRAIN.HFLIP_PROB', 'LINPROBE.MOMENTUM')
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInputError):
     """A config file, flag or value that cannot be used; the message names the key."""
 
 
@@ -315,6 +317,9 @@ def validate_config(config: CN) -> None:
     for key in _NON_NEGATIVE:
         if lookup(config, key) < 0:
             raise ConfigError(f'{key} must not be negative, got {lookup(config, key)!r}')
+    if config.NGPUS == 0 or config.NGPUS < -1:
+        raise ConfigError(f'NGPUS (-ngpus) must be a process count of at least 1, or -1 for one process per visible '
+                          f'GPU, got {config.NGPUS}')
     if config.DATA.NUM_WORKERS < -1:
         raise ConfigError(f'DATA.NUM_WORKERS must be a count, or -1 for min(8, cores // processes), got '
                           f'{config.DATA.NUM_WORKERS!r}')
@@ -367,6 +372,9 @@ def validate_pretraining_config(config: CN) -> None:
         raise ConfigError(f'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK {pretrain.MIN_MASK_PATCHES_PER_BLOCK} is more than a '
                           f'block may hold (PRETRAIN.NUM_MASK_PATCHES {num_masked}, '
                           f'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK {pretrain.MAX_MASK_PATCHES_PER_BLOCK})')
+    if pretrain.TOKENIZER_HIDDEN % 4:
+        raise ConfigError(f'PRETRAIN.TOKENIZER_HIDDEN must be a multiple of 4 (the DALL-E encoder\'s blocks narrow '
+                          f'to a quarter of it), got {pretrain.TOKENIZER_HIDDEN}')
     if not pretrain.TOKENIZER_WEIGHTS and not pretrain.RANDOM_TOKENIZER:
         raise ConfigError('PRETRAIN.TOKENIZER_WEIGHTS is not set: pre-training predicts the tokens of the DALL-E '
                           'tokenizer, convert its encoder with `python load_dalle_weights.py -src encoder.pkl -dst '

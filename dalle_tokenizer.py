@@ -14,12 +14,13 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 import safe_pickle
+from errors import BadInputError
 
 _GROUP_NAME = re.compile(r'blocks\.group_(\d+)\.')
 _FIRST_GROUP_BLOCK_NAME = re.compile(r'blocks\.group_1\.block_(\d+)\.')
 
 
-class TokenizerWeightsError(ValueError):
+class TokenizerWeightsError(BadInputError):
     """Tokenizer weights that are missing, unreadable or not a DALL-E encoder of the asked size."""
 
 

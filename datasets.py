@@ -35,6 +35,7 @@ from PIL import Image, ImageFile
 
 from config import BAD_IMAGE_POLICIES, DATASETS
 from device_batch import ClassificationBatch, NormaliseAndErase, PretrainingBatch
+from errors import BadInputError
 from masking_generator import MaskingGenerator, masked_positions
 from random_erasing import RandomErasing
 from transforms import get_pretrain_transforms, get_train_erasing, get_train_transforms, get_val_transforms, to_rgb
@@ -54,7 +55,7 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 _log = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(BadInputError):
     """Data that cannot be used; the message names the file (and the list line) to fix."""
 
 

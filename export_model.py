@@ -21,8 +21,9 @@ import paddle
 
 from beit import resolve_block_indices
 from cli import build_arg_parser, update_config
-from config import ConfigError, get_default_config
-from inference import BlockFeatures, WeightsError, export, load_model
+from config import get_default_config
+from errors import EXIT_BAD_INPUT, BadInputError
+from inference import BlockFeatures, export, load_model
 
 
 def main(argv=None) -> int:
@@ -40,9 +41,9 @@ def main(argv=None) -> int:
         with on_cpu():
             model, notes = load_model(config, config.MODEL.PRETRAINED, args.ema)
             export(BlockFeatures(model, args.block_features) if args.block_features else model, config, args.output)
-    except (ConfigError, WeightsError) as err:
+    except BadInputError as err:
         print(f'error: {err}', file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     for note in notes:
         print(f'note: {note}')
     what = f'the maps of blocks {args.block_features} of ' if args.block_features else ''

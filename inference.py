@@ -19,6 +19,7 @@ from paddle.static import InputSpec
 from beit import CheckpointMismatchError, build_beit
 from checkpoint import CheckpointError, load_pretrained
 from config import ConfigError, get_config
+from errors import BadInputError
 from utils import cpu_threads_per_process
 
 PRECISIONS = ('fp32', 'bf16')
@@ -28,7 +29,7 @@ EXPORT_CONTRACT_KEYS = ('DATA.IMAGE_SIZE', 'DATA.CROP_PCT', 'DATA.INTERPOLATION'
                         'DATA.IMAGENET_STD', 'MODEL.NUM_CLASSES')
 
 
-class WeightsError(ValueError):
+class WeightsError(BadInputError):
     """Weights or an exported model that are missing, unreadable or do not fit the config; says which file."""
 
 

@@ -14,7 +14,9 @@ import re
 import sys
 import warnings
 
-EXIT_REFUSED = 2  # as cli.EXIT_BAD_INPUT (not imported: this module must run before Paddle is installed)
+from errors import EXIT_BAD_INPUT
+
+EXIT_REFUSED = EXIT_BAD_INPUT  # errors.py imports nothing: this module runs before Paddle is installed
 PADDLE_DISTRIBUTIONS = ('paddlepaddle', 'paddlepaddle-gpu')
 CPU_DEMO_PROCESSES = 2
 TEST_VENV_HINT = ('python3 -m venv .venv-tests && PATH="$PWD/.venv-tests/bin:$PATH" bash run_tests.sh  '
@@ -90,7 +92,7 @@ def check_test_environment() -> int:
 
 
 def visible_gpus() -> int:
-    """GPUs the Paddle here can use (CUDA_VISIBLE_DEVICES applies), as main_multi_gpu.py counts them; 0 for a CPU
+    """GPUs the Paddle here can use (CUDA_VISIBLE_DEVICES applies), as cli.process_count counts them; 0 for a CPU
     build."""
     paddle = installed_paddle()
     return paddle.device.cuda.device_count() if paddle is not None and is_gpu_build(paddle) else 0

@@ -18,7 +18,6 @@ import cpu_ops
 import cpu_runtime
 import gpu_runtime
 import run_folder
-from beit import CheckpointMismatchError
 from checkpoint import (
     BEST_CHECKPOINT,
     CheckpointError,
@@ -37,9 +36,8 @@ from checkpoint import (
 from config import ConfigError
 from datasets import DatasetError, get_dataloader, lists_checked_once_per_machine
 from engine import Amp, NonFiniteLossError, Objective, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
-from inference import PredictorAsModel, WeightsError
+from inference import PredictorAsModel
 from model_ema import ModelEma
-from run_folder import RunFolderBusyError
 from tasks import Task
 from utils import (
     append_jsonl,
@@ -53,8 +51,6 @@ from utils import (
 )
 
 FLOAT32 = Amp()  # AMP off
-INPUT_ERRORS = (ConfigError, DatasetError, CheckpointError, CheckpointMismatchError, WeightsError,
-                RunFolderBusyError)  # what bad input raises: the run stops before writing anything
 
 
 @dataclass
@@ -297,7 +293,7 @@ def _fused_attention_note(config, model) -> str:
 
 
 def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
-    """Check every input and build the run in memory; raises one of INPUT_ERRORS, having written nothing."""
+    """Check every input and build the run in memory; raises an errors.BadInputError, having written nothing."""
     check_run_config(config, task)
     amp = amp_for(config, logger)
     multi_process = world.size > 1
@@ -517,7 +513,7 @@ def evaluate_weights(job: Job) -> dict:
 
 
 def execute(config, multi_process: bool, task: Task) -> None:
-    """Run this process's part of ``task``: evaluate (-eval) or train; raises one of INPUT_ERRORS for bad input,
+    """Run this process's part of ``task``: evaluate (-eval) or train; raises an errors.BadInputError for bad input,
     having written nothing, or NonFiniteLossError when training diverges."""
     world = init_world(multi_process)
     logger = start_logger(world.is_main)

@@ -14,9 +14,9 @@ import sys
 
 import paddle
 
-from checkpoint import CheckpointError
-from dalle_tokenizer import Encoder, TokenizerWeightsError, check_state_dict_fits, encoder_kwargs_from_state_dict
-from load_pytorch_weights import ConversionError, read_checkpoint, to_paddle_layout
+from dalle_tokenizer import Encoder, check_state_dict_fits, encoder_kwargs_from_state_dict
+from errors import EXIT_BAD_INPUT, BadInputError
+from torch_checkpoint import read_checkpoint, to_paddle_layout
 from utils import save_atomically
 
 # The classes encoder.pkl pickles, and those of decoder.pkl, so that a decoder is named as such when refused.
@@ -46,9 +46,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         encoder_kwargs = convert_file(args.src, args.dst)
-    except (ConversionError, CheckpointError, TokenizerWeightsError) as err:
+    except BadInputError as err:
         print(f'error: {err}', file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     settings = ', '.join(f'{key}={value}' for key, value in encoder_kwargs.items())
     print(f'wrote the DALL-E encoder ({settings}) to {args.dst}')
     return 0

@@ -12,12 +12,12 @@ same -pretrained. -batch_size sets LINPROBE.BATCH_SIZE; the other flags and the 
 """
 import sys
 
-import main_multi_gpu
+from cli import launch
 from task_linprobe import LINEAR_PROBING
 
 
 def main(argv=None) -> int:
-    return main_multi_gpu.main(argv, LINEAR_PROBING, 'Linear probing of a frozen BEiT, a classifier per block')
+    return launch(argv, task=LINEAR_PROBING, description='Linear probing of a frozen BEiT, a classifier per block')
 
 
 if __name__ == '__main__':

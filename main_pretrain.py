@@ -10,12 +10,12 @@ converted with ``load_pytorch_weights.py -mim``). Its checkpoints start fine-tun
 """
 import sys
 
-import main_multi_gpu
+from cli import launch
 from task_pretrain import PRETRAINING
 
 
 def main(argv=None) -> int:
-    return main_multi_gpu.main(argv, PRETRAINING, 'Pre-train BEiT (masked image modeling)')
+    return launch(argv, task=PRETRAINING, description='Pre-train BEiT (masked image modeling)')
 
 
 if __name__ == '__main__':

@@ -5,15 +5,12 @@
 """
 import sys
 
-from cli import EXIT_BAD_INPUT, parse_config, run
+from cli import launch
 from task_finetune import FINE_TUNING
 
 
 def main(argv=None) -> int:
-    config = parse_config(argv, 'Train or evaluate BEiT in one process', FINE_TUNING)
-    if config is None:
-        return EXIT_BAD_INPUT
-    return run(config, multi_process=False, task=FINE_TUNING)
+    return launch(argv, task=FINE_TUNING, description='Train or evaluate BEiT in one process', one_process=True)
 
 
 if __name__ == '__main__':

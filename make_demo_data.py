@@ -23,6 +23,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from errors import EXIT_BAD_INPUT, BadInputError
+
 DEFAULT_SOURCE = '/usr/share/datasets/fashion-mnist'
 DEFAULT_OUTPUT = os.path.join('data', 'fashion_mnist')
 CLASS_NAMES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
@@ -32,7 +34,7 @@ README_MARKER = 'Made by make_demo_data.py'
 _IDX_UBYTE = 0x08
 
 
-class SourceError(ValueError):
+class SourceError(BadInputError):
     """Source files that are missing, malformed or too small for the requested subset."""
 
 
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
         make_demo_data(args.source, args.output, args.train_per_class, args.val_per_class, args.seed)
     except SourceError as err:
         print(f'error: {err}', file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(f'wrote {len(CLASS_NAMES)} classes x ({args.train_per_class} train + {args.val_per_class} val) '
           f'images to {args.output}')
     return 0

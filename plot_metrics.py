@@ -15,11 +15,17 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display needed
 import matplotlib.pyplot as plt
 
+from errors import EXIT_BAD_INPUT, BadInputError
+
+
+class MetricsError(BadInputError):
+    """A metrics file that is missing or malformed; the message names the file (and the line)."""
+
 
 def read_metrics(path: str) -> list:
     """The records of metrics.jsonl; a malformed line is an error naming its number."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'no metrics file: {path}')
+        raise MetricsError(f'no metrics file: {path}')
     records = []
     with open(path, encoding='utf-8') as f:
         for number, line in enumerate(f, 1):
@@ -27,7 +33,7 @@ def read_metrics(path: str) -> list:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f'{path}: line {number} is not JSON ({err})') from err
+                    raise MetricsError(f'{path}: line {number} is not JSON ({err})') from err
     return records
 
 
@@ -105,15 +111,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = read_runs([args.output, *args.compare])
-    except (FileNotFoundError, ValueError) as err:
+    except MetricsError as err:
         print(f'error: {err}', file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     records = next(iter(runs.values()))
     unprobed = [label for label, run in runs.items() if block_accuracies(run)[0] is None]
     if args.compare and unprobed:
         print(f'error: -compare draws linear-probing runs; no per-block accuracy in {", ".join(unprobed)}',
               file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     written = [os.path.join(args.output, 'curves.png')]
     plot_curves(records, written[0])
     if not unprobed:

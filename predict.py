@@ -21,8 +21,9 @@ import sys
 import numpy as np
 
 from cli import build_arg_parser, update_config
-from config import ConfigError, get_default_config
+from config import get_default_config
 from datasets import DECODE_ERRORS, load_rgb_image
+from errors import EXIT_BAD_INPUT, BadInputError
 from inference import (
     PRECISIONS,
     DygraphPredictor,
@@ -38,7 +39,7 @@ IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dat
 IMAGENET_NUM_CLASSES = 1000
 
 
-class ClassNamesError(ValueError):
+class ClassNamesError(BadInputError):
     """A class-names file that cannot name this model's classes."""
 
 
@@ -156,9 +157,9 @@ def main(argv=None) -> int:
         config = read_config(args)
         names = class_names_for(config, args.class_names)
         predictor = build_predictor(config, args)
-    except (ConfigError, WeightsError, ClassNamesError) as err:
+    except BadInputError as err:
         print(f'error: {err}', file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     val_transform, normalise = get_val_transforms(config), host_normalise(config)
     paths, arrays, failures = prepare_images(args.images, lambda image: normalise(val_transform(image)))
     for failure in failures:
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
             logits = predict_logits(predictor, arrays, config.DATA.BATCH_SIZE_EVAL)
         except WeightsError as err:  # an export of block features shows itself at its first run
             print(f'error: {err}', file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         results = top_k(paths, logits, names, min(args.topk, config.MODEL.NUM_CLASSES))
     if args.json:
         print(json.dumps({'predictions': results, 'errors': failures}, indent=2))

@@ -9,6 +9,7 @@ import json
 import os
 import re
 
+from errors import BadInputError
 from utils import write_lines_atomically
 
 LOCK_FILE = 'run.lock'
@@ -19,7 +20,7 @@ _TEMP_FILE = re.compile(r'^(checkpoint-epoch-\d+\.pdparams|checkpoint-best\.pdpa
                         + re.escape(METRICS_FILE) + r')\.tmp(\d+)$')
 
 
-class RunFolderBusyError(ValueError):
+class RunFolderBusyError(BadInputError):
     """The output folder is being written by a live run."""
 
 

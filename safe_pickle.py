@@ -20,6 +20,7 @@ from paddle.base import libpaddle
 from paddle.framework import io as paddle_io
 from paddle.framework import io_utils as paddle_io_utils
 
+from errors import BadInputError
 from utils import LOGGER_NAME
 
 # paddle.load's names for what follows the unpickling (large arrays split by protocols 2/3, Paddle 2.0's table of
@@ -28,7 +29,7 @@ from utils import LOGGER_NAME
 _PARAMETER_NAME_TABLE = 'StructuredToParameterName@@'
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(BadInputError, pickle.UnpicklingError):
     """A pickle that names a global a weights file never needs: reading it further could run code."""
 
 

@@ -7,8 +7,8 @@ import paddle
 import paddle.nn as nn
 
 from beit_pretrain import build_beit_pretrain
-from config import ConfigError, validate_pretraining_config
-from dalle_tokenizer import build_tokenizer
+from config import validate_pretraining_config
+from dalle_tokenizer import TokenizerWeightsError, build_tokenizer
 from datasets import get_pretraining_dataset
 from engine import Amp, World
 from losses import cross_entropy_rows
@@ -26,10 +26,11 @@ def build_tokenizer_for(config) -> nn.Layer:
         tokenizer = build_tokenizer(path, trust_pickle=config.TRUST_PICKLE, n_hid=pretrain.TOKENIZER_HIDDEN,
                                     n_blk_per_group=pretrain.TOKENIZER_BLOCKS_PER_GROUP,
                                     vocab_size=pretrain.VOCAB_SIZE)
-    except ValueError as err:  # dalle_tokenizer.TokenizerWeightsError: missing, unreadable or another size
-        raise ConfigError(f'PRETRAIN.TOKENIZER_WEIGHTS: cannot load {path} as a DALL-E encoder with '
-                          f'TOKENIZER_HIDDEN {pretrain.TOKENIZER_HIDDEN}, TOKENIZER_BLOCKS_PER_GROUP '
-                          f'{pretrain.TOKENIZER_BLOCKS_PER_GROUP}, VOCAB_SIZE {pretrain.VOCAB_SIZE}: {err}') from err
+    except TokenizerWeightsError as err:  # missing, unreadable or another size: named by the config keys
+        raise TokenizerWeightsError(f'PRETRAIN.TOKENIZER_WEIGHTS: cannot load {path} as a DALL-E encoder with '
+                                    f'TOKENIZER_HIDDEN {pretrain.TOKENIZER_HIDDEN}, TOKENIZER_BLOCKS_PER_GROUP '
+                                    f'{pretrain.TOKENIZER_BLOCKS_PER_GROUP}, VOCAB_SIZE {pretrain.VOCAB_SIZE}: '
+                                    f'{err}') from err
     return tokenizer  # frozen, in eval mode
 
 

@@ -177,6 +177,7 @@ def test_pretraining_config_holds_unilms_pt22k_recipe(tmp_path):
     (['PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK', '10'], 'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK 16 is more than a block'),
     (['PRETRAIN.TOKENIZER_WEIGHTS', 'missing/dall_e.pdparams'],
      'PRETRAIN.TOKENIZER_WEIGHTS: file not found: missing/dall_e.pdparams'),
+    (['PRETRAIN.TOKENIZER_HIDDEN', '6'], 'PRETRAIN.TOKENIZER_HIDDEN must be a multiple of 4'),
     (['EVAL', 'True'], 'pre-training has no evaluation'),
     (['MODEL.TO_STATIC', 'True'], 'MODEL.TO_STATIC compiles the fine-tuning model only'),
 ])

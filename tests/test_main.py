@@ -272,8 +272,8 @@ def _record_imports(event, args):
 sys.addaudithook(_record_imports)
 '''
 # The tokenizer, the converters and what only they need: a fine-tuning run has no use for any of them.
-NOT_FOR_FINE_TUNING = ('dalle_tokenizer', 'dall_e', 'load_pytorch_weights', 'load_dalle_weights', 'beit_pretrain',
-                       'task_pretrain', 'torch', 'timm')
+NOT_FOR_FINE_TUNING = ('dalle_tokenizer', 'dall_e', 'load_pytorch_weights', 'load_dalle_weights', 'torch_checkpoint',
+                       'beit_pretrain', 'task_pretrain', 'torch', 'timm')
 
 
 def test_fine_tuning_evaluation_and_resume_import_no_tokenizer_or_converter(data, tmp_path):
