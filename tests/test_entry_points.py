@@ -9,10 +9,9 @@ import paddle
 import pytest
 
 import cli
-from conftest import ROOT
 from errors import EXIT_BAD_INPUT
+from helpers import ROOT, TINY_CONFIG
 from task_finetune import FINE_TUNING
-from tiny_data import TINY_CONFIG
 
 SHIMS = {'main_single_gpu': ('task_finetune', 'FINE_TUNING', True),
          'main_multi_gpu': ('task_finetune', 'FINE_TUNING', False),

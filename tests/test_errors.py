@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 import errors
-from conftest import ROOT
+from helpers import ROOT
 
 INPUT_ERRORS = [('config', 'ConfigError'), ('datasets', 'DatasetError'), ('checkpoint', 'CheckpointError'),
                 ('beit', 'CheckpointMismatchError'), ('inference', 'WeightsError'),

@@ -5,7 +5,7 @@ import torch
 
 import load_pytorch_weights
 from errors import EXIT_BAD_INPUT
-from tiny_data import TINY_CONFIG
+from helpers import TINY_CONFIG
 from torch_checkpoint import RefusedPickleError, read_checkpoint
 
 
