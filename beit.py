@@ -227,7 +227,7 @@ class Attention(nn.Layer):
         """Softmax(q k^T * scale + bias) v with two GEMMs, in [B, heads, N, head_dim] layout.
 
         The scale goes on the logits: in a static graph (export, TO_STATIC) that is the pattern Paddle
-        Inference's oneDNN passes fuse (bf16 inference ~1.3x faster than scaling q).
+        Inference's oneDNN passes fuse (measured against scaling q: docs/cpu_speed.md).
         """
         q, k, v = paddle.unbind(self._permute(qkv, [2, 0, 3, 1, 4]), axis=0)
         logits = paddle.matmul(q, k, transpose_y=True) * self.scale

@@ -20,7 +20,8 @@ from optim import float32_weights
 from utils import save_atomically
 
 CHECKPOINT_PATTERN = re.compile(r'^checkpoint-epoch-(\d+)\.pdparams$')
-BEST_CHECKPOINT = 'checkpoint-best.pdparams'  # the training checkpoint of the best validation top-1 so far
+BEST_CHECKPOINT = 'checkpoint-best.pdparams'  # the training checkpoint of the best validation so far (by the
+# objective's metric: top-1 for classification)
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'global_step')
 _WRAPPER_KEYS = ('model', 'module', 'state_dict', 'model_ema')  # what holds a state dict in the files of each zoo
 

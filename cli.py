@@ -179,8 +179,8 @@ def _exit_code(step, report) -> int:
 
 def _spawned_process(config, task: Task) -> None:
     # spawn's children inherit its start method, so their DataLoader workers would be spawned too: each would
-    # import everything and unpickle a copy of the dataset (14 s to the first batch on an ImageNet list, against
-    # 1 s forked, as in one process or under paddle.distributed.launch).
+    # import everything and unpickle a copy of the dataset (far slower to the first batch on an ImageNet list than
+    # forked, as in one process or under paddle.distributed.launch: docs/imagenet_startup.md).
     if 'fork' in multiprocessing.get_all_start_methods():
         multiprocessing.set_start_method('fork', force=True)
     die_with_parent()

@@ -1,9 +1,9 @@
 """Layer ops whose CPU backward passes are GEMMs: the same function and gradients as Paddle's ops, faster on CPU,
 and ``use_cpu_kernels``, which puts them into a built BEiT (the model files themselves use Paddle's ops only).
 
-Measured on Paddle 3.3.1 (2 cores, BEiT-B shapes): the CPU kernels that sum a gradient over broadcast axes
-are slow (the bias gradient of a [1576, 3072] activation, a column sum, takes ~60 ms; the GEMM producing it
-~25 ms), and so is the add that broadcasts a bias. A column sum is a GEMM with a ones row (< 1 ms), so each
+Paddle 3.3.1's CPU kernels that sum a gradient over broadcast axes are slow (at BEiT-B shapes a bias gradient,
+a column sum, took longer than the GEMM producing it: docs/cpu_speed.md), and so is the add that broadcasts a
+bias. A column sum is a GEMM with a ones row (< 1 ms), so each
 function here computes its parameter gradients that way. LayerNorm keeps Paddle's kernels for the
 normalisation and its input gradient (fast without the affine parameters), recomputing the normalised input in
 the backward pass rather than keeping it. ``permute`` gives contiguous transposes. (A hand-written GELU backward

@@ -12,8 +12,6 @@ a class's index is its position among the sorted class-folder names.
 
 Pre-training (``get_pretraining_dataset``) reads the train split the same way and ignores the labels: a list file
 still needs its label field, but any integer is accepted, and an image folder may hold any number of classes.
-
-``get_train_transforms`` and ``get_val_transforms`` (from transforms.py) are available here too.
 """
 import contextlib
 import hashlib

@@ -99,7 +99,7 @@ class Objective(Protocol):
 @dataclass
 class Trainer:
     """What a training step needs. ``model`` is what runs forward (paddle.DataParallel with several processes),
-    ``module`` the BEiT inside it (its state dict, its EMA)."""
+    ``module`` the bare model inside it (a BEiT, or a LinearProbe: its state dict, its EMA)."""
 
     model: nn.Layer
     module: nn.Layer

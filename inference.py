@@ -139,7 +139,7 @@ class ExportedPredictor:
         config.disable_gpu()
         config.disable_glog_info()
         config.set_cpu_math_library_num_threads(num_threads or cpu_threads_per_process())
-        config.enable_onednn()  # its fused fc/attention kernels: ~1.9x the images/s of the plain fp32 kernels
+        config.enable_onednn()  # its fused fc/attention kernels (measured: docs/cpu_speed.md)
         if precision == 'bf16':
             config.enable_onednn_bfloat16()
         self.prefix = prefix

@@ -35,7 +35,7 @@ class BlockProposal(NamedTuple):
 
 
 class MaskingGenerator:
-    """``gen()`` returns an (H, W) uint8 array of 0/1, with ``num_masking_patches`` ones whenever blocks can
+    """Calling it returns an (H, W) uint8 array of 0/1, with ``num_masking_patches`` ones whenever blocks can
     reach that count.
 
     ``rng``: a numpy Generator, for reproducible masks. Without one, each call seeds a new Generator from
