@@ -143,8 +143,8 @@ class Attention(nn.Layer):
     """Multi-head self-attention with BEiT's q/v biases and, given a ``grid``, its own relative position bias.
 
     ``drop_rate`` drops the projected output, ``attn_drop_rate`` the attention weights (the names and order of the
-    rates are the same in Mlp, Block and BeitEncoder). Device layers (cpu_ops) override ``_linear``, ``_permute``
-    and ``_add_bias``, the ops the attention math is written with.
+    rates are the same in Mlp, Block and BeitEncoder). The math is written with three ops, ``_linear``,
+    ``_permute`` and ``_add_bias``, which a subclass may replace by other implementations of the same functions.
     """
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, drop_rate: float, attn_drop_rate: float,
