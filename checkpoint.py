@@ -1,4 +1,5 @@
-"""Training checkpoints (save, find, load, check) and starting weights for -pretrained.
+"""Training checkpoints (what they hold: save, load, check) and starting weights for -pretrained; where they live
+in a run folder is run_folder.py's.
 
 A checkpoint is one file, written atomically, holding everything a resumed run needs to continue as if it had
 never stopped: model (float32, the master weights under AMP O2), optimizer, LR scheduler, grad scaler, EMA,
@@ -8,7 +9,6 @@ Files are read and checked completely before a run touches its output folder.
 """
 import hashlib
 import os
-import re
 
 import numpy as np
 import paddle
@@ -19,64 +19,12 @@ from errors import BadInputError
 from optim import float32_weights
 from utils import save_atomically
 
-CHECKPOINT_PATTERN = re.compile(r'^checkpoint-epoch-(\d+)\.pdparams$')
-BEST_CHECKPOINT = 'checkpoint-best.pdparams'  # the training checkpoint of the best validation so far (by the
-# objective's metric: top-1 for classification)
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'global_step')
 _WRAPPER_KEYS = ('model', 'module', 'state_dict', 'model_ema')  # what holds a state dict in the files of each zoo
 
 
 class CheckpointError(BadInputError):
     """A checkpoint file that is missing, unreadable, or not what the run needs."""
-
-
-def checkpoint_path(output_dir: str, epoch: int) -> str:
-    return os.path.join(output_dir, f'checkpoint-epoch-{epoch}.pdparams')
-
-
-def checkpoints_in(folder: str) -> dict:
-    """{epoch: path} of the checkpoints in ``folder`` (none if it does not exist)."""
-    if not os.path.isdir(folder):
-        return {}
-    found = {}
-    for name in os.listdir(folder):
-        match = CHECKPOINT_PATTERN.match(name)
-        if match:
-            found[int(match.group(1))] = os.path.join(folder, name)
-    return found
-
-
-def resolve_resume_path(path: str) -> str:
-    """-resume takes a checkpoint file, or a run folder meaning its latest checkpoint."""
-    if os.path.isdir(path):
-        found = checkpoints_in(path)
-        if not found:
-            raise CheckpointError(f'-resume: no checkpoint-epoch-N.pdparams in the folder {path}')
-        return found[max(found)]
-    if not os.path.isfile(path):
-        raise CheckpointError(f'-resume: checkpoint not found: {path}')
-    return path
-
-
-def checkpoints_written_before(checkpoint: dict, resume_path: str, output_dir: str) -> list[str]:
-    """The epoch checkpoints the resumed run wrote into ``output_dir`` that are still there (oldest first): the
-    ones its retention may delete; none when it is resumed into another folder."""
-    folder = os.path.dirname(os.path.abspath(resume_path))
-    if not os.path.isdir(output_dir) or not os.path.samefile(folder, output_dir):
-        return []
-    paths = [os.path.join(output_dir, name) for name in checkpoint.get('written') or ()]
-    return [path for path in paths if os.path.isfile(path)]
-
-
-def keep_newest(written: list[str], keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` of ``written`` (epoch checkpoints this run wrote, oldest first; 0 keeps
-    all) and return the kept ones. Call it once the newest is on disk: a crash in between leaves one too many."""
-    if keep <= 0 or len(written) <= keep:
-        return written
-    for path in written[:-keep]:
-        if os.path.exists(path):
-            os.remove(path)
-    return written[-keep:]
 
 
 def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, grad_scaler, model_ema, epoch: int,
@@ -93,7 +41,7 @@ def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, grad_scaler, m
         'model_ema': model_ema.state_dict() if model_ema is not None else None,
         'epoch': epoch,
         'global_step': global_step,
-        'best': best,  # {acc1, epoch, weights}: the best validation so far, which a resumed run carries on
+        'best': best,  # {<metric>, epoch, weights}: the best validation so far, which a resumed run carries on
         'written': [os.path.basename(name) for name in written],  # the run's epoch checkpoints, for retention
         'config': config.dump(),
         'frozen_weights': frozen_weights,

@@ -16,11 +16,21 @@ import paddle
 import paddle.distributed as dist
 from yacs.config import CfgNode as CN
 
-from config import ConfigError, get_config, lookup, merge_opts, merge_yaml, set_value, validate_config
+from config import (
+    ConfigError,
+    get_config,
+    get_default_config,
+    lookup,
+    merge_opts,
+    merge_yaml,
+    set_value,
+    validate_config,
+)
 from datasets import lists_checked_once
 from engine import NonFiniteLossError
 from errors import EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, BadInputError
 from job import check_before_launch, execute
+from run_folder import resumed_folder
 from tasks import Task
 from utils import LOGGER_NAME, die_with_parent, start_logger
 
@@ -83,10 +93,17 @@ def update_config(config: CN, args: argparse.Namespace, task: Task | None = None
     _refuse_replaced_keys(opts, own_keys, task)
     merge_opts(config, opts)
     validate_config(config)  # before the copies: a bad value is named by the key that was set (checked alike)
+    _continue_in_resumed_folder(config)
     for shared, own in own_keys.items():
         set_value(config, shared, lookup(config, own), own)
     config.freeze()
     return config
+
+
+def _continue_in_resumed_folder(config: CN) -> None:
+    """-resume continues the run in its folder unless -output (or SAVE anywhere) names another."""
+    if config.MODEL.RESUME and not config.EVAL and config.SAVE == get_default_config().SAVE:
+        config.SAVE = resumed_folder(config.MODEL.RESUME)
 
 
 def _refuse_replaced_keys(opts, own_keys: dict, task: Task | None) -> None:

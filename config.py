@@ -391,3 +391,21 @@ def get_config(cfg_file: str | None = None) -> CN:
         merge_yaml(config, cfg_file)
     validate_config(config)
     return config
+
+
+# What the saved tensors of a training checkpoint were built for: a resume cannot change them.
+MODEL_SHAPE_KEYS = ('MODEL.PATCH_SIZE', 'MODEL.EMBED_DIM', 'MODEL.DEPTH', 'MODEL.NUM_HEADS', 'MODEL.MLP_RATIO',
+                    'MODEL.QKV_BIAS', 'MODEL.USE_ABS_POS_EMB', 'MODEL.USE_REL_POS_BIAS',
+                    'MODEL.USE_SHARED_REL_POS_BIAS', 'MODEL.USE_MEAN_POOLING', 'MODEL.NUM_CLASSES', 'DATA.IMAGE_SIZE',
+                    'DATA.IMAGE_CHANNELS', 'PRETRAIN.VOCAB_SIZE', 'LINPROBE.BLOCKS')
+_WHERE_KEYS = ('MODEL.RESUME', 'SAVE')  # where a run reads and writes, not how it trains
+
+
+def changed_settings(saved_dump: str, config: CN) -> tuple[list, list]:
+    """(changed, fixed): (key, saved value, value now) of every key that ``config`` sets otherwise than the config
+    dump a checkpoint holds, and those of them in MODEL_SHAPE_KEYS. Keys the dump lacks (added since) are left out."""
+    saved = dict(_flatten(yaml.safe_load(saved_dump) or {}))
+    now = dict(_flatten(yaml.safe_load(config.dump())))
+    changed = [(key, saved[key], value) for key, value in now.items()
+               if key in saved and saved[key] != value and key not in _WHERE_KEYS]
+    return changed, [change for change in changed if change[0] in MODEL_SHAPE_KEYS]

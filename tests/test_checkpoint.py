@@ -9,10 +9,8 @@ from beit_pretrain import build_beit_pretrain
 from checkpoint import (
     CheckpointError,
     check_exact_fit,
-    checkpoint_path,
     load_pretrained,
     load_training_checkpoint,
-    resolve_resume_path,
     save_checkpoint,
     weights_digest,
 )
@@ -21,6 +19,7 @@ from gpu_runtime import O2_FLOAT32_LAYERS
 from helpers import ROOT, TINY_CONFIG
 from model_ema import ModelEma
 from optim import build_lr_scheduler, build_optimizer, float32_weights
+from run_folder import checkpoint_path
 
 
 def tiny(**model):
@@ -117,17 +116,6 @@ def test_float32_weights_cast_reduced_precision_tensors():
     assert weights['head.bias'].dtype == paddle.float32
     np.testing.assert_allclose(weights['head.bias'].numpy(), 0.1, rtol=1e-2)
     assert weights['blocks.0.attn.relative_position_bias_table'].dtype == paddle.float32
-
-
-def test_resume_path_of_a_folder_is_its_latest_checkpoint(tmp_path):
-    for epoch in (2, 10, 9):
-        (tmp_path / f'checkpoint-epoch-{epoch}.pdparams').write_bytes(b'x')
-    assert resolve_resume_path(str(tmp_path)).endswith('checkpoint-epoch-10.pdparams')
-    with pytest.raises(CheckpointError, match='not found'):
-        resolve_resume_path(str(tmp_path / 'missing.pdparams'))
-    (tmp_path / 'empty').mkdir()
-    with pytest.raises(CheckpointError, match='no checkpoint'):
-        resolve_resume_path(str(tmp_path / 'empty'))
 
 
 def test_foreign_or_bare_files_are_not_training_checkpoints(tmp_path):

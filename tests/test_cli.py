@@ -4,9 +4,11 @@ from dataclasses import replace
 
 import pytest
 
+import cli
 from beit import build_beit
 from cli import build_arg_parser, update_config
 from config import ConfigError, get_config
+from errors import EXIT_BAD_INPUT
 from helpers import ROOT, TINY_CONFIG
 from task_finetune import FINE_TUNING
 
@@ -91,3 +93,17 @@ def test_opts_naming_a_replaced_key_are_refused():
     with pytest.raises(ConfigError, match=re.escape('-opts: probing takes TRAIN.NUM_EPOCHS from LINPROBE.NUM_EPOCHS: '
                                                     'set LINPROBE.NUM_EPOCHS instead')):
         update_config(get_config(), parse('-opts', 'TRAIN.NUM_EPOCHS', '3'), PROBE_LIKE)
+
+
+def test_ngpus_0_is_refused_with_exit_2(capsys):
+    assert cli.launch(['-cfg', TINY_CONFIG, '-ngpus', '0'], task=FINE_TUNING, description='test') == EXIT_BAD_INPUT
+    assert 'NGPUS (-ngpus) must be a process count of at least 1' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('output, expected', [(None, 'run'), ('elsewhere', 'elsewhere')])
+def test_resume_continues_in_its_folder_unless_output_says_otherwise(output, expected, tmp_path):
+    (tmp_path / 'run').mkdir()
+    for resume in (tmp_path / 'run', tmp_path / 'run' / 'checkpoint-epoch-3.pdparams'):
+        flags = ['-resume', str(resume)] + (['-output', str(tmp_path / output)] if output else [])
+        config = update_config(get_config(), build_arg_parser().parse_args(flags))
+        assert str(tmp_path / expected) == config.SAVE

@@ -1,5 +1,6 @@
-"""gpu_runtime.py and its users in job.py, with a stand-in compute capability (no GPU here): AMP the GPU cannot do
-is refused, fused attention only where sdpa runs flash, the bias tables float32 under O2, DETERMINISTIC's flags.
+"""gpu_runtime.py and its users (run_setup.py, job.py), with a stand-in compute capability (no GPU here): AMP the
+GPU cannot do is refused, fused attention only where sdpa runs flash, the bias tables float32 under O2,
+DETERMINISTIC's flags.
 
 Each stands for a GPU behaviour read from Paddle 3.3.1's sources: auto_cast/decorate run float32 for float16
 below capability 7.0 and bfloat16 below 8.0; sdpa's flash kernel needs half precision and capability 8.0 (else
@@ -14,6 +15,7 @@ import cli
 import gpu_runtime
 import job
 import main_single_gpu
+import run_setup
 from beit import Attention, build_beit
 from config import ConfigError, get_config
 from engine import Amp
@@ -53,15 +55,15 @@ def test_fused_attention_only_where_flash_runs(precision, capability, monkeypatc
     config = get_config(TINY_CONFIG)
     config.MODEL.FUSED_ATTN = True
     amp = Amp(True, 'O1', precision) if precision != 'float32' else Amp()
-    model = job.build_model(config, FINE_TUNING, amp)
+    model = run_setup.build_model(config, FINE_TUNING, amp)
     layers = [layer for layer in model.sublayers() if isinstance(layer, Attention)]
     assert len(layers) == config.MODEL.DEPTH and all(layer.fused is expected for layer in layers)
-    assert ('scaled_dot_product_attention' in job._fused_attention_note(config, model)) is expected
+    assert ('scaled_dot_product_attention' in run_setup.fused_attention_note(config, model)) is expected
 
 
 def test_fused_attention_off_by_config_stays_off(monkeypatch):
     monkeypatch.setattr(gpu_runtime, 'gpu_capability', lambda: (9, 0))
-    model = job.build_model(get_config(TINY_CONFIG), FINE_TUNING, Amp(True, 'O1', 'bfloat16'))
+    model = run_setup.build_model(get_config(TINY_CONFIG), FINE_TUNING, Amp(True, 'O1', 'bfloat16'))
     assert not any(layer.fused for layer in model.sublayers() if isinstance(layer, Attention))
 
 
@@ -88,10 +90,10 @@ def test_amp_the_gpu_cannot_do_is_refused(dtype, capability, on_gpu, caplog):
     supported = capability >= gpu_runtime.AMP_MIN_CAPABILITY[dtype]
     if not supported:
         with pytest.raises(ConfigError, match=AMP_CASES[dtype, capability]):
-            job.amp_for(config, logger)
+            run_setup.amp_for(config, logger)
         return
     with caplog.at_level(logging.INFO, logger='test_gpu_runtime'):
-        amp = job.amp_for(config, logger)
+        amp = run_setup.amp_for(config, logger)
     assert amp == Amp(True, 'O2', dtype)
     assert caplog.messages == [AMP_CASES[dtype, capability]]
 
@@ -100,7 +102,7 @@ def test_amp_on_a_cpu_says_it_runs_float32(caplog):
     config = get_config(TINY_CONFIG)
     config.AMP, config.AMP_DTYPE = True, 'bfloat16'
     with caplog.at_level(logging.INFO, logger='test_gpu_runtime'):
-        assert job.amp_for(config, logging.getLogger('test_gpu_runtime')) == Amp()
+        assert run_setup.amp_for(config, logging.getLogger('test_gpu_runtime')) == Amp()
     assert caplog.messages == ["AMP requested, but Paddle's AMP does nothing on CPU: running in float32"]
 
 
@@ -132,7 +134,7 @@ def test_o2_keeps_the_bias_tables_in_float32(dtype, shared, monkeypatch):
     monkeypatch.setattr(paddle.amp, 'decorate', decorate_as_on_a_gpu)
     config = get_config(TINY_CONFIG)
     config.MODEL.USE_SHARED_REL_POS_BIAS, config.MODEL.USE_REL_POS_BIAS = shared, not shared
-    model = job.decorate_o2(build_beit(config), Amp(True, 'O2', dtype))
+    model = run_setup.decorate_o2(build_beit(config), Amp(True, 'O2', dtype))
     assert passed['level'] == 'O2' and passed['save_dtype'] == 'float32'
     tables = {name: param.dtype for name, param in model.named_parameters() if 'relative_position_bias_table' in name}
     assert len(tables) == (1 if shared else config.MODEL.DEPTH)

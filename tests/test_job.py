@@ -15,6 +15,7 @@ import cli
 import datasets
 import job
 import main_single_gpu
+import run_folder
 from beit import build_beit, relative_position_index
 from checkpoint import save_checkpoint
 from config import get_config
@@ -74,7 +75,7 @@ BAD_INPUTS = {
     'missing resume file': (lambda data, tmp: ['-resume', str(tmp / 'gone.pdparams')], 'checkpoint not found'),
     'resume of another architecture': (
         lambda data, tmp: ['-resume', str(other_architecture_checkpoint(tmp / 'depth2.pdparams'))],
-        'another architecture'),
+        'was saved for another architecture than this run (MODEL.DEPTH 2 there, 4 here)'),
     'pretrained of another architecture': (
         lambda data, tmp: ['-pretrained', str(other_architecture_checkpoint(tmp / 'depth2.pdparams'))],
         'missing from the checkpoint'),
@@ -257,7 +258,7 @@ def test_retention_after_a_kill_between_save_and_deletion(data, tmp_path, monkey
         return written
 
     with monkeypatch.context() as patched:
-        patched.setattr(job, 'keep_newest', killed_before_deleting)
+        patched.setattr(run_folder, 'keep_newest', killed_before_deleting)
         with pytest.raises(Killed):
             main_single_gpu.main(args(data, output, opts=opts))
     assert 'checkpoint-epoch-3.pdparams' in checkpoint_files(output)  # saved, nothing deleted
@@ -282,7 +283,7 @@ def accuracies(values, monkeypatch):
 
 def test_a_kill_between_the_epoch_checkpoint_and_the_best_file_is_repaired_on_resume(data, tmp_path, monkeypatch):
     output = tmp_path / 'run'
-    real_publish_copy = job.publish_copy
+    real_publish_copy = run_folder.publish_copy
 
     def killed_before_publishing_epoch_2(source, path):
         if source.endswith('checkpoint-epoch-2.pdparams'):
@@ -291,7 +292,7 @@ def test_a_kill_between_the_epoch_checkpoint_and_the_best_file_is_repaired_on_re
 
     with monkeypatch.context() as patched:
         accuracies([0.1, 0.2], patched)  # rising: epoch 2 is the best
-        patched.setattr(job, 'publish_copy', killed_before_publishing_epoch_2)
+        patched.setattr(run_folder, 'publish_copy', killed_before_publishing_epoch_2)
         with pytest.raises(Killed):
             main_single_gpu.main(args(data, output))
     assert paddle.load(str(output / 'checkpoint-epoch-2.pdparams'))['best']['epoch'] == 2
@@ -310,7 +311,7 @@ def test_a_fresh_run_never_replaces_another_runs_best(data, tmp_path, capsys):
     output.mkdir()
     (output / 'checkpoint-best.pdparams').write_bytes(b'an earlier best')
     assert main_single_gpu.main(args(data, output)) == cli.EXIT_BAD_INPUT
-    assert "already holds another run's checkpoint-best.pdparams" in capsys.readouterr().err
+    assert "already holds another run's checkpoints (checkpoint-best.pdparams" in capsys.readouterr().err
     assert (output / 'checkpoint-best.pdparams').read_bytes() == b'an earlier best'
 
 
@@ -360,8 +361,8 @@ def _epoch_start(seed: int, rank: int, epoch: int) -> dict:
     stand_in = types.SimpleNamespace(
         config=types.SimpleNamespace(SEED=seed), world=World(rank=rank, size=2, local_size=2),
         trainer=types.SimpleNamespace(objective=_SeedRecorder(received, 'objective')),
-        train_set=_SeedRecorder(received, 'dataset'),
-        train_loader=types.SimpleNamespace(batch_sampler=_SeedRecorder(received, 'sampler')))
+        train=job.Data(_SeedRecorder(received, 'dataset'),
+                       types.SimpleNamespace(batch_sampler=_SeedRecorder(received, 'sampler'))))
     job._start_epoch(stand_in, epoch)
     received['global draws'] = (random.random(), float(np.random.random()), paddle.rand([]).item())
     return received
@@ -378,3 +379,74 @@ def test_a_two_epoch_run_draws_from_seed_epoch_and_rank():
         assert _epoch_start(seed, rank, epoch) == received
     assert len({received['dataset'] for received in starts.values()}) == 8
     assert len({received['global draws'] for received in starts.values()}) == 8
+
+
+def val_epochs(folder, name='metrics.jsonl'):
+    return [json.loads(line)['epoch'] for line in (folder / name).read_text().splitlines()
+            if json.loads(line)['split'] == 'val']
+
+
+def test_resume_without_output_continues_in_the_resumed_folder_and_logs_changed_keys(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / 'run'
+    assert main_single_gpu.main(args(data, run)) == 0
+    resume = ['-cfg', TINY_CONFIG, '-data_path', str(data), '-resume', str(run), '-opts', *FAST,
+              'TRAIN.NUM_EPOCHS', '3', 'REPORT_FREQ', '5']
+    assert main_single_gpu.main(resume) == 0
+    assert not (tmp_path / 'output').exists()
+    assert checkpoint_files(run)[-1] == 'checkpoint-epoch-3.pdparams' and val_epochs(run) == [1, 2, 3]
+    assert "checkpoint's (key: checkpoint -> this run):\n  REPORT_FREQ: 20 -> 5\n  TRAIN.NUM_EPOCHS: 2 -> 3\n" in \
+        (run / 'log.txt').read_text()
+
+
+def test_a_run_killed_before_its_first_epoch_checkpoint_can_be_resumed_and_says_how(data, tmp_path, monkeypatch,
+                                                                                      capsys):
+    run, opts = tmp_path / 'run', ['SAVE_FREQ', '10', 'TRAIN.NUM_EPOCHS', '3']
+    real_train_one_epoch = job.train_one_epoch
+
+    def killed_in_epoch_3(trainer, loader, epoch, *rest):
+        if epoch == 3:
+            raise Killed
+        return real_train_one_epoch(trainer, loader, epoch, *rest)
+
+    with monkeypatch.context() as patched:
+        accuracies([0.1, 0.2], patched)
+        patched.setattr(job, 'train_one_epoch', killed_in_epoch_3)
+        with pytest.raises(Killed):
+            main_single_gpu.main(args(data, run, opts=opts))
+    assert checkpoint_files(run) == ['checkpoint-best.pdparams']
+    capsys.readouterr()
+    assert main_single_gpu.main(args(data, run, opts=opts)) == cli.EXIT_BAD_INPUT
+    assert f'that run died before its first epoch checkpoint), which a new run would overwrite: continue that run ' \
+           f'with -resume {run}' in capsys.readouterr().err
+    assert main_single_gpu.main(args(data, run, '-resume', str(run), opts=opts)) == 0
+    assert f'resumed from {run}/checkpoint-best.pdparams: 2 epochs' in (run / 'log.txt').read_text()
+    assert checkpoint_files(run) == ['checkpoint-best.pdparams', 'checkpoint-epoch-3.pdparams']
+    assert val_epochs(run) == [1, 2, 3]
+
+
+def test_a_resume_from_an_older_checkpoint_continues_in_place_and_keeps_what_it_supersedes(data, tmp_path):
+    run = tmp_path / 'run'
+    assert main_single_gpu.main(args(data, run, opts=['TRAIN.NUM_EPOCHS', '3'])) == 0
+    first = {name: (run / name).read_bytes() for name in checkpoint_files(run)}
+    assert main_single_gpu.main(args(data, run, '-resume', str(run / 'checkpoint-epoch-1.pdparams'),
+                                     opts=['TRAIN.NUM_EPOCHS', '3'])) == 0
+    (aside,) = run.glob('superseded-*')
+    moved = {path.name: path.read_bytes() for path in aside.iterdir()}
+    assert {'checkpoint-epoch-2.pdparams', 'checkpoint-epoch-3.pdparams'} <= set(moved)
+    assert all(first[name] == moved[name] for name in moved)  # nothing lost
+    assert val_epochs(run) == [1, 2, 3] and val_epochs(run, 'metrics-superseded.jsonl') == [2, 3]
+    again, before = (paddle.load(str(path))['model'] for path in (run / 'checkpoint-epoch-3.pdparams',
+                                                                   aside / 'checkpoint-epoch-3.pdparams'))
+    for name, value in before.items():  # the repeated epochs are the same epochs
+        np.testing.assert_array_equal(again[name].numpy(), value.numpy(), err_msg=name)
+    best = paddle.load(str(run / 'checkpoint-best.pdparams'))
+    assert best['epoch'] == best['best']['epoch']
+
+
+def test_output_naming_a_file_exits_2_and_leaves_it_alone(data, tmp_path, capsys):
+    path = tmp_path / 'notes.txt'
+    path.write_text('mine')
+    assert main_single_gpu.main(args(data, path)) == cli.EXIT_BAD_INPUT
+    assert f'-output {path} is a file' in capsys.readouterr().err
+    assert path.read_text() == 'mine'
