@@ -17,10 +17,10 @@ import paddle.distributed as dist
 from yacs.config import CfgNode as CN
 
 from config import ConfigError, get_config, lookup, merge_opts, merge_yaml, set_value, validate_config
-from datasets import lists_checked_once
 from engine import NonFiniteLossError
 from errors import EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, BadInputError
 from job import check_before_launch, execute
+from sample_table import lists_checked_once
 from tasks import Task
 from utils import LOGGER_NAME, die_with_parent, start_logger
 

@@ -34,10 +34,12 @@ from checkpoint import (
     weights_digest,
 )
 from config import ConfigError
-from datasets import DatasetError, get_dataloader, lists_checked_once_per_machine
+from datasets import get_dataloader
 from engine import Amp, NonFiniteLossError, Objective, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
 from inference import PredictorAsModel
 from model_ema import ModelEma
+from sample_sources import DatasetError
+from sample_table import lists_checked_once_per_machine
 from tasks import Task
 from utils import (
     append_jsonl,
