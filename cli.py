@@ -26,11 +26,11 @@ from config import (
     set_value,
     validate_config,
 )
-from datasets import lists_checked_once
 from engine import NonFiniteLossError
 from errors import EXIT_BAD_INPUT, EXIT_TRAINING_FAILED, BadInputError
 from job import check_before_launch, execute
 from run_folder import resumed_folder
+from sample_table import lists_checked_once
 from tasks import Task
 from utils import LOGGER_NAME, die_with_parent, start_logger
 

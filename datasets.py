@@ -1,27 +1,17 @@
-"""ImageNet-style data for fine-tuning and pre-training: samples from list files or class folders, RGB decoding, the
-bad-image policy, and the paddle.io loaders (shuffled shards for training, exact unpadded shards for evaluation).
+"""ImageNet-style data for fine-tuning and pre-training: a config's split as a dataset (decoding, the bad-image
+policy, the transforms) and the paddle.io loaders (shuffled shards for training, exact unpadded shards for
+evaluation).
 
-List files (``DATA.DATASET: imagenet2012``): ``DATA_PATH/train_list.txt`` and ``val_list.txt`` hold one
-``relative/path label`` per line. The label is the last whitespace-separated field, so paths may contain spaces
-(not leading or trailing ones). Paths are relative to DATA_PATH; absolute paths are used as they are. Blank lines
-and lines whose first non-blank character is ``#`` are ignored, so a listed path cannot start with ``#``; a ``#``
-later in a line is part of the path. Line numbers in messages count every line of the file, from 1.
-
-Class folders (``DATA.DATASET: imagefolder``): ``DATA_PATH/train/<class>/...`` and ``DATA_PATH/val/<class>/...``;
-a class's index is its position among the sorted class-folder names.
-
-Pre-training (``get_pretraining_dataset``) reads the train split the same way and ignores the labels: a list file
-still needs its label field, but any integer is accepted, and an image folder may hold any number of classes.
+``DATA.DATASET: imagenet2012`` reads ``DATA_PATH/train_list.txt`` and ``val_list.txt``; ``imagefolder`` reads the
+class folders ``DATA_PATH/train/<class>/...`` and ``DATA_PATH/val/<class>/...`` (formats and checks:
+sample_sources.py). Pre-training (``get_pretraining_dataset``) reads the train split the same way and ignores the
+labels: a list file still needs its label field, but any integer is accepted, and an image folder may hold any
+number of classes.
 """
-import contextlib
-import hashlib
 import logging
 import multiprocessing
 import os
 import random
-import re
-import shutil
-import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
@@ -29,199 +19,20 @@ from typing import NamedTuple
 import numpy as np
 import paddle.distributed as dist
 from paddle.io import DataLoader, Dataset, DistributedBatchSampler
-from PIL import Image, ImageFile
+from PIL import Image
 
 from config import BAD_IMAGE_POLICIES, DATASETS
 from device_batch import ClassificationBatch, NormaliseAndErase, PretrainingBatch
-from errors import BadInputError
+from image_files import DECODE_ERRORS, load_rgb_image
 from masking_generator import MaskingGenerator, masked_positions
 from random_erasing import RandomErasing
-from transforms import get_pretrain_transforms, get_train_erasing, get_train_transforms, get_val_transforms, to_rgb
+from sample_sources import DatasetError, scan_image_folder, validate_list_file
+from sample_table import Sample, SampleTable, checked_once
+from transforms import get_pretrain_transforms, get_train_erasing, get_train_transforms, get_val_transforms
 from utils import die_with_parent
 
-# A truncated file must fail to decode, not become a picture with a grey bottom.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
 MODES = ('train', 'val')
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp', '.gif')
-MAX_REPORTED_PROBLEMS = 5
-SAMPLE_TABLES_ENV = 'BEIT_SAMPLE_TABLES'  # a folder where the processes of a run share their checked samples
-
-_INTEGER = re.compile(r'-?[0-9]+')
-# What PIL raises for a file it cannot decode.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _log = logging.getLogger(__name__)
-
-
-class DatasetError(BadInputError):
-    """Data that cannot be used; the message names the file (and the list line) to fix."""
-
-
-class Sample(NamedTuple):
-    path: str
-    label: int
-    line: int = 0  # line in the list file; 0 for a sample found in a class folder
-
-
-def load_rgb_image(path: str) -> Image.Image:
-    """Decode the whole file now (``load``), so a truncated or corrupt image fails here and not in a transform."""
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(img)
-
-
-def _numbered_entries(list_path: str) -> list[tuple[int, str]]:
-    """(line number, stripped text) of the lines that are neither blank nor comments."""
-    if not os.path.isfile(list_path):
-        raise DatasetError(f'list file not found: {list_path}')
-    try:
-        with open(list_path, encoding='utf-8-sig') as f:
-            lines = f.read().split('\n')  # universal newlines: \r\n and \r are \n here
-    except UnicodeDecodeError as err:
-        raise DatasetError(f'{list_path}: not UTF-8 text ({err})') from err
-    return [(number, text) for number, text in enumerate(map(str.strip, lines), 1) if text and text[0] != '#']
-
-
-def _parse_entry(text: str, num_classes: int | None) -> tuple[tuple[str, int] | None, str]:
-    """(relative path, label) of one list line, or the reason it cannot be used; ``num_classes`` None accepts any
-    label. Whether the file exists is checked afterwards, a folder at a time. (Runs 1.28M times for ImageNet:
-    the common plain-digits label skips the regular expression.)"""
-    fields = text.rsplit(None, 1)
-    if len(fields) < 2:
-        return None, f'no label after the path: {text!r}'
-    relative_path, label_text = fields
-    if not (label_text.isascii() and label_text.isdecimal()) and not _INTEGER.fullmatch(label_text):
-        return None, f'label {label_text!r} is not an integer'
-    label = int(label_text)
-    if num_classes is not None and not 0 <= label < num_classes:
-        return None, f'label {label} outside [0, {num_classes}) (MODEL.NUM_CLASSES)'
-    return (relative_path, label), ''
-
-
-def _files_in(folder: str) -> frozenset:
-    """Names of the regular files (links followed) in ``folder``: one directory read instead of a stat per file."""
-    try:
-        with os.scandir(folder) as entries:
-            return frozenset(entry.name for entry in entries if entry.is_file())
-    except OSError:  # missing, not a folder, unreadable: none of its files can be read
-        return frozenset()
-
-
-def _missing_files(root: str, entries: list[tuple[int, str, int]]) -> list[int]:
-    """Indices into ``entries`` (line, relative path, label) whose file does not exist under ``root``."""
-    listings = {}
-    missing = []
-    for index, (_, relative_path, _) in enumerate(entries):
-        folder, separator, name = relative_path.rpartition('/')
-        names = listings.get(folder + separator)
-        if names is None:
-            names = listings[folder + separator] = _files_in(os.path.join(root, folder + separator))
-        if name not in names:
-            missing.append(index)
-    return missing
-
-
-def _parsed_entries(list_path: str, num_classes: int | None) -> tuple[list, list]:
-    """([(line, relative path, label)], [(line, problem)]) of a list file."""
-    entries, problems = [], []
-    for number, text in _numbered_entries(list_path):
-        entry, problem = _parse_entry(text, num_classes)
-        if problem:
-            problems.append((number, problem))
-        else:
-            entries.append((number, *entry))
-    return entries, problems
-
-
-def validate_list_file(list_path: str, root: str, num_classes: int | None) -> 'SampleTable':
-    """The samples of a list file, checked line by line before training starts.
-
-    All lines are checked, so one DatasetError reports the total and the first offenders with their line numbers
-    instead of failing hours into a run on the first one.
-    """
-    entries, problems = _parsed_entries(list_path, num_classes)
-    missing = _missing_files(root, entries)
-    problems += [(entries[i][0], f'file not found: {os.path.join(root, entries[i][1])}') for i in missing]
-    if problems:
-        shown = [f'line {number}: {problem}' for number, problem in sorted(problems)[:MAX_REPORTED_PROBLEMS]]
-        raise DatasetError(f'{list_path}: {len(problems)} of {len(problems) + len(entries) - len(missing)} entries '
-                           f'are unusable; the first {len(shown)}:\n  ' + '\n  '.join(shown))
-    if not entries:
-        raise DatasetError(f'{list_path}: no samples (only blank or comment lines)')
-    return SampleTable.from_entries(root, entries)
-
-
-class SampleTable(Sequence):
-    """A split's samples in four flat arrays (UTF-8 relative paths one per line, where each starts, labels, lines)
-    instead of a Python object per sample: ImageNet's 1.28M training samples take 56 MB, not ~280 MB, and
-    DataLoader workers reading them touch no reference counts, so their copy-on-write pages stay shared. Saved
-    to a folder, it is mapped back read-only (``load``): processes on one machine share one copy."""
-
-    ARRAYS = ('paths', 'offsets', 'labels', 'lines')
-
-    def __init__(self, root: str, paths: np.ndarray, offsets: np.ndarray, labels: np.ndarray, lines: np.ndarray):
-        self.root, self.paths, self.offsets, self.labels, self.lines = root, paths, offsets, labels, lines
-
-    @classmethod
-    def from_entries(cls, root: str, entries: Sequence[tuple[int, str, int]]) -> 'SampleTable':
-        """From (list line, path relative to ``root``, label) triples; line 0 for a sample not from a list."""
-        paths = np.frombuffer('\n'.join(path for _, path, _ in entries).encode('utf-8'), dtype=np.uint8)
-        offsets = np.concatenate([[0], np.flatnonzero(paths == ord('\n')) + 1, [len(paths) + 1]])
-        return cls(root, paths, offsets, np.array([label for _, _, label in entries], dtype=np.int32),
-                   np.array([line for line, _, _ in entries], dtype=np.int32))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if not -len(self) <= index < len(self):
-            raise IndexError(f'sample {index} of {len(self)}')
-        index %= len(self)
-        relative_path = self.paths[self.offsets[index]:self.offsets[index + 1] - 1].tobytes().decode('utf-8')
-        return Sample(os.path.join(self.root, relative_path), int(self.labels[index]), int(self.lines[index]))
-
-    def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        for name in self.ARRAYS:
-            np.save(os.path.join(folder, f'{name}.npy'), getattr(self, name))
-        with open(os.path.join(folder, 'root.txt'), 'w', encoding='utf-8') as f:
-            f.write(self.root)
-
-    @classmethod
-    def load(cls, folder: str) -> 'SampleTable':
-        with open(os.path.join(folder, 'root.txt'), encoding='utf-8') as f:
-            root = f.read()
-        return cls(root, *(np.load(os.path.join(folder, f'{name}.npy'), mmap_mode='r') for name in cls.ARRAYS))
-
-
-def _image_files(folder: str) -> list[str]:
-    """Image files anywhere under ``folder`` (links followed), in a stable sorted order."""
-    found = []
-    for parent, subfolders, names in os.walk(folder, followlinks=True):
-        subfolders.sort()
-        found += [os.path.join(parent, name) for name in sorted(names) if name.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
-
-
-def scan_image_folder(folder: str, num_classes: int | None) -> SampleTable:
-    """The samples of ``folder/<class>/...``, labelled by the sorted position of the class name.
-
-    The number of class folders must equal ``num_classes`` (a class may have an empty folder): otherwise a class
-    missing from one split would shift every later index and train and val would disagree silently. None (labels
-    unused) accepts any number. Hidden folders (``.name``) are not classes.
-    """
-    if not os.path.isdir(folder):
-        raise DatasetError(f'image folder not found: {folder}')
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith('.'))
-    if num_classes is not None and len(classes) != num_classes:
-        raise DatasetError(f'{folder}: {len(classes)} class folders, but MODEL.NUM_CLASSES is {num_classes}')
-    entries = [(0, os.path.relpath(path, folder), label)
-               for label, name in enumerate(classes) for path in _image_files(os.path.join(folder, name))]
-    if not entries:
-        raise DatasetError(f'{folder}: no image files ({" ".join(IMAGE_EXTENSIONS)}) in its class folders')
-    return SampleTable.from_entries(folder, entries)
 
 
 class LabeledImageDataset(Dataset):
@@ -354,72 +165,12 @@ def _checked_samples(config, mode: str, num_classes: int | None) -> tuple[Sample
         raise DatasetError(f'DATA.DATA_PATH not found: {root}')
     if config.DATA.DATASET == 'imagenet2012':
         source = os.path.join(root, f'{mode}_list.txt')
-        return _checked_once(source, num_classes, lambda: validate_list_file(source, root, num_classes)), source
+        return checked_once(source, num_classes, lambda: validate_list_file(source, root, num_classes)), source
     if config.DATA.DATASET == 'imagefolder':
         source = os.path.join(root, mode)
-        return _checked_once(source, num_classes, lambda: scan_image_folder(source, num_classes)), source
+        return checked_once(source, num_classes, lambda: scan_image_folder(source, num_classes)), source
     # reached by a config changed after validate_config (from Python), which would otherwise return None
     raise DatasetError(f'DATA.DATASET must be one of {list(DATASETS)}, got {config.DATA.DATASET!r}')
-
-
-def _shared_table_folder(source: str, num_classes: int | None) -> str | None:
-    folder = os.environ.get(SAMPLE_TABLES_ENV)
-    if not folder:
-        return None
-    key = hashlib.sha256(f'{os.path.abspath(source)}\n{num_classes}'.encode()).hexdigest()[:16]
-    return os.path.join(folder, key)
-
-
-def _checked_once(source: str, num_classes: int | None, check: Callable[[], SampleTable]) -> SampleTable:
-    """``check()``, or under SAMPLE_TABLES_ENV the table another process of this run checked for the same source
-    (mapped, shared); the first process to check a source saves its table there for the others."""
-    folder = _shared_table_folder(source, num_classes)
-    if folder is None:
-        return check()
-    if os.path.isdir(folder):
-        return SampleTable.load(folder)
-    table = check()
-    partial = f'{folder}.tmp{os.getpid()}'
-    table.save(partial)
-    os.replace(partial, folder)  # readers see a complete table or none
-    return SampleTable.load(folder)
-
-
-@contextlib.contextmanager
-def lists_checked_once(folder: str):
-    """Within it, the lists are checked once: by the first process that needs each, whose table the others (this
-    process's children included: the environment is inherited) then map. The folder is removed on leaving."""
-    os.environ[SAMPLE_TABLES_ENV] = folder
-    try:
-        yield
-    finally:
-        os.environ.pop(SAMPLE_TABLES_ENV, None)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def lists_checked_once_per_machine(local_rank: int, multi_process: bool):
-    """For processes started by paddle.distributed.launch (no parent of ours checks the lists first): local rank 0
-    checks them while the machine's other processes wait, then they map its tables. Every process passes both
-    barriers whatever happens, so a bad list fails them all (the others check it again for their message)."""
-    if not multi_process or SAMPLE_TABLES_ENV in os.environ:
-        yield
-        return
-    folder = os.path.join(tempfile.gettempdir(), f'beit-sample-tables-{os.getppid()}')
-    os.environ[SAMPLE_TABLES_ENV] = folder
-    try:
-        if local_rank != 0:
-            dist.barrier()
-        try:
-            yield
-        finally:
-            if local_rank == 0:
-                dist.barrier()
-            dist.barrier()  # everyone has mapped the tables
-    finally:
-        os.environ.pop(SAMPLE_TABLES_ENV, None)
-        if local_rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _image_nbytes(size: int) -> int:

@@ -9,7 +9,6 @@ line: in one process, or one per device.
 """
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import paddle
 from paddle.utils import unique_name
@@ -19,29 +18,24 @@ import gpu_runtime
 import run_folder
 from checkpoint import check_pretrained_path, save_checkpoint
 from config import ConfigError
-from datasets import DatasetError, get_dataloader
 from engine import Amp, NonFiniteLossError, Objective, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
 from run_folder import PARAM_GROUPS_FILE, RunFolder
 from run_setup import (
+    Data,
     amp_for,
     build_model,
     build_trainer,
+    data_of,
     datasets_of,
     decorate_o2,
     evaluation_model,
     fused_attention_note,
     init_world,
+    steps_per_epoch,
 )
 from starting_point import load_starting_weights, restore_training_state, start_from
 from tasks import Task
 from utils import derived_seed, seed_everything, start_logger, use_all_cpu_cores
-
-
-class Data(NamedTuple):
-    """A split's data set and its loader."""
-
-    set: object
-    loader: object
 
 
 @dataclass(kw_only=True)
@@ -95,17 +89,12 @@ def check_before_launch(config, task: Task) -> None:
         check_pretrained_path(config.MODEL.PRETRAINED)
 
 
-def _loader(config, data_set, split: str, world: World, **kwargs) -> Data:
-    return Data(data_set, get_dataloader(config, data_set, split, world.size > 1, local_processes=world.local_size,
-                                         **kwargs))
-
-
 def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
     """Check every input and build the run in memory; raises an errors.BadInputError, having written nothing."""
     check_run_config(config, task)
     amp = amp_for(config, logger)
     val_set, train_set = datasets_of(config, world, task)
-    val = _loader(config, val_set, 'val', world) if task.evaluates else None
+    val = data_of(config, val_set, 'val', world) if task.evaluates else None
     seed_everything(config.SEED)
     gpu_runtime.set_deterministic(config.DETERMINISTIC, logger)
     model = build_model(config, task, amp)
@@ -116,7 +105,7 @@ def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
     parts = dict(config=config, world=world, logger=logger, amp=amp, objective=objective, val=val)
     if config.EVAL:
         return _prepare_evaluation(model, **parts)
-    return _prepare_training(model, task=task, train=_loader(config, train_set, 'train', world,
+    return _prepare_training(model, task=task, train=data_of(config, train_set, 'train', world,
                                                              batch_draws=objective.batch_draws), **parts)
 
 
@@ -132,10 +121,7 @@ def _prepare_evaluation(model, *, config, world: World, logger: logging.Logger, 
 
 def _prepare_training(model, *, task: Task, config, world: World, logger: logging.Logger, amp: Amp,
                       objective: Objective, train: Data, **parts) -> Job:
-    steps_per_epoch = len(train.loader) // config.TRAIN.ACCUM_ITER
-    if steps_per_epoch == 0:
-        raise DatasetError(f'{len(train.loader)} batches per epoch are fewer than TRAIN.ACCUM_ITER '
-                           f'{config.TRAIN.ACCUM_ITER}: no optimizer step would run')
+    steps = steps_per_epoch(config, train.loader)
     start = start_from(config, model, task, logger)
     start_epoch = start.checkpoint['epoch'] if start.checkpoint is not None else config.TRAIN.LAST_EPOCH
     if start_epoch >= config.TRAIN.NUM_EPOCHS:
@@ -145,13 +131,13 @@ def _prepare_training(model, *, task: Task, config, world: World, logger: loggin
     folder = (RunFolder.resumed(config.SAVE, start.checkpoint, start.path, **where) if start.checkpoint is not None
               else RunFolder(config.SAVE, start_epoch=start_epoch, **where))
     folder.check()
-    trainer, settings = build_trainer(config, model, world=world, amp=amp, steps_per_epoch=steps_per_epoch,
+    trainer, settings = build_trainer(config, model, world=world, amp=amp, steps_per_epoch=steps,
                                       objective=objective, task=task)
     if start.checkpoint is not None:
         restore_training_state(trainer, start.checkpoint, logger)
     return Job(config=config, world=world, logger=logger, amp=amp, model=model, objective=objective, folder=folder,
                start_epoch=start_epoch, train=train, trainer=trainer, saved_part=start.saved_part,
-               param_settings=settings, steps_per_epoch=steps_per_epoch, **parts)
+               param_settings=settings, steps_per_epoch=steps, **parts)
 
 
 def open_output(job: Job) -> None:

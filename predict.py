@@ -22,8 +22,8 @@ import numpy as np
 
 from cli import build_arg_parser, update_config
 from config import get_default_config
-from datasets import DECODE_ERRORS, load_rgb_image
 from errors import EXIT_BAD_INPUT, BadInputError
+from image_files import DECODE_ERRORS, load_rgb_image
 from inference import (
     PRECISIONS,
     DygraphPredictor,

@@ -2,6 +2,7 @@
 device computes it, the data sets, the trainer, and the model that evaluation runs (job.py puts them together)."""
 import logging
 import os
+from typing import NamedTuple
 
 import paddle
 import paddle.distributed as dist
@@ -9,10 +10,12 @@ import paddle.distributed as dist
 import cpu_ops
 import gpu_runtime
 from config import ConfigError
-from datasets import lists_checked_once_per_machine
+from datasets import get_dataloader
 from engine import Amp, Objective, Trainer, World
 from inference import PredictorAsModel
 from model_ema import ModelEma
+from sample_sources import DatasetError
+from sample_table import lists_checked_once_per_machine
 from tasks import Task
 
 FLOAT32 = Amp()  # AMP off
@@ -90,6 +93,28 @@ def datasets_of(config, world: World, task: Task) -> tuple:
         val_set = task.build_val_set(config) if task.evaluates else None
         train_set = None if config.EVAL else task.build_train_set(config)
     return val_set, train_set
+
+
+def steps_per_epoch(config, train_loader) -> int:
+    """Optimizer steps of an epoch; DatasetError when the loader's batches make none."""
+    steps = len(train_loader) // config.TRAIN.ACCUM_ITER
+    if steps == 0:
+        raise DatasetError(f'{len(train_loader)} batches per epoch are fewer than TRAIN.ACCUM_ITER '
+                           f'{config.TRAIN.ACCUM_ITER}: no optimizer step would run')
+    return steps
+
+
+class Data(NamedTuple):
+    """A split's data set and its loader."""
+
+    set: object
+    loader: object
+
+
+def data_of(config, data_set, split: str, world: World, **kwargs) -> Data:
+    """``data_set`` with its loader for ``split`` (datasets.get_dataloader's ``kwargs``)."""
+    return Data(data_set, get_dataloader(config, data_set, split, world.size > 1, local_processes=world.local_size,
+                                         **kwargs))
 
 
 def build_trainer(config, model, *, world: World, amp: Amp, steps_per_epoch: int, objective: Objective,

@@ -1,14 +1,16 @@
-"""What the test files share: the repository root, the tiny config, the real photos, and file checks. (Fixtures
+"""What the test files share: the repository root, the tiny config, the real photos, small data files and file
+checks. (Fixtures
 and the environment set-up stay in conftest.py.)"""
 import os
 from pathlib import Path
 
 import numpy as np
 import paddle
+from PIL import Image
 
 import safe_pickle
 from config import get_config, merge_opts, validate_config
-from datasets import load_rgb_image
+from image_files import load_rgb_image
 from transforms import get_val_transforms, host_normalise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,19 @@ def photo_batch(paths, config) -> np.ndarray:
     """Photo files as this project's evaluation feeds them to the model: the val transform, then normalised."""
     transform = get_val_transforms(config)
     return host_normalise(config)(np.stack([transform(load_rgb_image(str(path))) for path in paths]))
+
+
+def write_list(path: Path, lines) -> str:
+    """A list file of ``lines``, each ended by a newline."""
+    path.write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
+    return str(path)
+
+
+def save_rgb(path: Path, value: int) -> Path:
+    """A 4x3 RGB image of one colour (``value`` and the next two), its folders made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', (4, 3), (value, value + 1, value + 2)).save(path)
+    return path
 
 
 def write_file(path: Path, data: bytes) -> Path:

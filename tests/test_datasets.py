@@ -1,5 +1,5 @@
-"""datasets.py: list files and their checks, image folders, RGB decoding, the bad-image policy, the samplers
-and the loaders (with and without worker processes) on tiny images written in a temporary folder."""
+"""datasets.py: a config's split read from its list file or class folders, RGB decoding, the bad-image policy, the
+samplers and the loaders (with and without worker processes) on tiny images written in a temporary folder."""
 import logging
 import random
 import threading
@@ -15,7 +15,11 @@ from PIL import Image
 import datasets
 import transforms
 from config import DATASETS, get_config
-from datasets import DatasetError, LabeledImageDataset, Sample, ShardedEvalBatchSampler
+from datasets import LabeledImageDataset, ShardedEvalBatchSampler
+from helpers import save_rgb, write_list
+from image_files import load_rgb_image
+from sample_sources import DatasetError, validate_list_file
+from sample_table import Sample
 from utils import derived_seed
 
 TINY = (12, 10)  # width, height of the JPEGs written from the real photos
@@ -75,17 +79,6 @@ def read_all(loader, seconds: float = 60.0) -> list:
     return outcome['batches']
 
 
-def write_list(path: Path, lines) -> str:
-    path.write_text(''.join(line + '\n' for line in lines), encoding='utf-8')
-    return str(path)
-
-
-def save_rgb(path: Path, value: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new('RGB', (4, 3), (value, value + 1, value + 2)).save(path)
-    return path
-
-
 @pytest.fixture(scope='module')
 def tiny_jpegs(photo_paths, tmp_path_factory):
     """The real photos as small JPEGs, in folders whose names hold spaces."""
@@ -100,64 +93,7 @@ def tiny_jpegs(photo_paths, tmp_path_factory):
     return folder, paths
 
 
-# ---- list files -------------------------------------------------------------------------------------------------
-
-def test_label_is_the_last_field_and_paths_keep_their_spaces(tmp_path):
-    for name in ('a b/c  d.png', 'e.png', 'f g.png'):
-        save_rgb(tmp_path / name, 0)
-    list_path = tmp_path / 'val_list.txt'
-    list_path.write_bytes('\ufeff# a comment\r\na b/c  d.png 2\r\n\r\n  e.png\t\t0  \r\n   # indented comment\r\n'
-                          'f g.png    1'.encode())
-    samples = datasets.validate_list_file(str(list_path), str(tmp_path), 3)
-    assert list(samples) == [Sample(str(tmp_path / 'a b/c  d.png'), 2, 2), Sample(str(tmp_path / 'e.png'), 0, 4),
-                       Sample(str(tmp_path / 'f g.png'), 1, 6)]
-
-
-def test_absolute_paths_are_used_as_they_are(tmp_path):
-    image = save_rgb(tmp_path / 'elsewhere' / 'x.png', 0)
-    (tmp_path / 'data').mkdir()
-    list_path = write_list(tmp_path / 'data' / 'val_list.txt', [f'{image} 1'])
-    assert list(datasets.validate_list_file(list_path, str(tmp_path / 'data'), 3)) == [Sample(str(image), 1, 1)]
-
-
-def test_unusable_lines_are_reported_with_line_numbers_and_total(tmp_path):
-    save_rgb(tmp_path / 'ok.png', 0)
-    list_path = write_list(tmp_path / 'train_list.txt', [
-        'ok.png 0',            # 1
-        'no_label.png',        # 2
-        '',                    # 3
-        'ok.png x7',           # 4
-        'ok.png 3',            # 5
-        'ok.png -1',           # 6
-        'missing file.png 0',  # 7
-        '# ok.png 9',          # 8
-        'ok.png 2',            # 9
-        'ok.png 1.0',          # 10: the sixth problem, counted but not shown
-    ])
-    with pytest.raises(DatasetError) as info:
-        datasets.validate_list_file(list_path, str(tmp_path), 3)
-    assert str(info.value) == (
-        f'{list_path}: 6 of 8 entries are unusable; the first 5:\n'
-        "  line 2: no label after the path: 'no_label.png'\n"
-        "  line 4: label 'x7' is not an integer\n"
-        '  line 5: label 3 outside [0, 3) (MODEL.NUM_CLASSES)\n'
-        '  line 6: label -1 outside [0, 3) (MODEL.NUM_CLASSES)\n'
-        f'  line 7: file not found: {tmp_path / "missing file.png"}')
-
-
-def test_an_empty_list_is_an_error(tmp_path):
-    list_path = write_list(tmp_path / 'val_list.txt', ['', '# nothing here', '   '])
-    with pytest.raises(DatasetError) as info:
-        datasets.validate_list_file(list_path, str(tmp_path), 3)
-    assert str(info.value) == f'{list_path}: no samples (only blank or comment lines)'
-
-
-def test_a_list_that_is_not_utf8_is_an_error(tmp_path):
-    list_path = tmp_path / 'val_list.txt'
-    list_path.write_bytes(b'caf\xe9.png 0\n')
-    with pytest.raises(DatasetError, match=f'^{list_path}: not UTF-8 text'):
-        datasets.validate_list_file(str(list_path), str(tmp_path), 3)
-
+# ---- a config's split: the data folder, its list file or class folders ------------------------------------------
 
 def test_missing_data_path_or_list_file_is_named(tmp_path, stub_transforms):
     with pytest.raises(DatasetError) as info:
@@ -189,8 +125,6 @@ def test_every_dataset_choice_of_the_config_is_read(tmp_path, stub_transforms, d
                                                                    for label, image in enumerate(images)]
 
 
-# ---- image folders ----------------------------------------------------------------------------------------------
-
 def test_image_folder_classes_are_sorted_names(tmp_path, stub_transforms):
     for name in ('train/b cls/2.png', 'train/b cls/1.png', 'train/a cls/deep/0.PNG', 'train/c cls/x.jpeg',
                  'train/.cache/9.png'):
@@ -201,19 +135,6 @@ def test_image_folder_classes_are_sorted_names(tmp_path, stub_transforms):
     assert list(dataset.samples) == [Sample(str(train / 'a cls/deep/0.PNG'), 0), Sample(str(train / 'b cls/1.png'), 1),
                                Sample(str(train / 'b cls/2.png'), 1), Sample(str(train / 'c cls/x.jpeg'), 2)]
     assert dataset.source == str(train)
-
-
-def test_image_folder_needs_one_folder_per_class_and_some_images(tmp_path):
-    (tmp_path / 'val/a').mkdir(parents=True)
-    (tmp_path / 'val/b').mkdir()
-    with pytest.raises(DatasetError) as info:
-        datasets.scan_image_folder(str(tmp_path / 'val'), 3)
-    assert str(info.value) == f'{tmp_path / "val"}: 2 class folders, but MODEL.NUM_CLASSES is 3'
-    with pytest.raises(DatasetError, match=f'^{tmp_path / "val"}: no image files'):
-        datasets.scan_image_folder(str(tmp_path / 'val'), 2)
-    with pytest.raises(DatasetError) as info:
-        datasets.scan_image_folder(str(tmp_path / 'train'), 2)
-    assert str(info.value) == f'image folder not found: {tmp_path / "train"}'
 
 
 # ---- decoding ---------------------------------------------------------------------------------------------------
@@ -258,12 +179,6 @@ def test_every_mode_becomes_rgb_with_the_right_values(tmp_path, mode):
     np.testing.assert_array_equal(image, np.array(expected, np.float32).transpose(2, 0, 1))
 
 
-def test_old_pillow_16_bit_mode_i_is_scaled_and_clipped():
-    img = Image.fromarray(np.array([[-5, 257, 65535, 70000]], np.int32))
-    assert img.mode == 'I'
-    np.testing.assert_array_equal(np.asarray(datasets.to_rgb(img))[..., 0], [[0, 1, 255, 255]])
-
-
 # ---- bad images at run time -------------------------------------------------------------------------------------
 
 def _write_bad_files(folder: Path, good_jpeg: Path) -> dict:
@@ -285,7 +200,7 @@ def test_policy_error_names_the_bad_file_and_its_line(tmp_path, tiny_jpegs, kind
     good = tiny_jpegs[1][0]
     bad = _write_bad_files(tmp_path, good)[kind]
     list_path = write_list(tmp_path / 'val_list.txt', [f'{good} 0', '# then the bad one', f'{bad.name} 1'])
-    dataset = LabeledImageDataset(datasets.validate_list_file(list_path, str(tmp_path), 3), to_chw, 'error', list_path)
+    dataset = LabeledImageDataset(validate_list_file(list_path, str(tmp_path), 3), to_chw, 'error', list_path)
     loader = datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE_EVAL=1, NUM_WORKERS=num_workers), dataset, 'val')
     with pytest.raises(DatasetError) as info:
         read_all(loader)
@@ -299,7 +214,7 @@ def test_policy_skip_serves_the_next_good_sample_and_counts_each_bad_file_once(t
     bad = _write_bad_files(tmp_path, jpegs[0])
     order = [jpegs[0], bad['truncated'], jpegs[1], bad['empty'], bad['text'], jpegs[2]]
     list_path = write_list(tmp_path / 'val_list.txt', [f'{path} {index % 3}' for index, path in enumerate(order)])
-    dataset = LabeledImageDataset(datasets.validate_list_file(list_path, str(tmp_path), 3), to_chw, 'skip', list_path)
+    dataset = LabeledImageDataset(validate_list_file(list_path, str(tmp_path), 3), to_chw, 'skip', list_path)
     loader = datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE_EVAL=4, NUM_WORKERS=num_workers), dataset, 'val')
     with caplog.at_level(logging.WARNING, logger='datasets'):
         for _ in range(2):
@@ -441,7 +356,7 @@ def test_draws_are_for_training_batches_only(tmp_path):
 
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_a_failing_sample_still_raises_when_batches_carry_draws(tmp_path, num_workers):
-    dataset = datasets.LabeledImageDataset([datasets.Sample(str(tmp_path / 'missing.jpg'), 0, 7)] * 4,
+    dataset = datasets.LabeledImageDataset([Sample(str(tmp_path / 'missing.jpg'), 0, 7)] * 4,
                                            transform=lambda img: img, source='train_list.txt')
     loader = datasets.get_dataloader(make_config(tmp_path, BATCH_SIZE=2, NUM_WORKERS=num_workers), dataset,
                                      'train', batch_draws=CountingDraws())
@@ -487,7 +402,7 @@ def test_real_transforms_flow_through_the_loaders(tiny_jpegs):
     val_loader = datasets.get_dataloader(config, datasets.get_dataset(config, 'val'), 'val')
     val_images = np.concatenate([x.numpy() for x, _ in val_loader])
     expected = transforms.host_normalise(config)(
-        np.stack([transforms.get_val_transforms(config)(datasets.load_rgb_image(str(p))) for p in paths]))
+        np.stack([transforms.get_val_transforms(config)(load_rgb_image(str(p))) for p in paths]))
     np.testing.assert_array_equal(val_images, expected)
     train_loader = datasets.get_dataloader(config, datasets.get_dataset(config, 'train'), 'train')
     assert [tuple(x.shape) for x, _ in train_loader] == [(2, 3, 16, 16)] * 3

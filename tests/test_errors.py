@@ -9,7 +9,7 @@ import pytest
 import errors
 from helpers import ROOT
 
-INPUT_ERRORS = [('config', 'ConfigError'), ('datasets', 'DatasetError'), ('checkpoint', 'CheckpointError'),
+INPUT_ERRORS = [('config', 'ConfigError'), ('sample_sources', 'DatasetError'), ('checkpoint', 'CheckpointError'),
                 ('beit', 'CheckpointMismatchError'), ('inference', 'WeightsError'),
                 ('run_folder', 'RunFolderBusyError'), ('dalle_tokenizer', 'TokenizerWeightsError'),
                 ('torch_checkpoint', 'ConversionError'), ('torch_checkpoint', 'RefusedPickleError'),

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import scan_image_folder, validate_list_file
 from helpers import ROOT
 from make_demo_data import CLASS_NAMES, DEFAULT_SOURCE, SourceError, main, read_idx_ubyte
+from sample_sources import scan_image_folder, validate_list_file
 
 DEMO = ROOT / 'data' / 'fashion_mnist'
 NUM_CLASSES = len(CLASS_NAMES)

@@ -117,6 +117,12 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(mode):
     assert np.array_equal(rgb, np.repeat(expected[..., None], 3, axis=2))
 
 
+def test_old_pillow_16_bit_mode_i_is_scaled_and_clipped():
+    img = Image.fromarray(np.array([[-5, 257, 65535, 70000]], np.int32))
+    assert img.mode == 'I'
+    np.testing.assert_array_equal(np.asarray(tr.to_rgb(img))[..., 0], [[0, 1, 255, 255]])
+
+
 def test_to_rgb_rejects_non_images():
     with pytest.raises(TypeError, match='expected a PIL image, got ndarray'):
         tr.to_rgb(np.zeros((4, 4, 3), np.uint8))
