@@ -21,7 +21,7 @@ from engine import Amp, World
 from losses import cross_entropy
 from optim import WarmupCosineLR, linear_scaling
 from task_finetune import topk_correct
-from tasks import Task
+from tasks import Curve, Task
 from transforms import get_linear_probe_transforms
 
 FEATURE_INIT_STD = 0.01  # unilm's classifier weights: N(0, 0.01), bias 0
@@ -173,4 +173,5 @@ LINEAR_PROBING = Task('linear probing', build_linear_probe,
                       partial(get_dataset, mode='val'), _linear_probe_objective, check_linear_probe_config,
                       build_optimizer=build_probe_optimizer, split=encoder_and_classifiers,
                       own_keys=(('TRAIN.NUM_EPOCHS', 'LINPROBE.NUM_EPOCHS'),
-                                ('DATA.BATCH_SIZE', 'LINPROBE.BATCH_SIZE')))
+                                ('DATA.BATCH_SIZE', 'LINPROBE.BATCH_SIZE')),
+                      curves=(Curve('val', 'best_acc1', 'val, best probed block', percent=True),))

@@ -3,6 +3,7 @@ import json
 
 from PIL import Image
 
+import plot_metrics
 from plot_metrics import block_accuracies, main, read_metrics, read_runs, series
 
 RECORDS = [
@@ -75,3 +76,32 @@ def test_compared_runs_of_the_same_name_are_both_drawn(tmp_path):
     runs = read_runs([str(tmp_path / 'a' / 'probe'), str(tmp_path / 'b' / 'probe')])
     assert list(runs) == [str(tmp_path / 'a' / 'probe'), str(tmp_path / 'b' / 'probe')]
     assert read_runs([str(tmp_path / 'a' / 'probe')]).keys() == {'probe'}
+
+
+PRETRAINING_RECORDS = [{'split': 'train', 'epoch': epoch, 'loss': 9.0 - epoch, 'mlm_acc': 0.1 * epoch}
+                       for epoch in (1, 2)]
+
+
+def drawn_curves(monkeypatch, folder) -> list:
+    """The lines of main's curves.png, [(label, epochs, values)] of each panel."""
+    figures = []
+    monkeypatch.setattr(plot_metrics.plt, 'close', figures.append)
+    assert main(['-output', str(folder)]) == 0
+    return [[(line.get_label(), list(line.get_xdata()), [round(y, 9) for y in line.get_ydata()])
+             for line in axes.get_lines()] for axes in figures[0].axes]
+
+
+def test_each_tasks_curves_are_those_it_always_had(tmp_path, monkeypatch):
+    """Older runs' records (no task name): the loss panel, then the accuracy panel of each of the three tasks."""
+    expected = {
+        'fine_tune': [[('train', [1, 2], [2.0, 1.0]), ('val', [1, 2], [1.5, 0.9]), ('val EMA', [1, 2], [1.6, 1.0])],
+                      [('train (mixed targets)', [1, 2], [30.0, 60.0]), ('val', [1, 2], [50.0, 70.0]),
+                       ('val EMA', [1, 2], [45.0, 65.0])]],
+        'pretrain': [[('train', [1, 2], [8.0, 7.0])], [('train MLM (masked patches)', [1, 2], [10.0, 20.0])]],
+        'probe': [[('train', [1], [9.0]), ('val', [1, 2], [8.0, 7.0])],
+                  [('val, best probed block', [1, 2], [40.0, 60.0])]],
+    }
+    for name, records in (('fine_tune', RECORDS), ('pretrain', PRETRAINING_RECORDS), ('probe', PROBE_RECORDS)):
+        (tmp_path / name).mkdir()
+        write_metrics(tmp_path / name, records)
+        assert drawn_curves(monkeypatch, tmp_path / name) == expected[name], name
