@@ -5,6 +5,9 @@ from PIL import Image
 
 import plot_metrics
 from plot_metrics import block_accuracies, main, read_metrics, read_runs, series
+from task_finetune import FINE_TUNING
+from task_linprobe import LINEAR_PROBING
+from task_pretrain import PRETRAINING
 
 RECORDS = [
     {'split': 'train', 'epoch': 1, 'loss': 2.0, 'acc1': 0.3},
@@ -105,3 +108,45 @@ def test_each_tasks_curves_are_those_it_always_had(tmp_path, monkeypatch):
         (tmp_path / name).mkdir()
         write_metrics(tmp_path / name, records)
         assert drawn_curves(monkeypatch, tmp_path / name) == expected[name], name
+
+
+STAND_IN_TASK = '''
+from tasks import Curve, Task
+
+
+def _unused(*args):
+    raise AssertionError('plotting builds nothing of a task')
+
+
+SEGMENTATION = Task('segmentation', _unused, _unused, _unused, _unused, _unused,
+                    curves=(Curve('val', 'miou', 'val mIoU', percent=True), Curve('val', 'pixels', 'val pixels')))
+'''
+
+
+def test_a_new_tasks_declared_curves_are_drawn(tmp_path, monkeypatch):
+    """A task module that plot_metrics.py has never heard of: its curves are drawn from its declaration alone."""
+    (tmp_path / 'task_stand_in_segmentation.py').write_text(STAND_IN_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plot_metrics, 'TASK_FOLDER', str(tmp_path))
+    assert list(plot_metrics.find_tasks()) == ['segmentation']
+    write_metrics(tmp_path, [{'task': 'segmentation', 'split': 'train', 'epoch': 1, 'loss': 3.0},
+                             {'task': 'segmentation', 'split': 'val', 'epoch': 1, 'loss': 2.0, 'miou': 0.25,
+                              'ema_miou': 0.125, 'pixels': 7, 'acc1': 0.5}])
+    assert drawn_curves(monkeypatch, tmp_path) == [
+        [('train', [1], [3.0]), ('val', [1], [2.0])],
+        [('val mIoU', [1], [25.0]), ('val mIoU EMA', [1], [12.5]), ('val pixels', [1], [7])]]
+
+
+def test_named_records_draw_their_tasks_curves_and_unnamed_ones_are_inferred():
+    known = plot_metrics.find_tasks()
+    assert set(known) == {FINE_TUNING.name, PRETRAINING.name, LINEAR_PROBING.name}
+    named = [FINE_TUNING.metrics_record({**record, 'mlm_acc': 0.5}) for record in RECORDS]
+    assert named[0] == {'task': 'fine-tuning', **RECORDS[0], 'mlm_acc': 0.5}
+    assert plot_metrics.tasks_of(named, known) == [FINE_TUNING]  # mlm_acc is not fine-tuning's: not drawn
+    assert [curve.key for curve in plot_metrics.curves_to_draw(named, [FINE_TUNING])[1]] == ['acc1', 'acc1',
+                                                                                            'ema_acc1']
+    unknown = [{**record, 'task': 'a task of another checkout'} for record in PRETRAINING_RECORDS]
+    assert plot_metrics.tasks_of(unknown, known) == [PRETRAINING]
+    resumed = PROBE_RECORDS[:1] + [LINEAR_PROBING.metrics_record(record) for record in PROBE_RECORDS[1:]]
+    assert plot_metrics.tasks_of(resumed, known) == [LINEAR_PROBING]
+    assert plot_metrics.tasks_of([{'split': 'train', 'epoch': 1, 'loss': 1.0}], known) == []
