@@ -1,5 +1,7 @@
 """The command line: single-dash flags and -opts over a config file, validated and frozen, errors naming the key."""
 import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from beit import build_beit
 from cli import build_arg_parser, update_config
 from config import ConfigError, get_config
+from errors import EXIT_BAD_INPUT
 from helpers import ROOT, TINY_CONFIG
 from task_finetune import FINE_TUNING
 
@@ -91,3 +94,14 @@ def test_opts_naming_a_replaced_key_are_refused():
     with pytest.raises(ConfigError, match=re.escape('-opts: probing takes TRAIN.NUM_EPOCHS from LINPROBE.NUM_EPOCHS: '
                                                     'set LINPROBE.NUM_EPOCHS instead')):
         update_config(get_config(), parse('-opts', 'TRAIN.NUM_EPOCHS', '3'), PROBE_LIKE)
+
+
+@pytest.mark.slow
+def test_a_script_given_an_unusable_file_value_exits_2_naming_the_file_and_the_key(tmp_path):
+    path = tmp_path / 'bad.yaml'
+    path.write_text(f'BASE: {TINY_CONFIG}\nTRAIN:\n  SMOOTHING: 1.5\n')
+    result = subprocess.run([sys.executable, str(ROOT / 'main_single_gpu.py'), '-cfg', str(path),
+                             '-output', str(tmp_path / 'out')], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr
+    assert result.stderr.endswith(f'error: {path}: TRAIN.SMOOTHING must lie in [0, 1], got 1.5\n'), result.stderr
+    assert not (tmp_path / 'out').exists()
