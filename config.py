@@ -1,7 +1,8 @@
 """YACS configuration: defaults, YAML files with BASE inheritance, -opts overrides and validation.
 
 Defaults describe beit_base_patch16_224 fine-tuned with the official recipe; YAML files in configs/ set
-any subset. Unknown keys and values of the wrong type are errors that name the key and the file.
+any subset. Unknown keys, values of the wrong type and values out of range are errors that name the key and
+where its value came from (set_value records the file, flag or -opts that set each value: origin).
 """
 import ast
 import os
@@ -185,7 +186,7 @@ _PROBABILITIES = ('DATA.CROP_PCT', 'MODEL.DROPOUT', 'MODEL.ATTENTION_DROPOUT', '
 
 
 class ConfigError(BadInputError):
-    """A config file, flag or value that cannot be used; the message names the key."""
+    """A config file, flag or value that cannot be used; the message names the key and where its value came from."""
 
 
 def get_default_config() -> CN:
@@ -273,6 +274,32 @@ def set_value(config: CN, key: str, value, source: str) -> None:
     if isinstance(node[leaf], CN):
         raise ConfigError(f'{source}: {key} is a group of keys, not a value')
     node[leaf] = _checked_value(key, value, node[leaf], source)
+    config.__dict__.setdefault(_ORIGINS, {})[key] = (source, node[leaf])
+
+
+_ORIGINS = '_origins'  # the root node's {key: (source, value)} of each value set_value set (not a config key)
+
+
+def origin(config: CN, key: str) -> str | None:
+    """Where ``key``'s value came from: the YAML file (a BASE file for the keys it set), flag or -opts that
+    set_value set it from; None for a default, or for a value that code has changed since."""
+    source, value = config.__dict__.get(_ORIGINS, {}).get(key, (None, None))
+    return source if source is not None and lookup(config, key) == value else None
+
+
+def named_origin(config: CN, *keys: str) -> str:
+    """The prefix of an error about ``keys``: 'SOURCE: ' when one file, flag or -opts set every one of them, else
+    'KEY from SOURCE, ...: ' for those that were set; '' when all are defaults."""
+    sources = {key: source for key in keys if (source := origin(config, key)) is not None}
+    if not sources:
+        return ''
+    if len(sources) == len(keys) and len(set(sources.values())) == 1:
+        return f'{sources[keys[0]]}: '
+    return ', '.join(f'{key} from {source}' for key, source in sources.items()) + ': '
+
+
+def _value_error(config: CN, keys: Sequence[str], message: str) -> ConfigError:
+    return ConfigError(named_origin(config, *keys) + message)
 
 
 def _flatten(values: dict, prefix: str = '') -> list:
@@ -307,40 +334,45 @@ def merge_opts(config: CN, opts: Sequence[str]) -> None:
 
 
 def validate_config(config: CN) -> None:
-    """Reject values that YACS types allow but the model or trainer cannot use."""
+    """Reject values that YACS types allow but the model or trainer cannot use, naming the key and where its value
+    came from (origin)."""
     for key, choices in _CHOICES.items():
         if lookup(config, key) not in choices:
-            raise ConfigError(f'{key} must be one of {list(choices)}, got {lookup(config, key)!r}')
+            raise _value_error(config, [key], f'{key} must be one of {list(choices)}, got {lookup(config, key)!r}')
     for key in _POSITIVE:
         if not lookup(config, key) > 0:
-            raise ConfigError(f'{key} must be positive, got {lookup(config, key)!r}')
+            raise _value_error(config, [key], f'{key} must be positive, got {lookup(config, key)!r}')
     for key in _NON_NEGATIVE:
         if lookup(config, key) < 0:
-            raise ConfigError(f'{key} must not be negative, got {lookup(config, key)!r}')
+            raise _value_error(config, [key], f'{key} must not be negative, got {lookup(config, key)!r}')
     if config.NGPUS == 0 or config.NGPUS < -1:
-        raise ConfigError(f'NGPUS (-ngpus) must be a process count of at least 1, or -1 for one process per visible '
-                          f'GPU, got {config.NGPUS}')
+        raise _value_error(config, ['NGPUS'], f'NGPUS must be a process count of at least 1, or -1 for one process '
+                                              f'per visible GPU, got {config.NGPUS}')
     if config.DATA.NUM_WORKERS < -1:
-        raise ConfigError(f'DATA.NUM_WORKERS must be a count, or -1 for min(8, cores // processes), got '
-                          f'{config.DATA.NUM_WORKERS!r}')
+        raise _value_error(config, ['DATA.NUM_WORKERS'], f'DATA.NUM_WORKERS must be a count, or -1 for min(8, cores '
+                                                         f'// processes), got {config.DATA.NUM_WORKERS!r}')
     for key in _PROBABILITIES:
         if not 0.0 <= lookup(config, key) <= 1.0:
-            raise ConfigError(f'{key} must lie in [0, 1], got {lookup(config, key)!r}')
+            raise _value_error(config, [key], f'{key} must lie in [0, 1], got {lookup(config, key)!r}')
     if config.MODEL.INIT_VALUES is not None and config.MODEL.INIT_VALUES < 0:
-        raise ConfigError(f'MODEL.INIT_VALUES must be positive (layer scale init), or 0 or null for no layer scale; '
-                          f'got {config.MODEL.INIT_VALUES!r}')
+        raise _value_error(config, ['MODEL.INIT_VALUES'], f'MODEL.INIT_VALUES must be positive (layer scale init), '
+                                                          f'or 0 or null for no layer scale; got '
+                                                          f'{config.MODEL.INIT_VALUES!r}')
     if config.DATA.IMAGE_SIZE % config.MODEL.PATCH_SIZE:
-        raise ConfigError(f'DATA.IMAGE_SIZE {config.DATA.IMAGE_SIZE} is not a multiple of '
-                          f'MODEL.PATCH_SIZE {config.MODEL.PATCH_SIZE}')
+        raise _value_error(config, ['DATA.IMAGE_SIZE', 'MODEL.PATCH_SIZE'],
+                           f'DATA.IMAGE_SIZE {config.DATA.IMAGE_SIZE} is not a multiple of MODEL.PATCH_SIZE '
+                           f'{config.MODEL.PATCH_SIZE}')
     if config.MODEL.EMBED_DIM % config.MODEL.NUM_HEADS:
-        raise ConfigError(f'MODEL.EMBED_DIM {config.MODEL.EMBED_DIM} is not divisible by '
-                          f'MODEL.NUM_HEADS {config.MODEL.NUM_HEADS}')
+        raise _value_error(config, ['MODEL.EMBED_DIM', 'MODEL.NUM_HEADS'],
+                           f'MODEL.EMBED_DIM {config.MODEL.EMBED_DIM} is not divisible by MODEL.NUM_HEADS '
+                           f'{config.MODEL.NUM_HEADS}')
     for key, length in (('DATA.IMAGENET_MEAN', 3), ('DATA.IMAGENET_STD', 3), ('TRAIN.OPTIMIZER.BETAS', 2),
                         ('TRAIN.RRC_SCALE', 2), ('TRAIN.RRC_RATIO', 2)):
         if len(lookup(config, key)) != length:
-            raise ConfigError(f'{key} needs {length} values, got {list(lookup(config, key))}')
+            raise _value_error(config, [key], f'{key} needs {length} values, got {list(lookup(config, key))}')
     if config.TRAIN.CUTMIX_MINMAX and len(config.TRAIN.CUTMIX_MINMAX) != 2:
-        raise ConfigError(f'TRAIN.CUTMIX_MINMAX needs [min, max] or [], got {list(config.TRAIN.CUTMIX_MINMAX)}')
+        raise _value_error(config, ['TRAIN.CUTMIX_MINMAX'], f'TRAIN.CUTMIX_MINMAX needs [min, max] or [], got '
+                                                            f'{list(config.TRAIN.CUTMIX_MINMAX)}')
 
 
 TOKENIZER_PATCH_PIXELS = 8  # the DALL-E encoder gives one token per 8x8 pixels
@@ -351,37 +383,45 @@ def validate_pretraining_config(config: CN) -> None:
     weights (or an explicit choice of a random tokenizer), no -eval, no TO_STATIC."""
     pretrain = config.PRETRAIN
     if config.EVAL:
-        raise ConfigError('pre-training has no evaluation: -eval (EVAL) is for fine-tuned models (main_single_gpu.py)')
+        raise _value_error(config, ['EVAL'], 'pre-training has no evaluation: -eval (EVAL) is for fine-tuned models '
+                                             '(main_single_gpu.py)')
     if config.MODEL.TO_STATIC:
-        raise ConfigError('MODEL.TO_STATIC compiles the fine-tuning model only: the pre-training model selects the '
-                          'masked patches with a data-dependent shape; run pre-training in dygraph')
+        raise _value_error(config, ['MODEL.TO_STATIC'], 'MODEL.TO_STATIC compiles the fine-tuning model only: the '
+                                                        'pre-training model selects the masked patches with a '
+                                                        'data-dependent shape; run pre-training in dygraph')
     grid = config.DATA.IMAGE_SIZE // config.MODEL.PATCH_SIZE
     second = pretrain.SECOND_INPUT_SIZE
     if second != grid * TOKENIZER_PATCH_PIXELS:
-        raise ConfigError(
+        raise _value_error(
+            config, ['PRETRAIN.SECOND_INPUT_SIZE', 'DATA.IMAGE_SIZE', 'MODEL.PATCH_SIZE'],
             f'PRETRAIN.SECOND_INPUT_SIZE {second} gives the tokenizer {second / TOKENIZER_PATCH_PIXELS:g} tokens per '
             f'side ({TOKENIZER_PATCH_PIXELS} px each), but the model has a {grid}x{grid} patch grid (DATA.IMAGE_SIZE '
             f'{config.DATA.IMAGE_SIZE} / MODEL.PATCH_SIZE {config.MODEL.PATCH_SIZE}): '
             f'use {grid * TOKENIZER_PATCH_PIXELS}')
     num_masked = pretrain.NUM_MASK_PATCHES
     if grid * grid < num_masked:
-        raise ConfigError(f'PRETRAIN.NUM_MASK_PATCHES {num_masked} is more than the {grid * grid} patches of a '
-                          f'{grid}x{grid} grid')
+        raise _value_error(config, ['PRETRAIN.NUM_MASK_PATCHES', 'DATA.IMAGE_SIZE', 'MODEL.PATCH_SIZE'],
+                           f'PRETRAIN.NUM_MASK_PATCHES {num_masked} is more than the {grid * grid} patches of a '
+                           f'{grid}x{grid} grid')
     largest_block = min(pretrain.MAX_MASK_PATCHES_PER_BLOCK or num_masked, num_masked)
     if largest_block < pretrain.MIN_MASK_PATCHES_PER_BLOCK:
-        raise ConfigError(f'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK {pretrain.MIN_MASK_PATCHES_PER_BLOCK} is more than a '
-                          f'block may hold (PRETRAIN.NUM_MASK_PATCHES {num_masked}, '
-                          f'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK {pretrain.MAX_MASK_PATCHES_PER_BLOCK})')
+        raise _value_error(config, ['PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK', 'PRETRAIN.NUM_MASK_PATCHES',
+                                    'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK'],
+                           f'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK {pretrain.MIN_MASK_PATCHES_PER_BLOCK} is more than a '
+                           f'block may hold (PRETRAIN.NUM_MASK_PATCHES {num_masked}, '
+                           f'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK {pretrain.MAX_MASK_PATCHES_PER_BLOCK})')
     if pretrain.TOKENIZER_HIDDEN % 4:
-        raise ConfigError(f'PRETRAIN.TOKENIZER_HIDDEN must be a multiple of 4 (the DALL-E encoder\'s blocks narrow '
-                          f'to a quarter of it), got {pretrain.TOKENIZER_HIDDEN}')
+        raise _value_error(config, ['PRETRAIN.TOKENIZER_HIDDEN'],
+                           f'PRETRAIN.TOKENIZER_HIDDEN must be a multiple of 4 (the DALL-E encoder\'s blocks narrow '
+                           f'to a quarter of it), got {pretrain.TOKENIZER_HIDDEN}')
     if not pretrain.TOKENIZER_WEIGHTS and not pretrain.RANDOM_TOKENIZER:
         raise ConfigError('PRETRAIN.TOKENIZER_WEIGHTS is not set: pre-training predicts the tokens of the DALL-E '
                           'tokenizer, convert its encoder with `python load_dalle_weights.py -src encoder.pkl -dst '
                           'dalle_encoder.pdparams` and give that file (PRETRAIN.RANDOM_TOKENIZER True runs with '
                           'random tokenizer weights, for tests and demos only)')
     if pretrain.TOKENIZER_WEIGHTS and not os.path.isfile(pretrain.TOKENIZER_WEIGHTS):
-        raise ConfigError(f'PRETRAIN.TOKENIZER_WEIGHTS: file not found: {pretrain.TOKENIZER_WEIGHTS}')
+        raise _value_error(config, ['PRETRAIN.TOKENIZER_WEIGHTS'],
+                           f'PRETRAIN.TOKENIZER_WEIGHTS: file not found: {pretrain.TOKENIZER_WEIGHTS}')
 
 
 def get_config(cfg_file: str | None = None) -> CN:

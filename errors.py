@@ -1,7 +1,7 @@
 """What every entry point agrees on about failures: the exit codes, and the base of the errors a user can fix.
 
-Imports nothing, so the scripts that need neither Paddle nor the training stack (plot_metrics.py, make_demo_data.py)
-exit with the same codes as the training scripts.
+Imports nothing, so a script that needs neither Paddle nor the training stack (make_demo_data.py) exits with the
+same codes as the training scripts.
 """
 
 EXIT_TRAINING_FAILED = 1  # training diverged or a process failed

@@ -46,6 +46,7 @@ class Job:
     model, or the trained part of a partly frozen one."""
 
     config: object
+    task: Task
     world: World
     logger: logging.Logger
     amp: Amp
@@ -102,10 +103,10 @@ def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:
     if note:
         logger.info(note)
     objective = task.build_objective(config, world)
-    parts = dict(config=config, world=world, logger=logger, amp=amp, objective=objective, val=val)
+    parts = dict(config=config, task=task, world=world, logger=logger, amp=amp, objective=objective, val=val)
     if config.EVAL:
         return _prepare_evaluation(model, **parts)
-    return _prepare_training(model, task=task, train=data_of(config, train_set, 'train', world,
+    return _prepare_training(model, train=data_of(config, train_set, 'train', world,
                                                              batch_draws=objective.batch_draws), **parts)
 
 
@@ -119,7 +120,7 @@ def _prepare_evaluation(model, *, config, world: World, logger: logging.Logger, 
                folder=folder, start_epoch=config.TRAIN.LAST_EPOCH if epoch is None else epoch, **parts)
 
 
-def _prepare_training(model, *, task: Task, config, world: World, logger: logging.Logger, amp: Amp,
+def _prepare_training(model, *, config, task: Task, world: World, logger: logging.Logger, amp: Amp,
                       objective: Objective, train: Data, **parts) -> Job:
     steps = steps_per_epoch(config, train.loader)
     start = start_from(config, model, task, logger)
@@ -135,8 +136,8 @@ def _prepare_training(model, *, task: Task, config, world: World, logger: loggin
                                       objective=objective, task=task)
     if start.checkpoint is not None:
         restore_training_state(trainer, start.checkpoint, logger)
-    return Job(config=config, world=world, logger=logger, amp=amp, model=model, objective=objective, folder=folder,
-               start_epoch=start_epoch, train=train, trainer=trainer, saved_part=start.saved_part,
+    return Job(config=config, task=task, world=world, logger=logger, amp=amp, model=model, objective=objective,
+               folder=folder, start_epoch=start_epoch, train=train, trainer=trainer, saved_part=start.saved_part,
                param_settings=settings, steps_per_epoch=steps, **parts)
 
 
@@ -145,6 +146,11 @@ def open_output(job: Job) -> None:
     job.folder.open(job.logger)
     if job.param_settings is not None:
         job.folder.write_json(PARAM_GROUPS_FILE, job.param_settings)
+
+
+def _record(job: Job, record: dict) -> None:
+    """A line of metrics.jsonl, named by the task (plot_metrics.py draws the curves the task declares)."""
+    job.folder.record(job.task.metrics_record(record))
 
 
 def _bad_images(job: Job, dataset) -> int:
@@ -177,7 +183,7 @@ def _validate(job: Job, epoch: int, lr: float) -> dict:
     if trainer.model_ema is not None:
         ema = _evaluate_and_log(job, trainer.model_ema.module, f'epoch {epoch} val EMA')
         record.update({f'ema_{key}': ema[key] for key in job.objective.logged})
-    job.folder.record(record)
+    _record(job, record)
     return record
 
 
@@ -241,7 +247,7 @@ def _train_epoch(job: Job, epoch: int) -> dict:
     job.logger.info(f'epoch {epoch} train: loss {result["loss"]:.4f} {metric} {result[metric]:.4f} '
                     f'time {result["time"]:.1f}s ({result["images_per_sec"]:.1f} images/s), '
                     f'{result["skipped_steps"]} steps skipped for inf/nan gradients')
-    job.folder.record({'split': 'train', 'epoch': epoch, **_metric_fields(result),
+    _record(job, {'split': 'train', 'epoch': epoch, **_metric_fields(result),
                        'bad_images': _bad_images(job, job.train.set)})
     return result
 
@@ -266,7 +272,7 @@ def evaluate_weights(job: Job) -> dict:
     result = _evaluate_and_log(job, job.model, 'val')
     record = {'split': 'val', 'epoch': job.start_epoch, **_metric_fields(result), 'lr': None,
               'bad_images': _bad_images(job, job.val.set), 'weights': job.config.MODEL.PRETRAINED}
-    job.folder.record(record)
+    _record(job, record)
     return record
 
 

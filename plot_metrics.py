@@ -1,14 +1,18 @@
-"""Loss and accuracy curves of a run (fine-tuning, or pre-training's MLM accuracy), from its metrics.jsonl, as a PNG;
-for a linear-probing run also the val top-1 of each probed block at its last evaluation.
+"""Loss curves of a run and the curves its task declares (tasks.Curve: fine-tuning's top-1, pre-training's MLM
+accuracy, ...), from its metrics.jsonl, as a PNG; for a linear-probing run also the val top-1 of each probed block at
+its last evaluation.
 
     python plot_metrics.py -output ./output        # writes ./output/curves.png (and blocks.png)
     python plot_metrics.py -output ./probe_a -compare ./probe_b   # blocks.png: both runs' blocks, one line each
 """
 import argparse
+import importlib
 import json
 import os
+import pkgutil
 import re
 import sys
+import warnings
 
 import matplotlib
 
@@ -16,6 +20,12 @@ matplotlib.use('Agg')  # files only, no display needed
 import matplotlib.pyplot as plt
 
 from errors import EXIT_BAD_INPUT, BadInputError
+
+with warnings.catch_warnings():  # tasks.py imports Paddle, which warns that no ccache is installed: not news here
+    warnings.simplefilter('ignore')
+    from tasks import Curve, Task
+
+TASK_FOLDER = os.path.dirname(os.path.abspath(__file__))
 
 
 class MetricsError(BadInputError):
@@ -43,23 +53,58 @@ def series(records: list, split: str, key: str) -> tuple:
     return tuple(zip(*points)) if points else ((), ())
 
 
-def plot_curves(records: list, png_path: str) -> None:
-    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, key, label in (('train', 'loss', 'train'), ('val', 'loss', 'val'), ('val', 'ema_loss', 'val EMA')):
-        epochs, values = series(records, split, key)
-        if epochs:  # a run without evaluation (pre-training) or EMA has no such line
-            loss_axes.plot(epochs, values, marker='.', label=label)
-    for split, key, label in (('train', 'acc1', 'train (mixed targets)'), ('val', 'acc1', 'val'),
-                              ('val', 'ema_acc1', 'val EMA'), ('train', 'mlm_acc', 'train MLM (masked patches)'),
-                              ('val', 'best_acc1', 'val, best probed block')):
-        epochs, values = series(records, split, key)
-        if epochs:
-            acc_axes.plot(epochs, [100 * v for v in values], marker='.', label=label)
+LOSS_CURVES = (Curve('train', 'loss', 'train'), Curve('val', 'loss', 'val'))  # every objective reports its loss
+EMA_PREFIX = 'ema_'  # job.py records the EMA's evaluation as ema_<key> of every logged key
+
+
+def find_tasks(folder: str | None = None) -> dict:
+    """{name: Task} of every Task in the task_*.py modules of ``folder`` (this script's, which is on the path): a
+    new task's module declares its curves and nothing here changes. Importing them imports Paddle."""
+    names = sorted(info.name for info in pkgutil.iter_modules([folder or TASK_FOLDER]) if info.name.startswith('task_'))
+    modules = [importlib.import_module(name) for name in names]
+    return {task.name: task for module in modules for task in vars(module).values() if isinstance(task, Task)}
+
+
+def tasks_of(records: list, known: dict) -> list:
+    """The tasks whose curves to draw: those the records name (Task.metrics_record), and for records without a
+    known name (older runs) every known task one of whose curves they hold."""
+    named = {record.get('task') for record in records} & known.keys()
+    unnamed = [record for record in records if record.get('task') not in known]
+    inferred = {name for name, task in known.items()
+                if any(series(unnamed, curve.split, curve.key)[0] for curve in task.curves)}
+    return [task for name, task in known.items() if name in named | inferred]
+
+
+def with_ema(curves) -> list:
+    """``curves``, each val curve followed by its EMA twin."""
+    return [twin for curve in curves for twin in
+            (curve, *([Curve(curve.split, EMA_PREFIX + curve.key, f'{curve.label} EMA', curve.percent)]
+                      if curve.split == 'val' else []))]
+
+
+def curves_to_draw(records: list, tasks: list) -> tuple:
+    """(loss curves, the tasks' curves) that the records hold, in declaration order, each once."""
+    declared = with_ema(dict.fromkeys(curve for task in tasks for curve in task.curves))
+    return tuple([curve for curve in curves if series(records, curve.split, curve.key)[0]]
+                 for curves in (with_ema(LOSS_CURVES), declared))
+
+
+def plot_curves(records: list, png_path: str, tasks: list) -> None:
+    """The losses (left) and the curves ``tasks`` declare (right) of a run's records."""
+    figure, (loss_axes, metric_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_curves, metric_curves = curves_to_draw(records, tasks)
+    for axes, curves in ((loss_axes, loss_curves), (metric_axes, metric_curves)):
+        for curve in curves:
+            epochs, values = series(records, curve.split, curve.key)
+            axes.plot(epochs, [100 * v for v in values] if curve.percent else values, marker='.', label=curve.label)
     loss_axes.set(xlabel='epoch', ylabel='loss', title='loss')
-    acc_axes.set(xlabel='epoch', ylabel='accuracy (%)', title='top-1 accuracy (pre-training: MLM accuracy)')
-    for axes in (loss_axes, acc_axes):
+    percent = metric_curves and all(curve.percent for curve in metric_curves)
+    metric_axes.set(xlabel='epoch', ylabel='%' if percent else 'value',
+                    title=', '.join(task.name for task in tasks) or 'no declared curves')
+    for axes in (loss_axes, metric_axes):
         axes.grid(alpha=0.3)
-        axes.legend()
+        if axes.get_lines():
+            axes.legend()
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
     plt.close(figure)
@@ -121,7 +166,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     written = [os.path.join(args.output, 'curves.png')]
-    plot_curves(records, written[0])
+    plot_curves(records, written[0], tasks_of(records, find_tasks()))
     if not unprobed:
         written.append(os.path.join(args.output, 'blocks.png'))
         plot_block_accuracy(runs, written[1])

@@ -13,7 +13,7 @@ from datasets import get_dataset
 from engine import Amp, World
 from losses import build_criterion, cross_entropy
 from mixup import BatchDraws, Mixup, build_mixup
-from tasks import Task
+from tasks import Curve, Task
 
 TOP_K = (1, 5)
 
@@ -99,4 +99,6 @@ def _no_extra_checks(config) -> None:
 
 
 FINE_TUNING = Task('fine-tuning', build_beit, partial(get_dataset, mode='train'), partial(get_dataset, mode='val'),
-                   build_classification_objective, _no_extra_checks)
+                   build_classification_objective, _no_extra_checks,
+                   curves=(Curve('train', 'acc1', 'train (mixed targets)', percent=True),
+                           Curve('val', 'acc1', 'val', percent=True)))

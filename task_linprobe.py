@@ -15,13 +15,13 @@ import paddle
 import paddle.nn as nn
 
 from beit import Beit, build_beit, resolve_block_indices
-from config import ConfigError
+from config import ConfigError, named_origin
 from datasets import get_dataset
 from engine import Amp, World
 from losses import cross_entropy
 from optim import WarmupCosineLR, linear_scaling
 from task_finetune import topk_correct
-from tasks import Task
+from tasks import Curve, Task
 from transforms import get_linear_probe_transforms
 
 FEATURE_INIT_STD = 0.01  # unilm's classifier weights: N(0, 0.01), bias 0
@@ -63,8 +63,9 @@ def probed_blocks(config) -> list[int]:
     try:
         return resolve_block_indices(config.MODEL.DEPTH, list(config.LINPROBE.BLOCKS) or None)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f'LINPROBE.BLOCKS {list(config.LINPROBE.BLOCKS)} for a model of MODEL.DEPTH '
-                          f'{config.MODEL.DEPTH} blocks: {err}') from err
+        raise ConfigError(f'{named_origin(config, "LINPROBE.BLOCKS", "MODEL.DEPTH")}LINPROBE.BLOCKS '
+                          f'{list(config.LINPROBE.BLOCKS)} for a model of MODEL.DEPTH {config.MODEL.DEPTH} blocks: '
+                          f'{err}') from err
 
 
 def build_linear_probe(config) -> LinearProbe:
@@ -153,18 +154,20 @@ def build_probe_optimizer(config, model: LinearProbe, steps_per_epoch: int, worl
 
 def check_linear_probe_config(config) -> None:
     """What linear probing needs beyond validate_config: classes to learn, blocks the model has, training in
-    dygraph without -eval or an EMA (both act on the whole model, the frozen encoder included)."""
+    dygraph without -eval or an EMA (both act on the whole model, the frozen encoder included). Each error names
+    where the value came from (config.named_origin)."""
     if config.EVAL:
-        raise ConfigError('linear probing evaluates its classifiers every VALIDATE_FREQ epochs: -eval (EVAL) is for '
-                          'fine-tuned models (main_single_gpu.py)')
+        raise ConfigError(named_origin(config, 'EVAL') + 'linear probing evaluates its classifiers every '
+                          'VALIDATE_FREQ epochs: -eval (EVAL) is for fine-tuned models (main_single_gpu.py)')
     if config.TRAIN.MODEL_EMA:
-        raise ConfigError('TRAIN.MODEL_EMA: linear probing keeps no EMA (unilm\'s protocol; it would copy the frozen '
-                          'encoder): add -opts TRAIN.MODEL_EMA False')
+        raise ConfigError(named_origin(config, 'TRAIN.MODEL_EMA') + 'TRAIN.MODEL_EMA: linear probing keeps no EMA '
+                          '(unilm\'s protocol; it would copy the frozen encoder): add -opts TRAIN.MODEL_EMA False')
     if config.MODEL.TO_STATIC:
-        raise ConfigError('MODEL.TO_STATIC compiles forward, and linear probing reads the blocks\' outputs: run it '
-                          'in dygraph (MODEL.TO_STATIC False)')
+        raise ConfigError(named_origin(config, 'MODEL.TO_STATIC') + 'MODEL.TO_STATIC compiles forward, and linear '
+                          'probing reads the blocks\' outputs: run it in dygraph (MODEL.TO_STATIC False)')
     if config.MODEL.NUM_CLASSES < 1:
-        raise ConfigError('MODEL.NUM_CLASSES must be positive for linear probing: the classes of the dataset')
+        raise ConfigError(named_origin(config, 'MODEL.NUM_CLASSES') + 'MODEL.NUM_CLASSES must be positive for '
+                          'linear probing: the classes of the dataset')
     probed_blocks(config)
 
 
@@ -173,4 +176,5 @@ LINEAR_PROBING = Task('linear probing', build_linear_probe,
                       partial(get_dataset, mode='val'), _linear_probe_objective, check_linear_probe_config,
                       build_optimizer=build_probe_optimizer, split=encoder_and_classifiers,
                       own_keys=(('TRAIN.NUM_EPOCHS', 'LINPROBE.NUM_EPOCHS'),
-                                ('DATA.BATCH_SIZE', 'LINPROBE.BATCH_SIZE')))
+                                ('DATA.BATCH_SIZE', 'LINPROBE.BATCH_SIZE')),
+                      curves=(Curve('val', 'best_acc1', 'val, best probed block', percent=True),))

@@ -12,7 +12,7 @@ from dalle_tokenizer import TokenizerWeightsError, build_tokenizer
 from datasets import get_pretraining_dataset
 from engine import Amp, World
 from losses import cross_entropy_rows
-from tasks import Task
+from tasks import Curve, Task
 
 
 def build_tokenizer_for(config) -> nn.Layer:
@@ -94,4 +94,5 @@ def _masked_image_modeling_objective(config, world: World) -> MaskedImageModelin
 
 
 PRETRAINING = Task('masked image modeling pre-training', build_beit_pretrain, get_pretraining_dataset, None,
-                   _masked_image_modeling_objective, validate_pretraining_config)
+                   _masked_image_modeling_objective, validate_pretraining_config,
+                   curves=(Curve('train', 'mlm_acc', 'train MLM (masked patches)', percent=True),))

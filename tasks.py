@@ -3,7 +3,8 @@ same way (checks before any output, output folder, logs, metrics.jsonl, checkpoi
 optimizer, LR schedule).
 
 Each task lives in its own module (task_finetune.py, task_pretrain.py, task_linprobe.py), so that a run imports
-only its own: a fine-tuning run never loads the pre-training tokenizer.
+only its own: a fine-tuning run never loads the pre-training tokenizer. plot_metrics.py finds every Task of the
+task_*.py modules, so a new task's module is all it needs to get its curves drawn.
 """
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,18 @@ from dataclasses import dataclass
 import paddle
 
 from optim import build_training_optimizer
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A line that plot_metrics.py draws in curves.png: ``key`` of the metrics.jsonl records of ``split``, named
+    ``label``; ``percent``: a fraction, drawn x100. (Loss curves, and the EMA's twin of a val curve, are drawn for
+    every task: every objective reports ``loss``, and job.py records the EMA's evaluation as ``ema_<key>``.)"""
+
+    split: str
+    key: str
+    label: str
+    percent: bool = False
 
 
 @dataclass(frozen=True)
@@ -29,7 +42,8 @@ class Task:
     digest of the frozen weights, which -resume must find again; such a task's check_config refuses -eval and
     TRAIN.MODEL_EMA, which act on the whole model); None: one part, the whole model. ``own_keys``
     holds (shared key, task key) pairs: the run uses the task's key for the shared one (a flag that sets the shared
-    key sets the task's; naming the shared key in -opts is an error).
+    key sets the task's; naming the shared key in -opts is an error). ``curves``: what plot_metrics.py draws of
+    its metrics besides the losses.
     """
 
     name: str
@@ -41,7 +55,13 @@ class Task:
     build_optimizer: Callable = build_training_optimizer
     split: Callable | None = None
     own_keys: tuple[tuple[str, str], ...] = ()
+    curves: tuple[Curve, ...] = ()
 
     @property
     def evaluates(self) -> bool:
         return self.build_val_set is not None
+
+    def metrics_record(self, fields: dict) -> dict:
+        """A metrics.jsonl line of this task: ``fields`` after the task's name, by which plot_metrics.py knows
+        which curves to draw."""
+        return {'task': self.name, **fields}

@@ -1,5 +1,7 @@
 """The command line: single-dash flags and -opts over a config file, validated and frozen, errors naming the key."""
 import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -97,7 +99,7 @@ def test_opts_naming_a_replaced_key_are_refused():
 
 def test_ngpus_0_is_refused_with_exit_2(capsys):
     assert cli.launch(['-cfg', TINY_CONFIG, '-ngpus', '0'], task=FINE_TUNING, description='test') == EXIT_BAD_INPUT
-    assert 'NGPUS (-ngpus) must be a process count of at least 1' in capsys.readouterr().err
+    assert 'error: -ngpus: NGPUS must be a process count of at least 1' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('output, expected', [(None, 'run'), ('elsewhere', 'elsewhere')])
@@ -107,3 +109,14 @@ def test_resume_continues_in_its_folder_unless_output_says_otherwise(output, exp
         flags = ['-resume', str(resume)] + (['-output', str(tmp_path / output)] if output else [])
         config = update_config(get_config(), build_arg_parser().parse_args(flags))
         assert str(tmp_path / expected) == config.SAVE
+
+
+@pytest.mark.slow
+def test_a_script_given_an_unusable_file_value_exits_2_naming_the_file_and_the_key(tmp_path):
+    path = tmp_path / 'bad.yaml'
+    path.write_text(f'BASE: {TINY_CONFIG}\nTRAIN:\n  SMOOTHING: 1.5\n')
+    result = subprocess.run([sys.executable, str(ROOT / 'main_single_gpu.py'), '-cfg', str(path),
+                             '-output', str(tmp_path / 'out')], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr
+    assert result.stderr.endswith(f'error: {path}: TRAIN.SMOOTHING must lie in [0, 1], got 1.5\n'), result.stderr
+    assert not (tmp_path / 'out').exists()

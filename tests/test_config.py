@@ -7,8 +7,8 @@ import pytest
 from yacs.config import CfgNode
 
 from cli import update_config
-from config import ConfigError, get_config, validate_pretraining_config
-from helpers import ROOT
+from config import ConfigError, get_config, origin, validate_config, validate_pretraining_config
+from helpers import ROOT, TINY_CONFIG
 from test_cli import parse
 
 CONFIGS = sorted(glob.glob(str(ROOT / 'configs' / '*.yaml')))
@@ -140,6 +140,77 @@ def test_unusable_values_name_the_key(tmp_path, yaml_text, message):
     with pytest.raises(ConfigError) as err:
         get_config(write(tmp_path / 'bad.yaml', yaml_text))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize('yaml_text, message', [
+    ('TRAIN:\n  MIXUP_MODE: pairs\n', "TRAIN.MIXUP_MODE must be one of ['batch', 'pair', 'elem'], got 'pairs'"),
+    ('DATA:\n  BATCH_SIZE_EVAL: 0\n', 'DATA.BATCH_SIZE_EVAL must be positive, got 0'),
+    ('TRAIN:\n  BASE_LR: -1\n', 'TRAIN.BASE_LR must not be negative, got -1.0'),
+    ('NGPUS: 0\n', 'NGPUS must be a process count of at least 1'),
+    ('DATA:\n  NUM_WORKERS: -2\n', 'DATA.NUM_WORKERS must be a count'),
+    ('MODEL:\n  DROPPATH: 1.5\n', 'MODEL.DROPPATH must lie in [0, 1], got 1.5'),
+    ('MODEL:\n  INIT_VALUES: -0.1\n', 'MODEL.INIT_VALUES must be positive'),
+    ('TRAIN:\n  RRC_SCALE: [0.5]\n', 'TRAIN.RRC_SCALE needs 2 values, got [0.5]'),
+    ('TRAIN:\n  CUTMIX_MINMAX: [0.5]\n', 'TRAIN.CUTMIX_MINMAX needs [min, max] or []'),
+    ('MODEL:\n  PATCH_SIZE: 16\n  EMBED_DIM: 96\nDATA:\n  IMAGE_SIZE: 100\n',
+     'DATA.IMAGE_SIZE 100 is not a multiple of MODEL.PATCH_SIZE 16'),
+])
+def test_an_unusable_value_of_a_file_names_the_file_and_the_key(tmp_path, yaml_text, message):
+    """The README's promise: the file, then the key (and through -cfg as through get_config)."""
+    path = write(tmp_path / 'bad.yaml', yaml_text)
+    for load in (lambda: get_config(path), lambda: update_config(get_config(), parse('-cfg', path))):
+        with pytest.raises(ConfigError) as err:
+            load()
+        assert str(err.value).startswith(f'{path}: {message}')
+
+
+def test_an_inherited_value_names_the_base_file_that_set_it(tmp_path):
+    base = write(tmp_path / 'base.yaml', 'MODEL:\n  DROPPATH: 2.0\n  NUM_HEADS: 5\n')
+    child = write(tmp_path / 'child.yaml', 'BASE: base.yaml\nMODEL:\n  NUM_HEADS: 3\n')
+    with pytest.raises(ConfigError, match=re.escape(f'{base}: MODEL.DROPPATH must lie in [0, 1], got 2.0')):
+        get_config(child)
+    write(tmp_path / 'child.yaml', 'BASE: base.yaml\nMODEL:\n  DROPPATH: 0.0\n')
+    with pytest.raises(ConfigError, match=re.escape('MODEL.NUM_HEADS from ' + base + ': MODEL.EMBED_DIM 768 is not '
+                                                    'divisible by MODEL.NUM_HEADS 5')):
+        get_config(child)  # EMBED_DIM is the default's: only NUM_HEADS is named by its file
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['-opts', 'TRAIN.SMOOTHING', '1.5'], '-opts: TRAIN.SMOOTHING must lie in [0, 1], got 1.5'),
+    (['-batch_size', '0'], '-batch_size: DATA.BATCH_SIZE must be positive, got 0'),
+    (['-cfg', TINY_CONFIG, '-opts', 'MODEL.DROPPATH', '2'], '-opts: MODEL.DROPPATH must lie in [0, 1], got 2.0'),
+    (['-cfg', TINY_CONFIG, '-image_size', '30'], f'DATA.IMAGE_SIZE from -image_size, MODEL.PATCH_SIZE from '
+                                                 f'{TINY_CONFIG}: DATA.IMAGE_SIZE 30 is not a multiple of '
+                                                 f'MODEL.PATCH_SIZE 4'),
+    (['-cfg', TINY_CONFIG, '-opts', 'DATA.IMAGE_SIZE', '30', 'MODEL.PATCH_SIZE', '7'],
+     '-opts: DATA.IMAGE_SIZE 30 is not a multiple of MODEL.PATCH_SIZE 7'),
+])
+def test_an_unusable_value_of_a_flag_or_opts_names_it(argv, message):
+    """The last to set a value is named: -opts over the file, a flag over the file."""
+    with pytest.raises(ConfigError) as err:
+        update_config(get_config(), parse(*argv))
+    assert str(err.value) == message
+
+
+def test_a_value_changed_by_code_names_no_source(tmp_path):
+    config = get_config(write(tmp_path / 'ok.yaml', 'DATA:\n  BATCH_SIZE: 8\n'))
+    assert origin(config, 'DATA.BATCH_SIZE') == str(tmp_path / 'ok.yaml') and origin(config, 'SEED') is None
+    config.DATA.BATCH_SIZE = 0  # as a test or a script may: the file did not say 0
+    with pytest.raises(ConfigError) as err:
+        validate_config(config)
+    assert str(err.value) == 'DATA.BATCH_SIZE must be positive, got 0'
+    assert origin(config.clone(), 'DATA.BATCH_SIZE') is None
+
+
+def test_an_unusable_pretraining_value_names_where_it_came_from(tmp_path):
+    path = write(tmp_path / 'pretrain.yaml', 'PRETRAIN:\n  TOKENIZER_HIDDEN: 6\n  RANDOM_TOKENIZER: true\n')
+    with pytest.raises(ConfigError, match=re.escape(f'{path}: PRETRAIN.TOKENIZER_HIDDEN must be a multiple of 4')):
+        validate_pretraining_config(update_config(get_config(), parse('-cfg', path)))
+    config = update_config(get_config(), parse('-cfg', path, '-opts', 'PRETRAIN.TOKENIZER_HIDDEN', '8',
+                                               'PRETRAIN.NUM_MASK_PATCHES', '197'))
+    with pytest.raises(ConfigError, match=re.escape('PRETRAIN.NUM_MASK_PATCHES from -opts: PRETRAIN.NUM_MASK_PATCHES '
+                                                    '197 is more than the 196 patches')):
+        validate_pretraining_config(config)
 
 
 def test_integers_are_accepted_for_floats(tmp_path):

@@ -65,7 +65,7 @@ def test_launch_runs_in_process_or_spawns(stand_ins, monkeypatch, one_process, l
 def test_ngpus_that_is_no_process_count_is_refused(script, ngpus, stand_ins, capsys):
     assert importlib.import_module(script).main(['-cfg', TINY_CONFIG, '-ngpus', ngpus]) == EXIT_BAD_INPUT
     assert stand_ins == []  # nothing ran
-    assert capsys.readouterr().err == (f'error: NGPUS (-ngpus) must be a process count of at least 1, or -1 for one '
+    assert capsys.readouterr().err == (f'error: -ngpus: NGPUS must be a process count of at least 1, or -1 for one '
                                        f'process per visible GPU, got {ngpus}\n')
 
 

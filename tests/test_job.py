@@ -395,6 +395,8 @@ def test_resume_without_output_continues_in_the_resumed_folder_and_logs_changed_
     assert main_single_gpu.main(resume) == 0
     assert not (tmp_path / 'output').exists()
     assert checkpoint_files(run)[-1] == 'checkpoint-epoch-3.pdparams' and val_epochs(run) == [1, 2, 3]
+    lines = (run / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(line)['task'] for line in lines] == ['fine-tuning'] * 6  # plot_metrics draws its curves
     assert "checkpoint's (key: checkpoint -> this run):\n  REPORT_FREQ: 20 -> 5\n  TRAIN.NUM_EPOCHS: 2 -> 3\n" in \
         (run / 'log.txt').read_text()
 

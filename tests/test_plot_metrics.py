@@ -3,7 +3,11 @@ import json
 
 from PIL import Image
 
+import plot_metrics
 from plot_metrics import block_accuracies, main, read_metrics, read_runs, series
+from task_finetune import FINE_TUNING
+from task_linprobe import LINEAR_PROBING
+from task_pretrain import PRETRAINING
 
 RECORDS = [
     {'split': 'train', 'epoch': 1, 'loss': 2.0, 'acc1': 0.3},
@@ -75,3 +79,74 @@ def test_compared_runs_of_the_same_name_are_both_drawn(tmp_path):
     runs = read_runs([str(tmp_path / 'a' / 'probe'), str(tmp_path / 'b' / 'probe')])
     assert list(runs) == [str(tmp_path / 'a' / 'probe'), str(tmp_path / 'b' / 'probe')]
     assert read_runs([str(tmp_path / 'a' / 'probe')]).keys() == {'probe'}
+
+
+PRETRAINING_RECORDS = [{'split': 'train', 'epoch': epoch, 'loss': 9.0 - epoch, 'mlm_acc': 0.1 * epoch}
+                       for epoch in (1, 2)]
+
+
+def drawn_curves(monkeypatch, folder) -> list:
+    """The lines of main's curves.png, [(label, epochs, values)] of each panel."""
+    figures = []
+    monkeypatch.setattr(plot_metrics.plt, 'close', figures.append)
+    assert main(['-output', str(folder)]) == 0
+    return [[(line.get_label(), list(line.get_xdata()), [round(y, 9) for y in line.get_ydata()])
+             for line in axes.get_lines()] for axes in figures[0].axes]
+
+
+def test_each_tasks_curves_are_those_it_always_had(tmp_path, monkeypatch):
+    """Older runs' records (no task name): the loss panel, then the accuracy panel of each of the three tasks."""
+    expected = {
+        'fine_tune': [[('train', [1, 2], [2.0, 1.0]), ('val', [1, 2], [1.5, 0.9]), ('val EMA', [1, 2], [1.6, 1.0])],
+                      [('train (mixed targets)', [1, 2], [30.0, 60.0]), ('val', [1, 2], [50.0, 70.0]),
+                       ('val EMA', [1, 2], [45.0, 65.0])]],
+        'pretrain': [[('train', [1, 2], [8.0, 7.0])], [('train MLM (masked patches)', [1, 2], [10.0, 20.0])]],
+        'probe': [[('train', [1], [9.0]), ('val', [1, 2], [8.0, 7.0])],
+                  [('val, best probed block', [1, 2], [40.0, 60.0])]],
+    }
+    for name, records in (('fine_tune', RECORDS), ('pretrain', PRETRAINING_RECORDS), ('probe', PROBE_RECORDS)):
+        (tmp_path / name).mkdir()
+        write_metrics(tmp_path / name, records)
+        assert drawn_curves(monkeypatch, tmp_path / name) == expected[name], name
+
+
+STAND_IN_TASK = '''
+from tasks import Curve, Task
+
+
+def _unused(*args):
+    raise AssertionError('plotting builds nothing of a task')
+
+
+SEGMENTATION = Task('segmentation', _unused, _unused, _unused, _unused, _unused,
+                    curves=(Curve('val', 'miou', 'val mIoU', percent=True), Curve('val', 'pixels', 'val pixels')))
+'''
+
+
+def test_a_new_tasks_declared_curves_are_drawn(tmp_path, monkeypatch):
+    """A task module that plot_metrics.py has never heard of: its curves are drawn from its declaration alone."""
+    (tmp_path / 'task_stand_in_segmentation.py').write_text(STAND_IN_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plot_metrics, 'TASK_FOLDER', str(tmp_path))
+    assert list(plot_metrics.find_tasks()) == ['segmentation']
+    write_metrics(tmp_path, [{'task': 'segmentation', 'split': 'train', 'epoch': 1, 'loss': 3.0},
+                             {'task': 'segmentation', 'split': 'val', 'epoch': 1, 'loss': 2.0, 'miou': 0.25,
+                              'ema_miou': 0.125, 'pixels': 7, 'acc1': 0.5}])
+    assert drawn_curves(monkeypatch, tmp_path) == [
+        [('train', [1], [3.0]), ('val', [1], [2.0])],
+        [('val mIoU', [1], [25.0]), ('val mIoU EMA', [1], [12.5]), ('val pixels', [1], [7])]]
+
+
+def test_named_records_draw_their_tasks_curves_and_unnamed_ones_are_inferred():
+    known = plot_metrics.find_tasks()
+    assert set(known) == {FINE_TUNING.name, PRETRAINING.name, LINEAR_PROBING.name}
+    named = [FINE_TUNING.metrics_record({**record, 'mlm_acc': 0.5}) for record in RECORDS]
+    assert named[0] == {'task': 'fine-tuning', **RECORDS[0], 'mlm_acc': 0.5}
+    assert plot_metrics.tasks_of(named, known) == [FINE_TUNING]  # mlm_acc is not fine-tuning's: not drawn
+    assert [curve.key for curve in plot_metrics.curves_to_draw(named, [FINE_TUNING])[1]] == ['acc1', 'acc1',
+                                                                                            'ema_acc1']
+    unknown = [{**record, 'task': 'a task of another checkout'} for record in PRETRAINING_RECORDS]
+    assert plot_metrics.tasks_of(unknown, known) == [PRETRAINING]
+    resumed = PROBE_RECORDS[:1] + [LINEAR_PROBING.metrics_record(record) for record in PROBE_RECORDS[1:]]
+    assert plot_metrics.tasks_of(resumed, known) == [LINEAR_PROBING]
+    assert plot_metrics.tasks_of([{'split': 'train', 'epoch': 1, 'loss': 1.0}], known) == []

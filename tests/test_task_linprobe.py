@@ -201,5 +201,7 @@ def test_blocks_default_to_all_and_accept_negative_indices():
 ])
 def test_unusable_probe_configs_name_the_key(opts, message, data, tmp_path):
     config = probe_config(data, tmp_path, opts=opts)
-    with pytest.raises(ConfigError, match=message.replace('[', r'\[').replace('.', r'\.')):
+    with pytest.raises(ConfigError, match=message.replace('[', r'\[').replace('.', r'\.')) as err:
         check_linear_probe_config(config)
+    assert str(err.value).startswith(f'{opts[0]} from -opts, MODEL.DEPTH from {TINY_CONFIG}: ' if 'BLOCKS' in opts[0]
+                                     else '-opts: ')
