@@ -3,6 +3,7 @@ the behaviour the project relies on: an upgrade that renames or changes one fail
 import inspect
 import io
 import math
+import os
 import pickle
 import random
 import types
@@ -164,8 +165,8 @@ def test_set_cpu_threads_takes_a_count_and_keeps_the_kernels_right():
             np.testing.assert_allclose((x @ x).numpy(), expected, rtol=1e-5, atol=1e-5)
         with pytest.raises(TypeError):
             internals.set_cpu_threads('2')
-    finally:
-        internals.set_cpu_threads(1)  # Paddle's own default (no getter tells what it was)
+    finally:  # back to the count Paddle started with: no getter, but its import writes it to OMP_NUM_THREADS
+        internals.set_cpu_threads(int(os.environ['OMP_NUM_THREADS']))
 
 
 @pytest.mark.parametrize('module, name, parameters', [
