@@ -22,7 +22,8 @@ def found_inf(scaler: paddle.amp.GradScaler) -> paddle.Tensor:
 
     amp/grad_scaler.py: ``AmpScaler._unscale`` writes ``self._found_inf``, ``step`` hands it to the optimizer
     kernels. The public methods (``is_enable``, the loss-scaling getters, ``state_dict``) do not expose it, and
-    ``step`` only skips the update: reading the verdict there would mean a device-to-host sync per step."""
+    ``step`` only skips the update; the engine needs the verdict as a device tensor, to count skipped steps in
+    the step's one all-reduce."""
     return scaler._found_inf
 
 
