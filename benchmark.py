@@ -31,6 +31,9 @@ import sys
 import tempfile
 import time
 
+from cpu_runtime import cpu_line
+from procs import peak_memory_mb, start_peak_memory
+
 GEMM_CASES = ('paddle', 'paddle_unset', 'paddle_avx2', 'paddle_avx2_after_first_gemm', 'torch', 'numpy')
 GEMM_SHAPE = (1576, 768, 3072)
 PADDLE_BACKENDS = ('dygraph', 'static', 'inference', 'inference_bf16', 'amp_o1', 'amp_o2', 'dygraph_ddp')
@@ -39,22 +42,6 @@ EVAL_ONLY = ('inference', 'inference_bf16')
 GPU_ONLY = ('amp_o1', 'amp_o2')
 CPU_ONLY = ('inference', 'inference_bf16')  # inference.ExportedPredictor runs Paddle Inference on the CPU
 MIB = 2 ** 20
-
-
-def _status_mb(field: str) -> float:
-    with open('/proc/self/status') as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ':')) / 1024.0  # kB
-
-
-def start_peak_memory() -> float:
-    """Reset the process's peak RSS (Linux clear_refs) and return the RSS it starts from, in MB."""
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
-    return _status_mb('VmRSS')
-
-
-def peak_memory_mb() -> float:
-    return _status_mb('VmHWM')
 
 
 def memory_meter(framework: str, device: str):
@@ -161,7 +148,7 @@ def timm_step(config, backend: str, mode: str, batch_size: int, *, processes: in
     import torch
     from timm.models.beit import Beit
 
-    from load_pytorch_weights import timm_kwargs_from_config
+    from torch_checkpoint import timm_kwargs_from_config
     torch.set_num_threads(os.cpu_count() or 1)
     place = torch_device(device)
     size = config.DATA.IMAGE_SIZE
@@ -229,12 +216,6 @@ def measure_gemm(args) -> dict:
         float(out[0, 0])  # waits for the last one
         best = max(best, 2 * rows * inner * cols * 10 / (time.perf_counter() - start) / 1e9)
     return {'backend': args.child, 'gflops': best}
-
-
-def cpu_line() -> str:
-    from cpu_runtime import MKL_CPU_TYPE_VARIABLE, cpu_model, cpu_vendor
-    return (f'CPU: {cpu_model()} ({cpu_vendor() or "unknown vendor"}), {os.cpu_count()} cores; '
-            f'{MKL_CPU_TYPE_VARIABLE}={os.environ.get(MKL_CPU_TYPE_VARIABLE, "unset")} at start')
 
 
 def print_gemm_table(rows: list) -> None:

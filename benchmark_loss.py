@@ -14,7 +14,8 @@ import os
 import subprocess
 import sys
 
-from benchmark import cpu_line, peak_memory_mb, start_peak_memory
+from cpu_runtime import cpu_line
+from procs import peak_memory_mb, start_peak_memory
 
 CASES = ('ours', 'torch')
 

@@ -20,6 +20,7 @@ import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 from beit import Attention, Block
+from paddle_internals import layer_norm_epsilon
 
 
 def _on_cpu_dygraph(x: paddle.Tensor) -> bool:
@@ -160,7 +161,7 @@ class CpuLinear(nn.Linear):
 
 class CpuLayerNorm(nn.LayerNorm):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return layer_norm(x, self.weight, self.bias, self._epsilon)
+        return layer_norm(x, self.weight, self.bias, layer_norm_epsilon(self))
 
 
 class CpuAttention(Attention):

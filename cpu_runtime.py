@@ -56,3 +56,9 @@ def describe() -> str:
     setting = os.environ.get(MKL_CPU_TYPE_VARIABLE)
     return f'CPU: {cpu_model()} ({cpu_vendor() or "unknown vendor"})' + (
         f'; {MKL_CPU_TYPE_VARIABLE}={setting} (MKL kernels for any vendor)' if setting else '')
+
+
+def cpu_line() -> str:
+    """The header of every benchmark table: the CPU, its cores, and the BLAS setting the benchmark started with."""
+    return (f'CPU: {cpu_model()} ({cpu_vendor() or "unknown vendor"}), {os.cpu_count()} cores; '
+            f'{MKL_CPU_TYPE_VARIABLE}={os.environ.get(MKL_CPU_TYPE_VARIABLE, "unset")} at start')

@@ -20,6 +20,7 @@ import paddle.nn as nn
 
 from model_ema import ModelEma
 from optim import float32_weights
+from paddle_internals import found_inf
 from utils import ProgressBar
 
 
@@ -136,9 +137,7 @@ def _unscale_and_check(trainer: Trainer) -> paddle.Tensor:
     if not trainer.grad_scaler.is_enable():
         return paddle.zeros([1], dtype='float64')
     trainer.grad_scaler.unscale_(trainer.optimizer)
-    # Paddle 3.x's GradScaler keeps unscale_'s verdict in _found_inf (its step passes it to the optimizer
-    # kernels); there is no public accessor.
-    return trainer.grad_scaler._found_inf.astype('float64').reshape([1])
+    return found_inf(trainer.grad_scaler).astype('float64').reshape([1])
 
 
 def _optimizer_step(trainer: Trainer, applied: bool) -> None:

@@ -20,6 +20,7 @@ from beit import CheckpointMismatchError, build_beit
 from checkpoint import CheckpointError, load_pretrained
 from config import ConfigError, get_config
 from errors import BadInputError
+from paddle_internals import cpu_supports_bfloat16, set_cpu_threads
 from utils import cpu_threads_per_process
 
 PRECISIONS = ('fp32', 'bf16')
@@ -74,14 +75,14 @@ def export(model: paddle.nn.Layer, config, prefix: str) -> None:
 
 def bf16_supported() -> bool:
     """oneDNN's own check of this CPU for bfloat16 kernels (AVX-512 BF16 / AMX, or emulated on AVX-512)."""
-    return paddle.base.core.supports_bfloat16()
+    return cpu_supports_bfloat16()
 
 
 class DygraphPredictor:
     """The Paddle model as it is in memory (a loaded .pdparams)."""
 
     def __init__(self, model: paddle.nn.Layer, num_threads: int | None = None):
-        paddle.base.core.set_num_threads(num_threads or cpu_threads_per_process())
+        set_cpu_threads(num_threads or cpu_threads_per_process())
         self.model = model.eval()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

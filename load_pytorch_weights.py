@@ -20,7 +20,7 @@ from beit import adapt_state_dict, build_beit
 from beit_pretrain import build_beit_pretrain
 from config import get_config, merge_opts, validate_config
 from errors import EXIT_BAD_INPUT, BadInputError
-from torch_checkpoint import ConversionError, read_checkpoint, to_paddle_layout
+from torch_checkpoint import ConversionError, read_checkpoint, timm_kwargs_from_config, to_paddle_layout
 from utils import save_atomically
 
 CHECK_TOLERANCE = 1e-4
@@ -29,18 +29,6 @@ CHECK_TOLERANCE = 1e-4
 def convert_state_dict(torch_state_dict: dict, model: nn.Layer, rel_pos_interp: str = 'cubic'):
     """PyTorch-layout tensors -> (state dict that fits ``model``, notes)."""
     return adapt_state_dict(to_paddle_layout(torch_state_dict, model), model, rel_pos_interp)
-
-
-def timm_kwargs_from_config(config, mim: bool = False) -> dict:
-    """Arguments of timm's ``Beit`` for the architecture in ``config`` (for -check); with ``mim`` the encoder of
-    the pre-training model (no head, final norm on all tokens)."""
-    m = config.MODEL
-    return dict(img_size=config.DATA.IMAGE_SIZE, patch_size=m.PATCH_SIZE, in_chans=config.DATA.IMAGE_CHANNELS,
-                num_classes=0 if mim else m.NUM_CLASSES, embed_dim=m.EMBED_DIM, depth=m.DEPTH, num_heads=m.NUM_HEADS,
-                mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS, init_values=m.INIT_VALUES,
-                use_abs_pos_emb=m.USE_ABS_POS_EMB, use_rel_pos_bias=m.USE_REL_POS_BIAS,
-                use_shared_rel_pos_bias=m.USE_SHARED_REL_POS_BIAS,
-                global_pool='avg' if m.USE_MEAN_POOLING and not mim else 'token', head_init_scale=m.INIT_SCALE)
 
 
 def compare_with_timm(config, torch_state_dict: dict, model: nn.Layer, batch_size: int = 2, mim: bool = False) -> float:

@@ -1,4 +1,5 @@
-"""The process tree below a pid, read from /proc (Linux): for the startup benchmark and the tests that kill runs."""
+"""Processes as Linux's /proc shows them: the tree below a pid (for the startup benchmark and the tests that kill
+runs), and this process's resident memory and its peak (for the memory benchmarks)."""
 import contextlib
 from pathlib import Path
 
@@ -22,3 +23,20 @@ def descendants(pid: int) -> list[int]:
     for child in children(pid):
         found += [child, *descendants(child)]
     return found
+
+
+def _status_mb(field: str) -> float:
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':')) / 1024.0  # kB
+
+
+def start_peak_memory() -> float:
+    """Reset this process's peak RSS (clear_refs) and return the RSS it starts from, in MB."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    return _status_mb('VmRSS')
+
+
+def peak_memory_mb() -> float:
+    """This process's peak RSS, in MB (since it started or since ``start_peak_memory``)."""
+    return _status_mb('VmHWM')

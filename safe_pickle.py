@@ -16,17 +16,10 @@ import pickle
 
 import numpy as np
 import paddle
-from paddle.base import libpaddle
-from paddle.framework import io as paddle_io
-from paddle.framework import io_utils as paddle_io_utils
 
+import paddle_internals
 from errors import BadInputError
 from utils import LOGGER_NAME
-
-# paddle.load's names for what follows the unpickling (large arrays split by protocols 2/3, Paddle 2.0's table of
-# parameter names, tensors rebuilt from arrays): private to Paddle, so read once here (tests/test_safe_pickle.py
-# checks that they still turn an unpickled file into what paddle.load returns).
-_PARAMETER_NAME_TABLE = 'StructuredToParameterName@@'
 
 
 class UnsafePickleError(BadInputError, pickle.UnpicklingError):
@@ -66,7 +59,7 @@ ALLOWED_GLOBALS = {
     '_codecs.encode': _latin1_bytes,  # bytes (an array's data) under protocol 2
     # paddle.get_rng_state(): this project's checkpoints held it until 2026-12-02 (ignored by a resume since); it is
     # rebuilt from its seed, offset and engine state, numbers only
-    'paddle.base.libpaddle.GeneratorState': libpaddle.GeneratorState,
+    paddle_internals.GENERATOR_STATE_GLOBAL: paddle_internals.GeneratorState,
     **_numpy_globals(),
 }
 
@@ -91,17 +84,17 @@ def _as_paddle_load_returns(obj, return_numpy: bool):
     """What paddle.load makes of the unpickled object: split arrays joined, arrays and (name, array) pairs as
     Tensors (or arrays with ``return_numpy``), Paddle 2.0's name table applied and dropped."""
     if isinstance(obj, dict):
-        obj = paddle_io_utils._pack_loaded_dict(obj)
-        if _PARAMETER_NAME_TABLE in obj:
+        obj = paddle_internals.pack_split_arrays(obj)
+        if paddle_internals.PARAMETER_NAME_TABLE in obj:
             return _with_parameter_names(obj, return_numpy)
-    return paddle_io._parse_load_result(obj, return_numpy)
+    return paddle_internals.parse_load_result(obj, return_numpy)
 
 
 def _with_parameter_names(obj: dict, return_numpy: bool) -> dict:
-    names = obj.pop(_PARAMETER_NAME_TABLE)
+    names = obj.pop(paddle_internals.PARAMETER_NAME_TABLE)
     for key, name in names.items():
         if isinstance(obj.get(key), np.ndarray):
-            obj[key] = paddle_io._ndarray_to_tensor(obj[key], return_numpy)
+            obj[key] = paddle_internals.ndarray_to_tensor(obj[key], return_numpy)
             if not return_numpy:
                 obj[key].name = name
     return obj

@@ -1,5 +1,6 @@
 """What the converters share (load_pytorch_weights.py, load_dalle_weights.py): a PyTorch checkpoint (.pth, .bin,
-.safetensors) read into numpy arrays without running code from the file, and put in Paddle's layout.
+.safetensors) read into numpy arrays without running code from the file, and put in Paddle's layout; and timm's
+``Beit`` arguments for a config, the reference the conversion is checked against (and benchmark.py's).
 """
 import argparse
 import collections
@@ -162,3 +163,16 @@ def to_paddle_layout(torch_state_dict: dict, model: nn.Layer) -> dict:
             value = value.astype(np.float32, copy=False)
         converted[name] = value.T.copy() if name in linears and value.ndim == 2 else value
     return converted
+
+
+def timm_kwargs_from_config(config, mim: bool = False) -> dict:
+    """Arguments of timm's ``Beit`` for the architecture in ``config`` (load_pytorch_weights.py's -check,
+    benchmark.py's timm column); with ``mim`` the encoder of the pre-training model (no head, final norm on all
+    tokens)."""
+    m = config.MODEL
+    return dict(img_size=config.DATA.IMAGE_SIZE, patch_size=m.PATCH_SIZE, in_chans=config.DATA.IMAGE_CHANNELS,
+                num_classes=0 if mim else m.NUM_CLASSES, embed_dim=m.EMBED_DIM, depth=m.DEPTH, num_heads=m.NUM_HEADS,
+                mlp_ratio=m.MLP_RATIO, qkv_bias=m.QKV_BIAS, init_values=m.INIT_VALUES,
+                use_abs_pos_emb=m.USE_ABS_POS_EMB, use_rel_pos_bias=m.USE_REL_POS_BIAS,
+                use_shared_rel_pos_bias=m.USE_SHARED_REL_POS_BIAS,
+                global_pool='avg' if m.USE_MEAN_POOLING and not mim else 'token', head_init_scale=m.INIT_SCALE)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from auto_augment import auto_augment_from_string, rand_augment_from_string
 from config import INTERPOLATIONS
+from paddle_internals import random_resized_crop_box
 from random_erasing import RandomErasing
 
 _PIL_FILTERS = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
@@ -146,7 +147,7 @@ class TwoViewResizedCrop(T.RandomResizedCrop):
         self.second_interpolation = second_interpolation
 
     def _apply_image(self, img: Image.Image) -> tuple[Image.Image, Image.Image]:
-        box = F.crop(img, *self._dynamic_get_param(img))
+        box = F.crop(img, *random_resized_crop_box(self, img))
         return (F.resize(box, self.size, self.interpolation),
                 F.resize(box, self.second_size, self.second_interpolation))
 

@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import paddle
 
+from paddle_internals import set_cpu_threads
+
 LOGGER_NAME = 'beit'
 LOG_FORMAT = '%(asctime)s %(message)s'
 
@@ -121,7 +123,7 @@ def cpu_threads_per_process(local_processes: int = 1) -> int:
 def use_all_cpu_cores(local_processes: int = 1) -> int:
     """Set Paddle's CPU threads to this process's share of the cores; returns the count."""
     threads = cpu_threads_per_process(local_processes)
-    paddle.base.core.set_num_threads(threads)
+    set_cpu_threads(threads)
     return threads
 
 

@@ -24,6 +24,7 @@ from load_pytorch_weights import convert_state_dict
 from timm_reference import TINY, config_for, logits_difference, random_batch, timm_model
 
 
+@pytest.mark.slow  # full-size models built: ~16 s on 2 cores
 @pytest.mark.parametrize('cfg_name, expected', [
     ('beit_base_patch16_224', 86_530_984),
     ('beit_base_patch16_384', 86_744_104),

@@ -209,6 +209,7 @@ def test_eval_backends_give_the_dygraph_metrics(backend, tolerance, data, tmp_pa
     capsys.readouterr()
 
 
+@pytest.mark.slow  # a whole run under paddle.jit.to_static: ~5 s on 2 cores
 def test_to_static_training_runs_to_the_end(data, tmp_path, capsys):
     output = tmp_path / 'static'
     assert main_single_gpu.main(args(data, output, opts=['MODEL.TO_STATIC', 'True', 'TRAIN.MODEL_EMA', 'True'])) == 0

@@ -77,6 +77,7 @@ def test_converted_model_matches_timm(tmp_path, photo_paths, variant):
         assert logits_difference(reference, model, images) <= TOLERANCE
 
 
+@pytest.mark.slow  # BEiT-B built twice and converted: ~17 s on 2 cores
 def test_full_size_base_round_trip(tmp_path, photo_paths):
     spec = {**TINY, 'IMAGE_SIZE': 224, 'PATCH_SIZE': 16, 'EMBED_DIM': 768, 'DEPTH': 12, 'NUM_HEADS': 12,
             'NUM_CLASSES': 1000}
@@ -86,6 +87,7 @@ def test_full_size_base_round_trip(tmp_path, photo_paths):
     assert logits_difference(reference, model, photo_batch(photo_paths[:5], 224)) <= TOLERANCE
 
 
+@pytest.mark.slow  # BEiT-B and BEiT-L built and converted three times each: ~45 s on 2 cores
 @pytest.mark.parametrize('timm_name, cfg_name, num_params, unilm_format, batch_size', [
     ('beitv2_base_patch16_224', 'beitv2_base_patch16_224_pt1k_ft1k', 86_530_984, 'unilm.pth', 2),
     ('beitv2_large_patch16_224', 'beitv2_large_patch16_224_pt1k_ft21kto1k', 304_430_568, 'deepspeed.pth', 1),
