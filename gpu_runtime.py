@@ -77,3 +77,4 @@ def set_deterministic(enabled: bool, logger: logging.Logger) -> None:
     paddle.set_flags(DETERMINISTIC_FLAGS)
     logger.info(f'DETERMINISTIC: set {", ".join(DETERMINISTIC_FLAGS)}; kernels that add with atomics (the '
                 'backward of the bias-table gather) may still differ from run to run')
+

@@ -86,3 +86,28 @@ def ndarray_to_tensor(array, return_numpy: bool):
 
     framework/io.py: ``_ndarray_to_tensor``, used by ``paddle.load`` for Paddle 2.0's named parameters."""
     return _paddle_io._ndarray_to_tensor(array, return_numpy)
+
+
+class LossScaler(paddle.amp.GradScaler):
+    """Paddle's GradScaler, its loss-scale update (a private hook) written without the bug that stops a float16 run on
+    a GPU.
+
+    Paddle 3.3.1's ``AmpScaler._update`` (amp/grad_scaler.py) prints ``float(self._scale)`` when it lowers the scale
+    after inf/nan gradients; ``_scale`` has shape [1], and ``Tensor.__float__`` (base/dygraph/math_op_patch.py)
+    calls ``float(np.array(var))``, which numpy 2.4 refuses ("TypeError: only 0-dimensional arrays can be converted
+    to Python scalars"): the first overflowing step of a float16 run would end it. Same rule, same state: after
+    ``decr_every_n_nan_or_inf`` steps with inf/nan the scale is multiplied by ``decr_ratio``, after
+    ``incr_every_n_steps`` clean steps by ``incr_ratio`` (tests/test_paddle_internals.py holds it to that rule, and
+    checks that Paddle still calls this hook)."""
+
+    def _update(self) -> None:
+        if not self._enable:
+            return
+        if self._cache_found_inf:
+            self._incr_count, self._decr_count = 0, self._decr_count + 1
+            if self._decr_count == self._decr_every_n_nan_or_inf:
+                self._scale, self._decr_count = self._scale * self._decr_ratio, 0
+        else:
+            self._decr_count, self._incr_count = 0, self._incr_count + 1
+            if self._incr_count == self._incr_every_n_steps:
+                self._scale, self._incr_count = self._scale * self._incr_ratio, 0

@@ -14,6 +14,7 @@ from datasets import get_dataloader
 from engine import Amp, Objective, Trainer, World
 from inference import PredictorAsModel
 from model_ema import ModelEma
+from paddle_internals import LossScaler
 from sample_sources import DatasetError
 from sample_table import lists_checked_once_per_machine
 from tasks import Task
@@ -123,7 +124,7 @@ def build_trainer(config, model, *, world: World, amp: Amp, steps_per_epoch: int
     the parameter settings table for param_groups.json)."""
     model_ema = ModelEma(model, config.TRAIN.MODEL_EMA_DECAY) if config.TRAIN.MODEL_EMA else None
     optimizer, lr_scheduler, settings = task.build_optimizer(config, model, steps_per_epoch, world.size)
-    grad_scaler = paddle.amp.GradScaler(
+    grad_scaler = LossScaler(
         enable=amp.enabled and amp.dtype == 'float16', init_loss_scaling=config.AMP_INIT_SCALE,
         incr_every_n_steps=config.AMP_INCR_EVERY_N_STEPS, decr_every_n_nan_or_inf=config.AMP_DECR_EVERY_N_NAN_OR_INF)
     if amp.o2:

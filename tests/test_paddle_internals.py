@@ -37,17 +37,22 @@ class _TracerOnGpu:
         return getattr(self._tracer, name)
 
 
-@pytest.fixture
-def enabled_scaler(monkeypatch):
-    """Paddle's own float16 GradScaler, enabled as on a GPU: built while the tracer reports a GPU place, used as
-    inside a float16 auto_cast (its scale() turns itself off for any other AMP dtype). Its kernels run on the CPU."""
+def _enabled(monkeypatch, scaler_class=paddle.amp.GradScaler, **settings):
+    """A float16 ``scaler_class``, enabled as on a GPU: built while the tracer reports a GPU place, used as inside a
+    float16 auto_cast (its scale() turns itself off for any other AMP dtype). Its kernels run on the CPU."""
     real_tracer = paddle_grad_scaler._dygraph_tracer
-    monkeypatch.setattr(paddle_grad_scaler, '_dygraph_tracer', lambda: _TracerOnGpu(real_tracer()))
-    scaler = paddle.amp.GradScaler(init_loss_scaling=4.0)
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(paddle_grad_scaler, '_dygraph_tracer', lambda: _TracerOnGpu(real_tracer()))
+        scaler = scaler_class(**{'init_loss_scaling': 4.0, **settings})
     monkeypatch.setattr(amp_global_state(), 'amp_dtype', 'float16')
     assert scaler.is_enable()
     return scaler
+
+
+@pytest.fixture
+def enabled_scaler(monkeypatch):
+    """Paddle's own float16 GradScaler, enabled as on a GPU (_enabled)."""
+    return _enabled(monkeypatch)
 
 
 def _backward_through(scaler, last_input: float):
@@ -84,6 +89,45 @@ def test_the_engine_reads_the_verdict_of_paddle_s_scaler(enabled_scaler, last_in
     _, optimizer = _backward_through(enabled_scaler, last_input)
     flag = _unscale_and_check(types.SimpleNamespace(grad_scaler=enabled_scaler, optimizer=optimizer))
     assert flag.dtype == paddle.float64 and flag.numpy().tolist() == [expected]
+
+
+def _optimizer_step(scaler, last_input: float) -> None:
+    """One training step as the engine runs it: backward, unscale, step, update."""
+    _, optimizer = _backward_through(scaler, last_input)
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def test_the_loss_scaler_lowers_and_raises_the_scale_by_paddle_s_rule(monkeypatch):
+    """Two steps with inf/nan halve the scale (decr_every_n_nan_or_inf 2), three clean ones double it
+    (incr_every_n_steps 3); a clean step resets the count of bad ones and the other way round. Paddle's own
+    update stops at the first halving here (numpy >= 2.4 refuses its float() of a shape-[1] tensor)."""
+    scaler = _enabled(monkeypatch, internals.LossScaler, decr_every_n_nan_or_inf=2, incr_every_n_steps=3)
+    scales = []
+    for last_input in (math.inf, 3.0, math.nan, math.inf, 3.0, 3.0, 3.0, math.nan):
+        _optimizer_step(scaler, last_input)
+        scales.append(scaler.state_dict()['scale'].item())
+    assert scales == [4.0, 4.0, 4.0, 2.0, 2.0, 2.0, 4.0, 4.0]
+    state = scaler.state_dict()
+    assert (state['incr_count'], state['decr_count'], state['scale'].item()) == (0, 1, 4.0)
+
+
+def test_the_loss_scaler_raises_the_scale_as_paddle_s_own_scaler_does(monkeypatch):
+    ours = _enabled(monkeypatch, internals.LossScaler, incr_every_n_steps=2)
+    paddles = _enabled(monkeypatch, incr_every_n_steps=2)
+    for _ in range(5):
+        _optimizer_step(ours, 3.0)
+        _optimizer_step(paddles, 3.0)
+        assert ours.state_dict()['scale'].item() == paddles.state_dict()['scale'].item()
+
+
+def test_paddle_s_update_still_calls_the_hook_the_loss_scaler_replaces(monkeypatch):
+    scaler = _enabled(monkeypatch, internals.LossScaler)
+    calls = []
+    monkeypatch.setattr(internals.LossScaler, '_update', lambda self: calls.append(self))
+    _optimizer_step(scaler, 3.0)
+    assert calls == [scaler]
 
 
 def _seed(seed: int) -> None:
