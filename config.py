@@ -133,17 +133,6 @@ _C.LINPROBE.LINEAR_SCALED_LR = 256  # 0 uses BASE_LR as it is
 _C.LINPROBE.WEIGHT_DECAY = 1e-4  # unilm: 1e-4 with adamw, 0 with sgd
 _C.LINPROBE.MOMENTUM = 0.9  # sgd only
 
-# Semantic segmentation (unilm's beit/semantic_segmentation: UperNet on BEiT, ADE20K); the crop is DATA.IMAGE_SIZE.
-_C.SEG = CN()
-# the model (beit_seg.py)
-_C.SEG.NUM_CLASSES = 150
-
-# the data (seg_datasets.py, seg_transforms.py)
-_C.SEG.IGNORE_INDEX = 255
-
-# the evaluation (seg_inference.py, seg_metrics.py)
-_C.SEG.SLIDE_STRIDE = 426  # sliding 640-pixel windows at this stride (unilm's test_cfg)
-
 # mixed precision
 _C.AMP = False
 _C.AMP_LEVEL = 'O1'
