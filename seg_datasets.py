@@ -220,9 +220,11 @@ def check_pairs(source: str, root: str, entries: list, problems: list, rule: Lab
 
 
 def checked_pairs(config, mode: str) -> tuple[SegPairs, str]:
-    """The checked pairs of ``mode`` ('train' or 'val') in ``config``'s data and where they were listed."""
+    """The checked pairs of ``mode`` ('train' or 'val') in ``config``'s data and where they were listed; under
+    sample_table's SAMPLE_TABLES_ENV the first process of a run checks them and the others map its table."""
     if mode not in ADE20K_SPLITS:
         raise ValueError(f'mode must be one of {list(ADE20K_SPLITS)}, got {mode!r}')
+    validate_seg_data_config(config)
     root = config.DATA.DATA_PATH
     if not root:
         raise DatasetError('DATA.DATA_PATH is not set: give the folder that holds the data')
@@ -304,7 +306,6 @@ class SegmentationDataset(Dataset):
 
 def get_seg_dataset(config, mode: str) -> SegmentationDataset:
     """The checked train or val split of ``config`` with its mmseg pipeline (seg_transforms.py)."""
-    validate_seg_data_config(config)
     pairs, source = checked_pairs(config, mode)
     if mode == 'train':
         size = config.DATA.IMAGE_SIZE

@@ -12,6 +12,7 @@ import seg_datasets as sd
 from config import ConfigError, get_default_config, merge_opts
 from helpers import write_list
 from sample_sources import DatasetError
+from sample_table import lists_checked_once
 
 
 def save_pair(root: Path, image: str, annotation: str, size=(12, 8), values=(0, 1, 2, 255), mode='L') -> None:
@@ -52,6 +53,18 @@ def test_list_pairs_by_whitespace_or_by_tab_when_paths_hold_spaces(tmp_path):
         sd.SegSample(str(tmp_path / 'img/a.png'), str(tmp_path / 'ann/a.png'), 2),
         sd.SegSample(str(tmp_path / 'img/b c.png'), str(tmp_path / 'ann/b c.png'), 4),
         sd.SegSample(str(absolute / 'd.png'), str(absolute / 'd_label.png'), 5)]
+
+
+def test_the_processes_of_a_run_share_the_first_ones_checked_pairs(tmp_path):
+    save_pair(tmp_path, 'a.png', 'a_label.png')
+    write_list(tmp_path / 'train_list.txt', ['a.png a_label.png'])
+    config = seg_config(tmp_path)
+    with lists_checked_once(str(tmp_path / 'tables')):
+        first, _ = sd.checked_pairs(config, 'train')
+        (tmp_path / 'a_label.png').unlink()  # another process would fail its own check now
+        shared, _ = sd.checked_pairs(config, 'train')
+    assert list(shared) == list(first) == [sd.SegSample(str(tmp_path / 'a.png'), str(tmp_path / 'a_label.png'), 1)]
+    assert isinstance(shared.table.labels, np.memmap)  # mapped from the saved table, not checked again
 
 
 def test_list_problems_are_reported_together_with_their_lines(tmp_path):
