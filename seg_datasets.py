@@ -116,12 +116,18 @@ class LabelRule(NamedTuple):
         return labels
 
 
+def _mode_problem(path: str, mode: str) -> str:
+    if mode in LABEL_MODES:
+        return ''
+    return f'{path}: an annotation must be a single-channel label image (PIL mode L or P), got mode {mode}'
+
+
 def read_annotation(path: str) -> np.ndarray:
     """The raw values of a label image, as mmseg reads them with PIL (palette indices for mode P)."""
     with Image.open(path) as img:
-        if img.mode not in LABEL_MODES:
-            raise DatasetError(f'{path}: an annotation must be a single-channel label image (PIL mode L or P), '
-                               f'got mode {img.mode}')
+        problem = _mode_problem(path, img.mode)
+        if problem:
+            raise DatasetError(problem)
         img.load()
         return np.asarray(img).astype(np.uint8 if img.mode in ('1', 'L', 'P') else np.int64)
 
@@ -180,8 +186,9 @@ def _pair_problem(root: str, image: str, annotation: str, rule: LabelRule | None
     annotation_size, mode, problem = _header(annotation_path)
     if problem:
         return f'annotation {problem}' if problem.startswith('file not found') else problem
-    if mode not in LABEL_MODES:
-        return f'{annotation_path}: an annotation must be a single-channel label image (PIL mode L or P), got {mode}'
+    problem = _mode_problem(annotation_path, mode)
+    if problem:
+        return problem
     if annotation_size != image_size:
         return (f'{annotation_path} is {annotation_size[0]}x{annotation_size[1]} but its image {image_path} is '
                 f'{image_size[0]}x{image_size[1]} (width x height)')

@@ -45,10 +45,14 @@ def _linear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.n
     return first, np.minimum(first + 1, source - 1), weight
 
 
-def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """uint8 HWC (or HW) image resized as OpenCV's INTER_LINEAR samples it (no antialiasing when shrinking)."""
-    x0, x1, wx = _linear_taps(image.shape[1], width)
-    y0, y1, wy = _linear_taps(image.shape[0], height)
+def resize_bilinear(image: np.ndarray, width: int, height: int, box: Sequence[int] | None = None) -> np.ndarray:
+    """uint8 HWC (or HW) image resized as OpenCV's INTER_LINEAR samples it (no antialiasing when shrinking).
+
+    ``box`` (y1, y2, x1, x2): only that part of the resized image, computed alone (each output pixel depends on
+    its own position only), so the training pipeline need not resize what its crop drops."""
+    y_slice, x_slice = (slice(None), slice(None)) if box is None else (slice(*box[:2]), slice(*box[2:]))
+    x0, x1, wx = (taps[x_slice] for taps in _linear_taps(image.shape[1], width))
+    y0, y1, wy = (taps[y_slice] for taps in _linear_taps(image.shape[0], height))
     extra = (1,) * (image.ndim - 2)
     pixels = image.astype(np.float32)
     wx = wx.reshape(1, -1, *extra)
@@ -99,19 +103,18 @@ def crop_is_balanced(label: np.ndarray, cat_max_ratio: float, ignore_index: int)
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
-def random_crop(image: np.ndarray, label: np.ndarray, crop: Sequence[int], cat_max_ratio: float,
-                ignore_index: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """mmseg's RandomCrop: with ``cat_max_ratio`` < 1 a box is checked up to CROP_TRIES times and redrawn after
-    each failure, so after ten failures the eleventh box is used unchecked. A side shorter than the crop is kept
-    whole (Pad fills it later)."""
+def random_crop_box(label: np.ndarray, crop: Sequence[int], cat_max_ratio: float, ignore_index: int,
+                    rng) -> tuple[int, int, int, int]:
+    """mmseg's RandomCrop box (y1, y2, x1, x2) on the resized label: with ``cat_max_ratio`` < 1 a box is checked up
+    to CROP_TRIES times and redrawn after each failure, so after ten failures the eleventh box is used unchecked. A
+    side shorter than the crop is kept whole (slicing stops at the edge; Pad fills the rest)."""
     box = crop_box(label.shape, crop, rng)
     if cat_max_ratio < 1.0:
         for _ in range(CROP_TRIES):
             if crop_is_balanced(label[box[0]:box[1], box[2]:box[3]], cat_max_ratio, ignore_index):
                 break
             box = crop_box(label.shape, crop, rng)
-    y1, y2, x1, x2 = box
-    return image[y1:y2, x1:x2], label[y1:y2, x1:x2]
+    return box
 
 
 def random_flip(image: np.ndarray, label: np.ndarray, prob: float, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -134,24 +137,26 @@ def pad_to(image: np.ndarray, label: np.ndarray, size: Sequence[int], ignore_ind
 # ---- colour: OpenCV's 8-bit HSV (H in [0, 180), S and V in [0, 255]), as cv2.cvtColor computes it on uint8 ---------
 
 _HSV_SHIFT = 12
-_SATURATION_DIVISORS = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], dtype=np.int64)
-_HUE_DIVISORS = np.array([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], dtype=np.int64)
+_SATURATION_DIVISORS = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], dtype=np.int32)
+_HUE_DIVISORS = np.array([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], dtype=np.int32)
 _HALF = 1 << (_HSV_SHIFT - 1)
-# which of (v, v(1-s), v(1-sf), v(1-s(1-f))) is R, G and B in each 60-degree sector
+# which of (v, v(1-s), v(1-sf), v(1-s(1-f))) R, G and B take in each 60-degree sector (OpenCV's sector table)
 _SECTOR_RGB = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
 
 
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
     """uint8 RGB -> uint8 HSV with OpenCV's integer arithmetic (tables of 2^12-scaled reciprocals, rounded):
     V = max, S = round(255 (V - min) / V), H = round(30 * (sector offset) / (V - min)) in units of 2 degrees."""
-    r, g, b = (image[..., i].astype(np.int64) for i in range(3))
+    r, g, b = (image[..., i].astype(np.int32) for i in range(3))  # products stay below 2^31
     v = np.maximum(np.maximum(r, g), b)
     diff = v - np.minimum(np.minimum(r, g), b)
-    s = (diff * _SATURATION_DIVISORS[v] + _HALF) >> _HSV_SHIFT
+    hsv = np.empty(image.shape, np.uint8)
+    hsv[..., 1] = (diff * _SATURATION_DIVISORS[v] + _HALF) >> _HSV_SHIFT
     h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
     h = (h * _HUE_DIVISORS[diff] + _HALF) >> _HSV_SHIFT
-    h = np.where(h < 0, h + 180, h)
-    return np.stack([h, s, v], axis=-1).astype(np.uint8)
+    h[h < 0] += 180
+    hsv[..., 0], hsv[..., 2] = h, v
+    return hsv
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
@@ -161,12 +166,12 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     s = hsv[..., 1].astype(np.float32) * np.float32(1.0 / 255)
     v = hsv[..., 2].astype(np.float32) * np.float32(1.0 / 255)
     h = np.mod(h, np.float32(6))  # OpenCV wraps hues past 180
-    sector = np.floor(h).astype(np.int64)
-    f = h - sector
+    floor = np.floor(h)
+    sector, f = floor.astype(np.intp), h - floor  # f in float32, as OpenCV computes it
     one = np.float32(1)
+    # all four are v when s is 0: OpenCV's grey case needs no branch
     table = np.stack([v, v * (one - s), v * (one - s * f), v * (one - s * (one - f))], axis=-1)
-    rgb = np.take_along_axis(table, _SECTOR_RGB[sector], axis=-1)
-    rgb = np.where((s == 0)[..., None], v[..., None], rgb)
+    rgb = table.take(_SECTOR_RGB[sector] + 4 * np.arange(sector.size).reshape(sector.shape)[..., None])
     return np.rint(rgb * np.float32(255)).clip(0, 255).astype(np.uint8)
 
 
@@ -234,7 +239,10 @@ def normalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
 
 
 class SegTrainTransform:
-    """(uint8 RGB HWC image, uint8 HW label, rng) -> (float32 CHW image, int64 HW label), both crop-sized."""
+    """(uint8 RGB HWC image, uint8 HW label, rng) -> (float32 CHW image, int64 HW label), both crop-sized.
+
+    The same as mmseg's Resize then RandomCrop, but the image is resized within the chosen box only (the box is
+    drawn on the resized label, which is cheap to resize whole)."""
 
     def __init__(self, *, crop_size: int, img_scale: Sequence[int], ratio_range: Sequence[float],
                  cat_max_ratio: float, flip_prob: float, distortion: PhotoMetricDistortion, mean: Sequence[float],
@@ -245,8 +253,11 @@ class SegTrainTransform:
         self.distortion, self.mean, self.std, self.ignore_index = distortion, mean, std, ignore_index
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
-        image, label = rescale(image, label, random_scale(self.img_scale, self.ratio_range, rng))
-        image, label = random_crop(image, label, self.crop, self.cat_max_ratio, self.ignore_index, rng)
+        width, height = rescale_size(image.shape[1], image.shape[0],
+                                     random_scale(self.img_scale, self.ratio_range, rng))
+        label = resize_nearest(label, width, height)
+        box = random_crop_box(label, self.crop, self.cat_max_ratio, self.ignore_index, rng)
+        image, label = resize_bilinear(image, width, height, box), label[box[0]:box[1], box[2]:box[3]]
         image, label = random_flip(image, label, self.flip_prob, rng)
         image = self.distortion(np.ascontiguousarray(image), rng)
         image, label = pad_to(normalise(image, self.mean, self.std), label, self.crop, self.ignore_index)

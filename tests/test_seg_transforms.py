@@ -161,33 +161,34 @@ def test_crop_rule_needs_two_classes_and_the_largest_under_the_ratio_of_non_igno
 
 
 def test_crop_retries_until_a_box_passes():
-    image, label = gradient_image(10, 10), _two_class_label()
     # (top, left) per box: three boxes of class 1 only, then one across the border
     rng = Scripted(randint=[0, 0, 3, 1, 6, 2, 2, 4])
-    cropped, cropped_label = st.random_crop(image, label, (4, 4), 0.75, 255, rng)
-    np.testing.assert_array_equal(cropped, image[2:6, 4:8])
-    np.testing.assert_array_equal(cropped_label, label[2:6, 4:8])
+    assert st.random_crop_box(_two_class_label(), (4, 4), 0.75, 255, rng) == (2, 6, 4, 8)
     assert rng.calls == [('randint', (0, 7))] * 8  # margins 10 - 4 + 1
 
 
 def test_after_ten_failures_the_eleventh_box_is_used_unchecked():
-    image, label = gradient_image(10, 10), _two_class_label()
     failing = [0, 0] * 10  # ten boxes of class 1 only
     rng = Scripted(randint=[*failing, 5, 1])  # the eleventh: class 1 only too, used all the same
-    cropped, _ = st.random_crop(image, label, (4, 4), 0.75, 255, rng)
-    np.testing.assert_array_equal(cropped, image[5:9, 1:5])
+    assert st.random_crop_box(_two_class_label(), (4, 4), 0.75, 255, rng) == (5, 9, 1, 5)
     assert len(rng.calls) == 22
 
 
 def test_without_cat_max_ratio_one_box_and_small_sides_stay_whole():
-    image, label = gradient_image(10, 10), _two_class_label()
+    label = _two_class_label()
     rng = Scripted(randint=[1, 2])
-    cropped, _ = st.random_crop(image, label, (4, 4), 1.0, 255, rng)
-    np.testing.assert_array_equal(cropped, image[1:5, 2:6])
+    assert st.random_crop_box(label, (4, 4), 1.0, 255, rng) == (1, 5, 2, 6)
     rng = Scripted(randint=[0, 4])
-    cropped, _ = st.random_crop(image[:3], label[:3], (4, 4), 0.75, 255, rng)  # 3 rows: margin 0
-    np.testing.assert_array_equal(cropped, image[:3, 4:8])
+    top, bottom, left, right = st.random_crop_box(label[:3], (4, 4), 0.75, 255, rng)  # 3 rows: margin 0
+    assert label[:3][top:bottom, left:right].shape == (3, 4) and (top, left) == (0, 4)
     assert rng.calls == [('randint', (0, 1)), ('randint', (0, 7))]
+
+
+def test_resizing_only_the_crop_box_equals_resizing_all_then_cropping():
+    image = gradient_image(37, 53)
+    whole = st.resize_bilinear(image, 91, 64)
+    for box in ((0, 64, 0, 91), (5, 30, 17, 60), (40, 80, 70, 110)):  # the last runs past the edges
+        np.testing.assert_array_equal(st.resize_bilinear(image, 91, 64, box), whole[box[0]:box[1], box[2]:box[3]])
 
 
 # ---- flip, normalise, pad -------------------------------------------------------------------------------------------
@@ -335,6 +336,23 @@ def test_train_pipeline_draws_in_mmsegs_order():
     assert names[1][0] == 'randint' and names[2][0] == 'randint'  # crop top, left (the first box passes here)
     assert names[3] == ('rand', ())  # flip
     assert names[4] == ('randint', (2,))  # brightness gate, then the distortion's draws
+
+
+def test_train_pipeline_is_the_steps_in_mmsegs_order():
+    """Resize all, crop, flip, distort, normalise, pad, composed from the steps on a copy of the generator."""
+    image, label = gradient_image(50, 70), ((np.arange(50 * 70) // 9) % 6).reshape(50, 70).astype(np.uint8)
+    label[:10] = 255
+    transform = train_transform(crop=64, img_scale=(256, 64))
+    for seed in range(6):
+        out, out_label = transform(image, label, np.random.RandomState(seed))
+        rng = np.random.RandomState(seed)
+        resized, resized_label = st.rescale(image, label, st.random_scale((256, 64), (0.5, 2.0), rng))
+        y1, y2, x1, x2 = st.random_crop_box(resized_label, (64, 64), 0.75, 255, rng)
+        steps = st.random_flip(resized[y1:y2, x1:x2], resized_label[y1:y2, x1:x2], 0.5, rng)
+        distorted = st.PhotoMetricDistortion()(np.ascontiguousarray(steps[0]), rng)
+        expected, expected_label = st.pad_to(st.normalise(distorted, MEAN, STD), steps[1], (64, 64), 255)
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(out_label, expected_label)
 
 
 def test_train_pipeline_shapes_padding_and_seed():
