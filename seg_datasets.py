@@ -260,7 +260,9 @@ class SegmentationDataset(Dataset):
     ``rng`` is a numpy RandomState seeded from (the ``reseed`` seed, index) as classification seeds its samples
     (utils.derived_seed), so a sample does not depend on which loader worker, or none, loads it; before any
     ``reseed`` numpy's global generator is used. A file that does not decode, an image whose size differs from its
-    annotation's, or label values outside the rule raise a DatasetError naming the file and its list line.
+    annotation's, or label values outside the rule raise a DatasetError naming the file and its list line
+    (DATA.BAD_IMAGE_POLICY 'skip' does not apply: a pair cannot be replaced by another). Evaluation samples keep
+    their own sizes, so datasets.get_dataloader's stacking collate needs DATA.BATCH_SIZE_EVAL 1 for them.
     """
 
     on_device = None  # the images are normalised on the host (seg_transforms.py says why)
