@@ -133,6 +133,28 @@ _C.LINPROBE.LINEAR_SCALED_LR = 256  # 0 uses BASE_LR as it is
 _C.LINPROBE.WEIGHT_DECAY = 1e-4  # unilm: 1e-4 with adamw, 0 with sgd
 _C.LINPROBE.MOMENTUM = 0.9  # sgd only
 
+# Semantic segmentation (unilm's beit/semantic_segmentation: UperNet on BEiT, ADE20K); the crop is DATA.IMAGE_SIZE.
+_C.SEG = CN()
+# the model (beit_seg.py)
+_C.SEG.NUM_CLASSES = 150
+
+# the data (seg_datasets.py, seg_transforms.py)
+_C.SEG.DATASET = 'ade20k'  # 'ade20k': DATA_PATH/images/<split>/*.jpg + annotations/<split>/*.png; 'list': *_list.txt
+_C.SEG.IGNORE_INDEX = 255  # label value the loss and the metric skip; padding and reduce_zero_label write it
+_C.SEG.REDUCE_ZERO_LABEL = True  # mmseg's reduce_zero_label (ADE20K): raw 0 -> 255, v -> v - 1, 255 stays 255
+_C.SEG.CHECK_LABEL_VALUES = True  # decode every annotation before training to check its values; False: at load
+_C.SEG.IMG_SCALE = [2560, 640]  # mmseg's img_scale (long, short): resize keeping the ratio to fit within it
+_C.SEG.RATIO_RANGE = [0.5, 2.0]  # training: IMG_SCALE times r, r uniform in this range
+_C.SEG.CAT_MAX_RATIO = 0.75  # RandomCrop: redraw (10 tries) a crop whose largest class has this share or more
+_C.SEG.FLIP_PROB = 0.5  # RandomFlip, horizontal
+_C.SEG.BRIGHTNESS_DELTA = 32  # PhotoMetricDistortion: brightness + uniform(-delta, delta)
+_C.SEG.CONTRAST_RANGE = [0.5, 1.5]  # PhotoMetricDistortion: contrast factor range
+_C.SEG.SATURATION_RANGE = [0.5, 1.5]  # PhotoMetricDistortion: saturation factor range
+_C.SEG.HUE_DELTA = 18  # PhotoMetricDistortion: hue + randint(-delta, delta) in OpenCV's 2-degree units
+
+# the evaluation (seg_inference.py, seg_metrics.py)
+_C.SEG.SLIDE_STRIDE = 426  # sliding 640-pixel windows at this stride (unilm's test_cfg)
+
 # mixed precision
 _C.AMP = False
 _C.AMP_LEVEL = 'O1'

@@ -25,7 +25,7 @@ class DatasetError(BadInputError):
     """Data that cannot be used; the message names the file (and the list line) to fix."""
 
 
-def _numbered_entries(list_path: str) -> list[tuple[int, str]]:
+def numbered_entries(list_path: str) -> list[tuple[int, str]]:
     """(line number, stripped text) of the lines that are neither blank nor comments."""
     if not os.path.isfile(list_path):
         raise DatasetError(f'list file not found: {list_path}')
@@ -79,7 +79,7 @@ def _missing_files(root: str, entries: list[tuple[int, str, int]]) -> list[int]:
 def _parsed_entries(list_path: str, num_classes: int | None) -> tuple[list, list]:
     """([(line, relative path, label)], [(line, problem)]) of a list file."""
     entries, problems = [], []
-    for number, text in _numbered_entries(list_path):
+    for number, text in numbered_entries(list_path):
         entry, problem = _parse_entry(text, num_classes)
         if problem:
             problems.append((number, problem))
