@@ -225,6 +225,9 @@ def transformers_model(config, hf_state_dict: dict):
     holding ``hf_state_dict`` (file layout) and the config, then pointed at unilm's blocks (see the module doc)."""
     from safetensors.numpy import save_file
     from transformers import BeitForSemanticSegmentation
+    if config.SEG.CHANNELS != config.MODEL.EMBED_DIM:
+        raise ConversionError(f'transformers\' UperHead is as wide as the encoder: it cannot stand for SEG.CHANNELS '
+                              f'{config.SEG.CHANNELS} with MODEL.EMBED_DIM {config.MODEL.EMBED_DIM}')
     with tempfile.TemporaryDirectory() as folder:
         transformers_config(config).save_pretrained(folder)
         save_file({name: np.array(value, order='C') for name, value in hf_state_dict.items()},
