@@ -10,7 +10,11 @@ renames it on loading to its in-memory names, which files do not hold and which 
 transformers counts ``out_indices`` differently from unilm: its forward takes ``hidden_states[i - 1]`` for each
 ``i``, where ``hidden_states[0]`` is the embedding output, so ``i`` selects block ``i - 2`` (0-based). The released
 configs' ``[3, 5, 7, 11]`` select blocks 1, 3, 5, 9, not unilm's 3, 5, 7, 11; the reference here is given unilm's
-blocks (``i = block + 2``, set past transformers' check, which allows at most ``i = depth``).
+blocks (``i = block + 2``, set past transformers' check, which allows at most ``i = depth``). Its features are
+those hidden states, before its final layernorm (the identity with mean pooling anyway), as unilm's. Its layers
+resample their bias tables on every forward, bilinearly, from ``config.image_size``'s grid to the input's (and, with
+``interpolate_pos_encoding``, the bias matrix too); the reference is built at the crop, where that resampling is the
+identity, while our model resamples a checkpoint's tables once, at loading, with unilm's method.
 """
 import re
 import tempfile

@@ -27,13 +27,17 @@ def seg_config(size: int, spec: dict, **extra):
 
 
 def random_state(model, seed: int = 0) -> dict:
-    """``model``'s state dict with random values where the init is constant: running means N(0, 0.5), running and
-    BN variances/weights U(0.5, 1.5), biases N(0, 0.1), q/v biases and bias tables N(0, 0.2)."""
+    """``model``'s state dict with random values where the init is constant or too small to matter: running means
+    N(0, 0.5), running and BN variances/weights and layer scales U(0.5, 1.5), biases N(0, 0.1), q/v biases and bias
+    tables N(0, 0.2), the blocks' Linear weights N(0, 1/fan_in). At the init (std 0.02, layer scale 0.1) attention
+    is nearly uniform and the blocks add little to the features: a q/k mix-up would change logits by < 1e-4."""
     rng = np.random.default_rng(seed)
     state = {}
     for name, tensor in model.state_dict().items():
         value = tensor.numpy()
-        if name.endswith(('_variance', 'bn.weight', 'fpn1.1.weight')):
+        if name.endswith(('attn.qkv.weight', 'attn.proj.weight', 'mlp.fc1.weight', 'mlp.fc2.weight')):
+            value = rng.normal(0.0, value.shape[0] ** -0.5, value.shape)  # Paddle layout: [in, out]
+        elif name.endswith(('_variance', 'bn.weight', 'fpn1.1.weight', 'gamma_1', 'gamma_2')):
             value = rng.uniform(0.5, 1.5, value.shape)
         elif name.endswith('_mean'):
             value = rng.normal(0.0, 0.5, value.shape)
