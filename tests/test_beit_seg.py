@@ -64,9 +64,8 @@ def test_parameter_names_and_shapes_are_unilms():
     batch_norms = [layer for layer in model.sublayers() if isinstance(layer, nn.BatchNorm2D)]
     assert len(batch_norms) == 1 + 4 + 1 + 3 + 3 + 1 + 1
     assert all(bn._momentum == 0.9 and bn._epsilon == 1e-5 for bn in batch_norms)  # torch's 0.1 and 1e-5
-    assert all(layer.bias is None for layer in model.sublayers() if isinstance(layer, nn.Conv2D)
-               and layer is not model.backbone.patch_embed.proj and not isinstance(layer, nn.Conv2DTranspose)
-               and layer not in (model.decode_head.conv_seg, model.auxiliary_head.conv_seg))
+    conv_modules = [layer for layer in model.sublayers() if type(layer).__name__ == 'ConvModule']
+    assert len(conv_modules) == 4 + 1 + 3 + 3 + 1 + 1 and all(m.conv.bias is None for m in conv_modules)
 
 
 def test_heads_start_from_mmcv_init():
