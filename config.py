@@ -137,6 +137,16 @@ _C.LINPROBE.MOMENTUM = 0.9  # sgd only
 _C.SEG = CN()
 # the model (beit_seg.py)
 _C.SEG.NUM_CLASSES = 150
+_C.SEG.OUT_INDICES = [3, 5, 7, 11]  # 0-based blocks feeding fpn1-fpn4 (unilm's out_indices; L: 7 11 15 23)
+_C.SEG.CHANNELS = 768  # UperHead's width (mmseg's decode_head channels: 768 B, 1024 L)
+_C.SEG.POOL_SCALES = [1, 2, 3, 6]  # pyramid pooling output sizes (mmseg's pool_scales)
+_C.SEG.AUX_CHANNELS = 256  # the auxiliary FCNHead's width (mmseg's auxiliary_head channels)
+_C.SEG.DROPOUT = 0.1  # Dropout2d before each classifier (mmseg's dropout_ratio)
+# the schedule (seg_optim.py): mmcv's linear warm-up, then poly decay to 0, stepped per iteration
+_C.SEG.NUM_ITERS = 160000  # iterations of the run (mmcv's max_iters)
+_C.SEG.WARMUP_ITERS = 1500  # (mmcv's warmup_iters: 1500 B, 3000 L)
+_C.SEG.WARMUP_RATIO = 1e-6  # the first iteration's LR over the poly LR (mmcv's warmup_ratio)
+_C.SEG.POWER = 1.0  # poly exponent (mmcv's power)
 
 # the data (seg_datasets.py, seg_transforms.py)
 _C.SEG.DATASET = 'ade20k'  # 'ade20k': DATA_PATH/images/<split>/*.jpg + annotations/<split>/*.png; 'list': *_list.txt
