@@ -37,10 +37,19 @@ Model = Callable[[paddle.Tensor], paddle.Tensor]
 View = Callable[[tuple[int, int]], paddle.Tensor | np.ndarray]
 
 
+class SettingsError(ValueError):
+    """A refused inference setting; ``fields`` names the InferenceSettings fields it is about."""
+
+    def __init__(self, fields: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.fields = fields
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
-    """How to segment: mmseg's test_cfg (mode, crop_size, stride) and test pipeline (img_scale, img_ratios, flip,
-    SETR_Resize), sizes as (height, width). ``windows_per_forward``: windows of one image per model call."""
+    """How to segment: mmseg's test_cfg (mode, crop_size, stride; (height, width)) and test pipeline (img_scale as
+    mmseg writes it, (2560, 640): keep-ratio resizing reads only its long and short side; img_ratios, flip,
+    SETR_Resize). ``windows_per_forward``: windows of each image per model call."""
 
     crop_size: tuple[int, int]
     stride: tuple[int, int]
@@ -54,14 +63,23 @@ class InferenceSettings:
 
     def __post_init__(self):
         if self.mode not in TEST_MODES:
-            raise ValueError(f'test mode {self.mode!r} is not one of {list(TEST_MODES)}')
-        if min(*self.crop_size, *self.img_scale, self.windows_per_forward) < 1 or min(self.stride) < 1:
-            raise ValueError('crop size, stride, image scale and windows per forward must be positive')
+            raise SettingsError(('mode',), f'the test mode must be one of {list(TEST_MODES)}, got {self.mode!r}')
+        for field in ('crop_size', 'stride', 'img_scale'):
+            if len(getattr(self, field)) != 2 or min(getattr(self, field)) < 1:
+                raise SettingsError((field,), f'{field} needs two positive sizes, got {getattr(self, field)}')
+        if self.windows_per_forward < 1:
+            raise SettingsError(('windows_per_forward',), f'windows per forward must be positive, got '
+                                                          f'{self.windows_per_forward}')
         if any(stride > crop for stride, crop in zip(self.stride, self.crop_size)):
-            raise ValueError(f'stride {self.stride} larger than the crop {self.crop_size} leaves pixels no window '
-                             f'covers')
+            raise SettingsError(('stride', 'crop_size'), f'a stride of {self.stride} over crops of {self.crop_size} '
+                                                         f'leaves pixels no window covers')
         if any(not ratio > 0 for ratio in self.ratios):
-            raise ValueError(f'scale ratios must be positive, got {list(self.ratios)}')
+            raise SettingsError(('ratios',), f'scale ratios must be positive, got {list(self.ratios)}')
+
+
+# the config key of each InferenceSettings field that settings_from_config reads
+CONFIG_KEYS = {'crop_size': 'DATA.IMAGE_SIZE', 'stride': 'SEG.SLIDE_STRIDE', 'img_scale': 'SEG.IMG_SCALE',
+               'mode': 'SEG.TEST_MODE', 'ratios': 'SEG.MS_RATIOS', 'windows_per_forward': 'SEG.WINDOWS_PER_FORWARD'}
 
 
 def settings_from_config(config, img_scale: Sequence[int] | None = None) -> InferenceSettings:
@@ -72,16 +90,19 @@ def settings_from_config(config, img_scale: Sequence[int] | None = None) -> Infe
     if 'IMG_SCALE' in seg:
         img_scale = seg.IMG_SCALE
     if img_scale is None or len(img_scale) != 2:
-        raise ConfigError(f'{named_origin(config, "SEG.IMG_SCALE")}the test scale needs two sizes (like [2560, '
-                          f'640]), got {img_scale!r}')
-    keys = ('DATA.IMAGE_SIZE', 'SEG.SLIDE_STRIDE', 'SEG.TEST_MODE', 'SEG.MS_RATIOS', 'SEG.WINDOWS_PER_FORWARD')
+        raise ConfigError(f'{named_origin(config, "SEG.IMG_SCALE")}SEG.IMG_SCALE: the test scale needs two sizes '
+                          f'(like [2560, 640]), got {img_scale!r}')
+    if not all(isinstance(ratio, (int, float)) and not isinstance(ratio, bool) for ratio in seg.MS_RATIOS):
+        raise ConfigError(f'{named_origin(config, "SEG.MS_RATIOS")}SEG.MS_RATIOS must be numbers, got '
+                          f'{list(seg.MS_RATIOS)}')
     crop, stride = config.DATA.IMAGE_SIZE, seg.SLIDE_STRIDE
     try:
         return InferenceSettings(crop_size=(crop, crop), stride=(stride, stride), img_scale=tuple(img_scale),
                                  mode=seg.TEST_MODE, ratios=tuple(float(r) for r in seg.MS_RATIOS), flip=seg.FLIP,
                                  setr_multi_scale=seg.SETR_MULTI_SCALE, windows_per_forward=seg.WINDOWS_PER_FORWARD)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f'{named_origin(config, *keys)}{", ".join(keys)}: {err}') from err
+    except SettingsError as err:
+        keys = [CONFIG_KEYS[field] for field in err.fields]
+        raise ConfigError(f'{named_origin(config, *keys)}{" and ".join(keys)}: {err}') from err
 
 
 def rescaled_shape(height: int, width: int, scale: Sequence[float]) -> tuple[int, int]:

@@ -244,8 +244,9 @@ def test_view_of_the_wrong_size_is_refused():
 
 
 @pytest.mark.parametrize(('changes', 'message'), [
-    ({'stride': (641, 426)}, 'leaves pixels no window covers'), ({'mode': 'sliding'}, 'not one of'),
-    ({'ratios': (0.5, 0.0)}, 'must be positive'), ({'windows_per_forward': 0}, 'must be positive')])
+    ({'stride': (641, 426)}, 'leaves pixels no window covers'), ({'mode': 'sliding'}, 'must be one of'),
+    ({'ratios': (0.5, 0.0)}, 'must be positive'), ({'windows_per_forward': 0}, 'must be positive'),
+    ({'img_scale': (2560,)}, 'two positive sizes'), ({'crop_size': (0, 640)}, 'two positive sizes')])
 def test_bad_settings_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         settings(**changes)
@@ -264,14 +265,16 @@ def test_settings_from_config():
 
 
 @pytest.mark.parametrize(('opts', 'message'), [
-    (['SEG.TEST_MODE', 'sliding'], r"-opts: DATA.IMAGE_SIZE, SEG.SLIDE_STRIDE, SEG.TEST_MODE.*'sliding'"),
-    (['SEG.SLIDE_STRIDE', '700'], 'SEG.SLIDE_STRIDE.*no window covers'),
-    (['SEG.MS_RATIOS', '[-1.0]'], 'SEG.MS_RATIOS.*must be positive')])
+    (['SEG.TEST_MODE', 'sliding'], r"^-opts: SEG.TEST_MODE: the test mode must be one of .*'sliding'"),
+    (['SEG.SLIDE_STRIDE', '700'], r'^-opts: SEG.SLIDE_STRIDE and DATA.IMAGE_SIZE: .* no window covers'),
+    (['SEG.MS_RATIOS', '[-1.0]'], r'^-opts: SEG.MS_RATIOS: scale ratios must be positive'),
+    (['SEG.MS_RATIOS', "['a']"], r'^-opts: SEG.MS_RATIOS must be numbers'),
+    (['SEG.WINDOWS_PER_FORWARD', '0'], r'^-opts: SEG.WINDOWS_PER_FORWARD: windows per forward must be positive')])
 def test_bad_config_values_are_refused_naming_the_keys(opts, message):
     with pytest.raises(ConfigError, match=message):
         si.settings_from_config(config_with(*opts), img_scale=(2560, 640))
 
 
 def test_missing_image_scale_is_refused():
-    with pytest.raises(ConfigError, match='test scale needs two sizes'):
+    with pytest.raises(ConfigError, match='SEG.IMG_SCALE: the test scale needs two sizes'):
         si.settings_from_config(config_with())
