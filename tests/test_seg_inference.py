@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import seg_inference as si
+from beit import build_beit
 from config import ConfigError, get_default_config, merge_opts
+from helpers import tiny_config
 
 ADE = {'crop_size': (640, 640), 'stride': (426, 426), 'img_scale': (2560, 640)}
 RNG_SEED = 22
@@ -132,7 +134,7 @@ def np_resize(values: np.ndarray, size) -> np.ndarray:
         np.add.at(matrix, (np.arange(n_out), low), 1 - (source - low))
         np.add.at(matrix, (np.arange(n_out), high), source - low)
         return matrix
-    return np.einsum('oh,nchw,pw->ncop', weights(values.shape[2], size[0]), values, weights(values.shape[3], size[1]))
+    return weights(values.shape[2], size[0]) @ values @ weights(values.shape[3], size[1]).T
 
 
 def test_numpy_resize_is_torch_bilinear_without_aligned_corners():
@@ -146,22 +148,23 @@ def test_numpy_resize_is_torch_bilinear_without_aligned_corners():
 WEIGHT = np.random.default_rng(5).standard_normal((4, 3))
 
 
-def paddle_model(images: paddle.Tensor) -> paddle.Tensor:
-    """A stand-in at half resolution: tanh of a 1x1 conv, average-pooled 2x2, plus a left-to-right ramp (so that
-    a mirrored view differs)."""
+def paddle_model(images: paddle.Tensor, pool: int = 2) -> paddle.Tensor:
+    """A stand-in at 1/pool resolution: tanh of a 1x1 conv, average-pooled, plus a left-to-right ramp (so that a
+    mirrored view differs)."""
     logits = paddle.tanh(F.conv2d(images, paddle.to_tensor(WEIGHT[:, :, None, None], 'float32')))
-    pooled = F.avg_pool2d(logits, 2)
+    pooled = F.avg_pool2d(logits, pool)
     return pooled + paddle.linspace(0, 1, pooled.shape[3]).reshape([1, 1, 1, -1])
 
 
-def numpy_model(images: np.ndarray) -> np.ndarray:
+def numpy_model(images: np.ndarray, pool: int = 2) -> np.ndarray:
     logits = np.tanh(np.einsum('kc,nchw->nkhw', WEIGHT, images))
     n, k, h, w = logits.shape
-    pooled = logits[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, k, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
+    pooled = logits[:, :, :h // pool * pool, :w // pool * pool].reshape(n, k, h // pool, pool, w // pool, pool)
+    pooled = pooled.mean(axis=(3, 5))
     return pooled + np.linspace(0, 1, pooled.shape[3])[None, None, None]
 
 
-def numpy_probs(image: np.ndarray, shapes, crop: int, stride: int, flip: bool) -> np.ndarray:
+def numpy_probs(image: np.ndarray, shapes, crop: int, stride: int, flip: bool, pool: int = 2) -> np.ndarray:
     """mmseg 0.11's aug_test restated: per scale (and mirror) the sliding logits, resized to the original size,
     softmaxed, mirrored back; the mean of those."""
     outputs = []
@@ -174,7 +177,7 @@ def numpy_probs(image: np.ndarray, shapes, crop: int, stride: int, flip: bool) -
             for top, bottom in restated_spans(shape[0], crop, stride):
                 for left, right in restated_spans(shape[1], crop, stride):
                     window = view[:, :, top:bottom, left:right]
-                    total[:, :, top:bottom, left:right] += np_resize(numpy_model(window), window.shape[2:])
+                    total[:, :, top:bottom, left:right] += np_resize(numpy_model(window, pool), window.shape[2:])
                     counts[top:bottom, left:right] += 1
             logits = np_resize(total / counts, image.shape[2:])
             probs = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -205,6 +208,18 @@ def test_multi_scale_flip_equals_numpy_restatement():
     np.testing.assert_array_equal(labels[decided], expected.argmax(axis=1)[decided])
     unflipped = si.segment_probs(paddle_model, view, (20, 27), replace(small, flip=False))
     assert np.abs(unflipped.numpy() - probs).max() > 1e-3  # the ramp: flipping changes this model's output
+
+
+def test_ade_sized_image_at_one_scale_equals_numpy_restatement():
+    """unilm's single-scale test at its real sizes: 512 x 683 resized to 640 x 854, two 640 windows at stride
+    426, a model with logits at 1/4 resolution."""
+    image = np.random.default_rng(8).standard_normal((1, 3, 512, 683)).astype(np.float32)
+    shapes = si.view_shapes(512, 683, settings())
+    assert shapes == [(640, 854)]
+    probs = si.segment_probs(lambda x: paddle_model(x, pool=4), lambda shape: np_resize(image, shape).astype(
+        np.float32), (512, 683), settings()).numpy()
+    expected = numpy_probs(image.astype(np.float64), shapes, 640, 426, flip=False, pool=4)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)  # float32 bilinear coordinates at 854 px: ~4e-6 seen
 
 
 def symmetric_conv(images: paddle.Tensor) -> paddle.Tensor:
@@ -278,3 +293,31 @@ def test_bad_config_values_are_refused_naming_the_keys(opts, message):
 def test_missing_image_scale_is_refused():
     with pytest.raises(ConfigError, match='SEG.IMG_SCALE: the test scale needs two sizes'):
         si.settings_from_config(config_with())
+
+
+def test_a_fixed_grid_beit_segments_an_image_shorter_than_the_crop():
+    """The reason for padding: the project's BEiT takes only its DATA.IMAGE_SIZE (32 here); an image whose short
+    side stays under the crop after resizing (10 x 60 -> 21 x 128) runs padded, and fails unpadded as it would in
+    mmseg."""
+    beit = build_beit(tiny_config())
+    beit.eval()
+    head = paddle.to_tensor(np.random.default_rng(9).standard_normal((5, 96, 1, 1)), 'float32')
+
+    def model(images):
+        return F.conv2d(beit.forward_intermediates(images, indices=[3], intermediates_only=True)[0], head)
+
+    image = np.random.default_rng(4).standard_normal((1, 3, 10, 60)).astype(np.float32)
+    tiny = si.InferenceSettings(crop_size=(32, 32), stride=(21, 21), img_scale=(128, 32))
+    assert si.view_shapes(10, 60, tiny) == [(21, 128)]
+    view = np_resize(image, (21, 128)).astype(np.float32)
+    probs = si.segment_probs(model, lambda shape: view, (10, 60), tiny)
+    expected = paddle.zeros([1, 5, 21, 128])
+    for left, right in restated_spans(128, 32, 21):
+        padded = F.pad(paddle.to_tensor(view[..., left:right]), [0, 0, 0, 11])
+        logits = F.interpolate(model(padded), size=[32, 32], mode='bilinear', align_corners=False)
+        expected[..., left:right] += logits[:, :, :21]
+    expected = expected / paddle.to_tensor(si.window_counts(21, 128, tiny))
+    expected = F.softmax(F.interpolate(expected, size=[10, 60], mode='bilinear', align_corners=False), axis=1)
+    np.testing.assert_allclose(probs.numpy(), expected.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match='DATA.IMAGE_SIZE'):
+        si.segment_probs(model, lambda shape: view, (10, 60), replace(tiny, pad_to_crop=False))
