@@ -21,7 +21,9 @@ model takes only its crop size (its relative position tables are per patch grid;
 way), so such a window is padded bottom/right with 0 (the mean colour after normalisation, as training pads) to
 the crop, and the window's part of the crop-sized logits is kept (``pad_to_crop``; False is mmseg's behaviour).
 The model is any callable images [N, 3, h, w] -> logits [N, C, h', w'] (any h', w'); this module never builds
-one."""
+one (under AMP, pass ``lambda x: amp.forward(model, x)``: the resizes, sums and softmax here stay float32). The
+images come from a ``view`` callable, (height, width) -> the normalised images resized to that size, so the data
+pipeline's own resize (mmseg: bilinear on the uint8 image, then normalise) makes every scale."""
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -180,7 +182,7 @@ def slide_logits(model: Model, images: paddle.Tensor, settings: InferenceSetting
     ``windows_per_forward`` windows of each image per model call."""
     num_images, _, height, width = images.shape
     boxes = window_boxes(height, width, settings)
-    per_call = max(1, settings.windows_per_forward)
+    per_call = settings.windows_per_forward
     total = None
     for first in range(0, len(boxes), per_call):
         chunk = boxes[first:first + per_call]
