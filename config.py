@@ -164,6 +164,11 @@ _C.SEG.HUE_DELTA = 18  # PhotoMetricDistortion: hue + randint(-delta, delta) in 
 
 # the evaluation (seg_inference.py, seg_metrics.py)
 _C.SEG.SLIDE_STRIDE = 426  # sliding 640-pixel windows at this stride (unilm's test_cfg)
+_C.SEG.TEST_MODE = 'slide'  # mmseg's test_cfg.mode: 'slide' (DATA.IMAGE_SIZE windows) or 'whole' (one forward)
+_C.SEG.MS_RATIOS = []  # img_ratios of unilm's _ms configs ([0.5, 0.75, 1.0, 1.25, 1.5, 1.75]); []: one scale
+_C.SEG.FLIP = False  # MultiScaleFlipAug's flip: also infer on the mirrored image, average the softmax outputs
+_C.SEG.SETR_MULTI_SCALE = True  # MS_RATIOS sizes as unilm's SETR_Resize: short side at least the crop, no long cap
+_C.SEG.WINDOWS_PER_FORWARD = 2  # sliding windows (of one image) per model call: memory vs calls; 2 = ADE's usual
 
 # mixed precision
 _C.AMP = False
