@@ -32,6 +32,7 @@ import paddle
 import paddle.nn.functional as F
 
 from config import ConfigError, named_origin
+from errors import BadInputError
 
 TEST_MODES = ('slide', 'whole')
 Model = Callable[[paddle.Tensor], paddle.Tensor]
@@ -39,7 +40,7 @@ Model = Callable[[paddle.Tensor], paddle.Tensor]
 View = Callable[[tuple[int, int]], paddle.Tensor | np.ndarray]
 
 
-class SettingsError(ValueError):
+class SettingsError(BadInputError):
     """A refused inference setting; ``fields`` names the InferenceSettings fields it is about."""
 
     def __init__(self, fields: tuple[str, ...], message: str):
@@ -84,14 +85,12 @@ CONFIG_KEYS = {'crop_size': 'DATA.IMAGE_SIZE', 'stride': 'SEG.SLIDE_STRIDE', 'im
                'mode': 'SEG.TEST_MODE', 'ratios': 'SEG.MS_RATIOS', 'windows_per_forward': 'SEG.WINDOWS_PER_FORWARD'}
 
 
-def settings_from_config(config, img_scale: Sequence[int] | None = None) -> InferenceSettings:
-    """The SEG keys' settings; the crop is DATA.IMAGE_SIZE (the model's input), img_scale SEG.IMG_SCALE when the
-    config has that key, else the argument ((2560, 640) in unilm's ADE20K configs). A refused value names its key
-    and where it came from."""
+def settings_from_config(config) -> InferenceSettings:
+    """The SEG keys' settings; the crop is DATA.IMAGE_SIZE (the model's input), the test scale SEG.IMG_SCALE (as the
+    data pipeline's). A refused value names its key and where it came from."""
     seg = config.SEG
-    if 'IMG_SCALE' in seg:
-        img_scale = seg.IMG_SCALE
-    if img_scale is None or len(img_scale) != 2:
+    img_scale = seg.IMG_SCALE
+    if len(img_scale) != 2:
         raise ConfigError(f'{named_origin(config, "SEG.IMG_SCALE")}SEG.IMG_SCALE: the test scale needs two sizes '
                           f'(like [2560, 640]), got {img_scale!r}')
     if not all(isinstance(ratio, (int, float)) and not isinstance(ratio, bool) for ratio in seg.MS_RATIOS):
