@@ -80,14 +80,12 @@ def check_before_launch(config, task: Task) -> None:
     check_run_config(config, task)
     datasets_of(config, World(), task)
     resuming = config.MODEL.RESUME and not config.EVAL
-    resume_path = run_folder.resolve_resume_path(config.MODEL.RESUME) if resuming else ''
-    if resume_path:  # the rest needs the checkpoint's epoch: the main process checks it
-        run_folder.check_free(config.SAVE)
-        run_folder.check_is_folder(config.SAVE)
-    else:
-        RunFolder(config.SAVE, training=not config.EVAL).check()
+    if resuming:
+        run_folder.resolve_resume_path(config.MODEL.RESUME)
     if config.MODEL.PRETRAINED and (not resuming or task.split is not None):
         check_pretrained_path(config.MODEL.PRETRAINED)
+    run_folder.check_free(config.SAVE)  # the rest of RunFolder.check comes after the weights, in prepare
+    run_folder.check_is_folder(config.SAVE)
 
 
 def prepare(config, world: World, logger: logging.Logger, task: Task) -> Job:

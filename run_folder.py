@@ -278,9 +278,11 @@ class RunFolder:
                    resumed_from=resume_path, start_epoch=checkpoint['epoch'], **kwargs)
 
     def check(self) -> None:
-        """What would stop the run from writing here, raised before anything is written (by the main process: the
-        others write nothing, and the main one may hold the lock by the time they look)."""
-        if not self.writes:
+        """What would stop the run from writing here, raised before anything is written. Every process of a training
+        run checks (so all stop alike), before paddle.DataParallel's first broadcast, which none passes before all
+        arrive: the main process cannot have locked the folder or moved files yet. An evaluation has no such
+        barrier: its main process checks."""
+        if not (self.writes or self.training):
             return
         check_free(self.path)
         if self.training:
