@@ -155,6 +155,6 @@ def test_build_reads_the_seg_keys():
 @pytest.mark.parametrize('key,value', [('SEG.WARMUP_ITERS', 201), ('SEG.WARMUP_ITERS', -1), ('SEG.WARMUP_RATIO', 0.0),
                                        ('SEG.POWER', 0.0)])
 def test_build_refuses_bad_schedule_keys(key, value):
-    config = seg_config(32, TINY, **{key.replace('.', '__'): value})
+    config = seg_config(32, TINY, **{'SEG__WARMUP_ITERS': 20, key.replace('.', '__'): value})
     with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
         build_seg_lr_scheduler(config, 3e-5, max_iters=200)
