@@ -10,10 +10,12 @@ main_segment.py, trained and evaluated by the same job and engine as the other t
 - Schedule: AdamW over seg_optim's layer-decay groups, poly with linear warm-up stepped per iteration over the
   whole run, TRAIN.NUM_EPOCHS x the optimizer steps of an epoch (the job counts epochs: one source of truth; a
   zoo config names the epochs that make unilm's 160k iterations).
-- Evaluation: each val image (batches of one: their sizes differ) segmented by seg_inference at its original size,
-  counted by seg_metrics; the counts vector [loss sum, 4 x SEG.NUM_CLASSES pixel counts, images] is float64 and
-  summed by the engine's one all-reduce, so the mIoU over several processes is the whole set's, exactly. Training
-  steps fill the same vector from the main head's prediction on the crops.
+- Evaluation: each val image (batches of one: their sizes differ) comes as decoded; every test scale resizes it
+  from the original (SegEvalTransform's resize and normalisation, as mmseg's MultiScaleFlipAug does), and
+  seg_inference segments it at its original size (one scale, or SEG.MS_RATIOS with SEG.FLIP), counted by
+  seg_metrics. The counts vector [loss sum, 4 x SEG.NUM_CLASSES pixel counts, images] is float64 and summed by the
+  engine's one all-reduce, so the mIoU over several processes is the whole set's, exactly. Training steps fill
+  the same vector from the main head's prediction on the crops.
 """
 from functools import partial
 
@@ -27,10 +29,11 @@ from beit_seg import BeitUperNet, build_beit_upernet, convert_sync_batchnorm
 from config import ConfigError, named_origin
 from engine import Amp, World
 from optim import linear_scaling
-from seg_datasets import get_seg_dataset, validate_seg_data_config
+from seg_datasets import LabelRule, SegmentationDataset, checked_pairs, get_seg_dataset, validate_seg_data_config
 from seg_inference import segment_probs, settings_from_config
 from seg_metrics import batch_counts, class_table, num_counts, read_class_names, summarise
 from seg_optim import build_seg_lr_scheduler, seg_param_groups, seg_param_settings
+from seg_transforms import normalise, resize_bilinear
 from tasks import Curve, Task
 
 ADE20K_NUM_CLASSES = 150
@@ -66,6 +69,19 @@ def pixel_counts(pred: paddle.Tensor, labels: paddle.Tensor, num_classes: int, i
     return paddle.concat([intersection, predicted + labelled - intersection, predicted, labelled])
 
 
+class OriginalImage:
+    """The task's val pipeline: the decoded image as it is (uint8 HWC) with its int64 labels; the objective makes
+    each test scale from it (SegmentationObjective.views)."""
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng=None) -> tuple[np.ndarray, np.ndarray]:
+        return np.ascontiguousarray(image), label.astype(np.int64)
+
+
+def get_seg_val_set(config) -> SegmentationDataset:
+    pairs, source = checked_pairs(config, 'val')
+    return SegmentationDataset(pairs, OriginalImage(), LabelRule.from_config(config), source)
+
+
 class SegmentationObjective:
     """(images, label maps) -> main + weight x auxiliary cross entropy; counts [loss sum, 4 x C pixel counts,
     images]. Metrics: ``miou`` (the metric), ``aacc``, ``macc``, ``loss`` and per class ``iou`` and ``acc``
@@ -77,9 +93,10 @@ class SegmentationObjective:
     logged = ('loss', 'miou', 'aacc', 'macc')
     batch_draws = None
 
-    def __init__(self, *, num_classes: int, ignore_index: int, aux_weight: float, settings, class_names=None):
+    def __init__(self, *, num_classes: int, ignore_index: int, aux_weight: float, settings, mean=(0.5,) * 3,
+                 std=(0.5,) * 3, class_names=None):
         self.num_classes, self.ignore_index, self.aux_weight = num_classes, ignore_index, aux_weight
-        self.settings, self.class_names = settings, class_names
+        self.settings, self.mean, self.std, self.class_names = settings, mean, std, class_names
         self.num_counts = 1 + num_counts(num_classes) + 1
 
     def loss(self, main: paddle.Tensor, aux: paddle.Tensor, labels: paddle.Tensor) -> tuple:
@@ -110,7 +127,7 @@ class SegmentationObjective:
         images, labels = batch
         if images.shape[0] != 1:
             raise ValueError(f'segmentation evaluates one image per batch (their sizes differ), got {images.shape[0]}')
-        probs = segment_probs(lambda x: amp.forward(model, x), lambda shape: images, labels.shape[-2:],
+        probs = segment_probs(lambda x: amp.forward(model, x), self.views(images.numpy()[0]), labels.shape[-2:],
                               self.settings)
         valid = labels != self.ignore_index
         picked = paddle.take_along_axis(probs, paddle.where(valid, labels, paddle.zeros_like(labels)).unsqueeze(1),
@@ -119,6 +136,12 @@ class SegmentationObjective:
         pixel = batch_counts(paddle.argmax(probs, axis=1), labels, num_classes=self.num_classes,
                              ignore_index=self.ignore_index)
         return self._counts(nll.mean(), pixel, 1)
+
+    def views(self, image: np.ndarray):
+        """(height, width) -> the normalised [1, 3, height, width] of the uint8 HWC ``image`` resized to it."""
+        def view(shape) -> np.ndarray:
+            return normalise(resize_bilinear(image, shape[1], shape[0]), self.mean, self.std)[None]
+        return view
 
     def summarise(self, totals: np.ndarray) -> dict:
         totals = np.asarray(totals, np.float64)
@@ -148,6 +171,7 @@ def build_segmentation_objective(config, world: World) -> SegmentationObjective:
     seg = config.SEG
     return SegmentationObjective(num_classes=seg.NUM_CLASSES, ignore_index=seg.IGNORE_INDEX,
                                  aux_weight=seg.AUX_LOSS_WEIGHT, settings=settings_from_config(config),
+                                 mean=config.DATA.IMAGENET_MEAN, std=config.DATA.IMAGENET_STD,
                                  class_names=_class_names(config))
 
 
@@ -181,17 +205,13 @@ def check_segmentation_config(config) -> None:
     if config.DATA.BATCH_SIZE_EVAL != 1:
         raise ConfigError(named_origin(config, 'DATA.BATCH_SIZE_EVAL') + 'DATA.BATCH_SIZE_EVAL must be 1 for '
                           f'segmentation (val images keep their own sizes), got {config.DATA.BATCH_SIZE_EVAL}')
-    if config.SEG.MS_RATIOS:
-        raise ConfigError(named_origin(config, 'SEG.MS_RATIOS') + 'SEG.MS_RATIOS: multi-scale evaluation is not '
-                          'in the segmentation task yet (it needs each scale resized from the original image); '
-                          'evaluate at one scale (SEG.MS_RATIOS []), with SEG.FLIP if you like')
     if config.TRAIN.GRAD_CLIP > 0:
         raise ConfigError(named_origin(config, 'TRAIN.GRAD_CLIP') + 'TRAIN.GRAD_CLIP: Paddle clips each layer-decay '
                           'group on its own, not the global norm (unilm\'s segmentation clips nothing): set 0')
 
 
 SEGMENTATION = Task('semantic segmentation', build_segmentor, partial(get_seg_dataset, mode='train'),
-                    partial(get_seg_dataset, mode='val'), build_segmentation_objective, check_segmentation_config,
+                    get_seg_val_set, build_segmentation_objective, check_segmentation_config,
                     build_optimizer=build_seg_optimizer,
                     own_keys=(('TRAIN.LINEAR_SCALED_LR', 'SEG.LINEAR_SCALED_LR'),),
                     curves=(Curve('val', 'miou', 'val mIoU', percent=True),

@@ -24,8 +24,18 @@ from beit_seg import build_beit_upernet
 from checkpoint import load_pretrained
 from config import get_config, merge_opts, validate_config
 from helpers import ROOT
+from seg_inference import rescaled_shape
 from seg_metrics import intersect_and_union
-from task_segment import SEGMENTATION, SegmentationObjective, build_seg_optimizer, build_segmentor, pixel_counts
+from seg_transforms import get_seg_val_transforms
+from task_segment import (
+    SEGMENTATION,
+    SegmentationObjective,
+    build_seg_optimizer,
+    build_segmentation_objective,
+    build_segmentor,
+    get_seg_val_set,
+    pixel_counts,
+)
 from tiny_seg_data import VAL_SIZES, write_seg_dataset
 
 SEG_CONFIG = str(ROOT / 'configs' / 'beit_tiny_seg.yaml')
@@ -204,6 +214,33 @@ def test_evaluation_of_a_checkpoint_gives_the_runs_last_miou(trained, data, tmp_
     assert (evaluated['miou'], evaluated['iou']) == (last['miou'], last['iou'])
 
 
+def test_the_single_scale_view_is_the_data_pipelines_val_transform(data):
+    config = seg_config('DATA.DATA_PATH', str(data))
+    val_set = get_seg_val_set(config)
+    objective = build_segmentation_objective(config, engine.World())
+    for index in range(len(val_set)):
+        image, labels = val_set[index]
+        assert image.dtype == np.uint8 and labels.shape == image.shape[:2] == VAL_SIZES[index]
+        resized, _ = get_seg_val_transforms(config)(*val_set.load(index))
+        view = objective.views(image)(rescaled_shape(*image.shape[:2], config.SEG.IMG_SCALE))
+        np.testing.assert_array_equal(view, resized[None])
+
+
+def evaluated(trained, data, output, *opts):
+    flags = ('-eval', '-pretrained', str(trained / 'checkpoint-epoch-2.pdparams'))
+    assert main_segment.main(args(data, output, *flags, opts=list(opts))) == 0
+    (record,) = records(output, 'val')
+    return record
+
+
+def test_multi_scale_and_flip_evaluation_makes_each_scale_from_the_original(trained, data, tmp_path):
+    single = records(trained, 'val')[-1]
+    one_ratio = evaluated(trained, data, tmp_path / 'one', 'SEG.MS_RATIOS', '[1.0]', 'SEG.SETR_MULTI_SCALE', 'False')
+    assert (one_ratio['miou'], one_ratio['iou']) == (single['miou'], single['iou'])
+    several = evaluated(trained, data, tmp_path / 'ms', 'SEG.MS_RATIOS', '[0.5, 1.0, 1.5]', 'SEG.FLIP', 'True')
+    assert several['num_samples'] == len(VAL_SIZES) and several['iou'] != single['iou']
+
+
 class Killed(BaseException):
     """A kill in the middle of a run (BaseException: nothing catches it)."""
 
@@ -273,7 +310,7 @@ def test_bad_data_is_refused_naming_the_file_with_nothing_written(corrupt, data,
 
 @pytest.mark.parametrize('opts,key', [(['DATA.BATCH_SIZE_EVAL', '2'], 'DATA.BATCH_SIZE_EVAL'),
                                       (['TRAIN.GRAD_CLIP', '1.0'], 'TRAIN.GRAD_CLIP'),
-                                      (['SEG.MS_RATIOS', '[0.5, 1.0]'], 'SEG.MS_RATIOS'),
+                                      (['SEG.MS_RATIOS', '[0.5, -1.0]'], 'SEG.MS_RATIOS'),
                                       (['SEG.WARMUP_ITERS', '100'], 'SEG.WARMUP_ITERS'),
                                       (['TRAIN.LINEAR_SCALED_LR', '16'], 'SEG.LINEAR_SCALED_LR')])
 def test_settings_the_task_cannot_use_are_refused_by_name(opts, key, data, tmp_path, capsys):
