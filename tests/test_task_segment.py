@@ -268,6 +268,19 @@ def test_a_run_killed_in_epoch_2_resumes_to_the_uninterrupted_weights(trained, d
     assert records(killed, 'val')[-1]['miou'] == records(trained, 'val')[-1]['miou']
 
 
+def test_a_run_from_classification_weights_logs_the_fit_and_evaluates_its_ema(data, tmp_path):
+    path = tmp_path / 'classifier.pdparams'
+    paddle.save(build_beit(seg_config('DATA.IMAGE_SIZE', '16')).state_dict(), str(path))
+    output = tmp_path / 'run'
+    assert main_segment.main(args(data, output, '-pretrained', str(path), opts=['TRAIN.NUM_EPOCHS', '1',
+                                                                                'TRAIN.MODEL_EMA', 'True'])) == 0
+    log = (output / 'log.txt').read_text()
+    assert 'resampled blocks.0.attn.relative_position_bias_table' in log
+    assert 'freshly initialised: the fpn' in log and 'val EMA: loss' in log
+    (record,) = records(output, 'val')
+    assert 0.0 <= record['ema_miou'] <= 1.0 and 'ema_aacc' in record
+
+
 def test_evaluating_a_classification_file_is_refused(data, tmp_path, capsys):
     path = tmp_path / 'classifier.pdparams'
     paddle.save(build_beit(seg_config()).state_dict(), str(path))
