@@ -191,7 +191,7 @@ _C.VALIDATE_FREQ = 1  # epochs between evaluations
 _C.SEED = 0
 _C.EVAL = False
 _C.EVAL_BACKEND = 'dygraph'  # -eval runs: dygraph, or the exported model in Paddle Inference (CPU) fp32 / bf16
-_C.NGPUS = -1  # processes (-ngpus) of main_multi_gpu.py, main_pretrain.py, main_linprobe.py; -1: every visible GPU
+_C.NGPUS = -1  # processes (-ngpus) of every main_*.py but main_single_gpu.py; -1: every visible GPU
 _C.CPU_KERNELS = True  # CPU dygraph: cpu_ops.py's gradient kernels (the same results, faster); False: Paddle's own ops
 _C.DETERMINISTIC = False  # GPU: Paddle's deterministic cuDNN kernels (slower); nothing to set on a CPU
 # Read .pdparams with plain pickle (paddle.load), which runs any code a file holds, instead of safe_pickle's
