@@ -19,7 +19,7 @@ import cli
 import engine
 import main_segment
 import plot_metrics
-from beit import build_beit
+from beit import CheckpointMismatchError, build_beit
 from beit_seg import build_beit_upernet
 from checkpoint import load_pretrained
 from config import get_config, merge_opts, validate_config
@@ -169,6 +169,25 @@ def test_pretrained_classification_weights_load_into_the_backbone(tmp_path):
                                   classifier.blocks[1].mlp.fc1.weight.numpy())
     np.testing.assert_array_equal(model.decode_head.conv_seg.weight.numpy(), head_before)
     assert any('resampled' in note for note in notes) and any('freshly initialised: the fpn' in note for note in notes)
+
+
+def test_a_segmentors_file_loads_whole_at_another_crop_and_other_classes_only_to_train(tmp_path):
+    source = build_beit_upernet(seg_config('DATA.IMAGE_SIZE', '16'))
+    path = str(tmp_path / 'segmentor.pdparams')
+    paddle.save(source.state_dict(), path)
+    model = build_beit_upernet(seg_config())
+    notes, _ = load_pretrained(model, path, False, 'cubic', complete=True)
+    assert any('resampled' in note for note in notes)
+    for name, value in source.state_dict().items():
+        if 'relative_position' not in name:
+            np.testing.assert_array_equal(model.state_dict()[name].numpy(), value.numpy(), err_msg=name)
+    other_classes = build_beit_upernet(seg_config('SEG.NUM_CLASSES', '7'))
+    with pytest.raises(CheckpointMismatchError, match='conv_seg'):
+        load_pretrained(other_classes, path, False, 'cubic', complete=True)
+    notes, _ = load_pretrained(other_classes, path, False, 'cubic')
+    assert any('freshly initialised (another class count' in note for note in notes)
+    np.testing.assert_array_equal(other_classes.decode_head.bottleneck.conv.weight.numpy(),
+                                  source.decode_head.bottleneck.conv.weight.numpy())
 
 
 # ---- runs through the job ----------------------------------------------------------------------------------------
