@@ -167,6 +167,22 @@ class BeitUperNet(nn.Layer):
             return self.forward_heads(images)
         return self.decode_head(self.backbone(images))
 
+    def fit_pretrained(self, state_dict: dict, rel_pos_interp: str = 'cubic', complete: bool = False
+                       ) -> tuple[dict, list]:
+        """How -pretrained fits this model (checkpoint.load_pretrained asks the model when it can): a segmentation
+        state dict (``backbone.*`` names) as fit_segmentor_state_dict fits it; a classification or pre-training
+        one into the backbone (fit_backbone_state_dict), the heads keeping their init, which ``complete``
+        (evaluation, prediction) refuses."""
+        if any(name.startswith(BACKBONE_PREFIX) for name in state_dict):
+            return fit_segmentor_state_dict(state_dict, self, rel_pos_interp, complete)
+        if complete:
+            raise CheckpointMismatchError('the file holds no segmentation weights (no backbone.* names): evaluation '
+                                          'needs a segmentor\'s (a main_segment.py checkpoint, or a conversion by '
+                                          'load_seg_weights.py); a classification or pre-training file only starts '
+                                          'training')
+        fitted, notes = fit_backbone_state_dict(state_dict, self.backbone, rel_pos_interp)
+        return {BACKBONE_PREFIX + name: value for name, value in fitted.items()}, notes
+
 
 def _check_seg_config(config) -> None:
     seg = config.SEG
@@ -218,6 +234,38 @@ def fit_backbone_state_dict(state_dict: dict, backbone: SegBackbone, rel_pos_int
     if dropped:
         notes.append(f'not used by the segmentation backbone: {", ".join(dropped)}')
     notes.append(f'freshly initialised: the fpn ({len(fresh)} tensors), decode_head and auxiliary_head')
+    return fitted, notes
+
+
+_CLASSIFIERS = ('decode_head.conv_seg.weight', 'decode_head.conv_seg.bias', 'auxiliary_head.conv_seg.weight',
+                'auxiliary_head.conv_seg.bias')
+
+
+def fit_segmentor_state_dict(state_dict: dict, model: BeitUperNet, rel_pos_interp: str = 'cubic',
+                             complete: bool = False) -> tuple[dict, list]:
+    """Fit a segmentor's state dict (our layout) to ``model``: the backbone as beit.adapt_state_dict fits an
+    encoder (bias tables resampled to this crop's grid), the heads tensor for tensor. Classifiers of another class
+    count keep their fresh init to start training (notes say so); with ``complete`` nothing may be missing."""
+    prefix = BACKBONE_PREFIX
+    backbone, notes = adapt_state_dict({name[len(prefix):]: value for name, value in state_dict.items()
+                                        if name.startswith(prefix)}, model.backbone, rel_pos_interp, complete)
+    fitted = {prefix + name: value for name, value in backbone.items()}
+    target = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if not name.startswith(prefix)}
+    heads = {name: np.asarray(value) for name, value in state_dict.items() if not name.startswith(prefix)}
+    unexpected = sorted(set(heads) - set(target))
+    missing = sorted(set(target) - set(heads))
+    reshaped = sorted(name for name in set(heads) & set(target) if heads[name].shape != target[name])
+    fresh = [] if complete else [name for name in reshaped if name in _CLASSIFIERS]
+    problems = [f'{label}: {", ".join(names[:4])}' for label, names in (
+        ('not in the model', unexpected), ('missing', missing),
+        ('other shape', [f'{name} {list(heads[name].shape)} (model {list(target[name])})'
+                         for name in reshaped if name not in fresh])) if names]
+    if problems:
+        raise CheckpointMismatchError('the segmentation heads do not fit the model (SEG.NUM_CLASSES, CHANNELS, '
+                                      f'AUX_CHANNELS, POOL_SCALES?): {"; ".join(problems)}')
+    fitted.update({name: value for name, value in heads.items() if name not in fresh})
+    if fresh:
+        notes.append(f'freshly initialised (another class count in the file): {", ".join(fresh)}')
     return fitted, notes
 
 

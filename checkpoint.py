@@ -130,11 +130,14 @@ def pretrained_state_dict(path: str, use_ema: bool, *, trust_pickle: bool = Fals
 def load_pretrained(model, path: str, use_ema: bool, rel_pos_interp: str, *, complete: bool = False,
                     trust_pickle: bool = False) -> tuple[list, int | None]:
     """Fit the weights of ``path`` to ``model`` (shared bias spread, tables resampled, and to start fine-tuning a
-    head of another class count dropped: beit.adapt_state_dict) and load them; returns adapt_state_dict's notes
+    head of another class count dropped: beit.adapt_state_dict, or the model's own ``fit_pretrained`` with the
+    same arguments and result, as the segmentor's) and load them; returns adapt_state_dict's notes
     and the epoch of a training checkpoint. ``complete`` (evaluation): every model tensor must be in the file."""
     state_dict, epoch = pretrained_state_dict(path, use_ema, trust_pickle=trust_pickle)
     try:
-        fitted, notes = adapt_state_dict(state_dict, model, rel_pos_interp, complete)
+        fit = getattr(model, 'fit_pretrained', None)  # a model other than a BEiT says how weights fit it
+        fitted, notes = (fit(state_dict, rel_pos_interp, complete) if fit is not None
+                         else adapt_state_dict(state_dict, model, rel_pos_interp, complete))
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f'-pretrained {path}: {err}') from None
     kept = model.state_dict()  # what the checkpoint does not provide (a dropped head) stays as initialised

@@ -142,8 +142,8 @@ _C.SEG.CHANNELS = 768  # UperHead's width (mmseg's decode_head channels: 768 B, 
 _C.SEG.POOL_SCALES = [1, 2, 3, 6]  # pyramid pooling output sizes (mmseg's pool_scales)
 _C.SEG.AUX_CHANNELS = 256  # the auxiliary FCNHead's width (mmseg's auxiliary_head channels)
 _C.SEG.DROPOUT = 0.1  # Dropout2d before each classifier (mmseg's dropout_ratio)
-# the schedule (seg_optim.py): mmcv's linear warm-up, then poly decay to 0, stepped per iteration
-_C.SEG.NUM_ITERS = 160000  # iterations of the run (mmcv's max_iters)
+# the schedule (seg_optim.py): mmcv's linear warm-up, then poly decay to 0, stepped per iteration over the whole run
+# (mmcv's max_iters is TRAIN.NUM_EPOCHS x the optimizer steps of an epoch: the job counts epochs)
 _C.SEG.WARMUP_ITERS = 1500  # (mmcv's warmup_iters: 1500 B, 3000 L)
 _C.SEG.WARMUP_RATIO = 1e-6  # the first iteration's LR over the poly LR (mmcv's warmup_ratio)
 _C.SEG.POWER = 1.0  # poly exponent (mmcv's power)
@@ -170,6 +170,10 @@ _C.SEG.FLIP = False  # MultiScaleFlipAug's flip: also infer on the mirrored imag
 _C.SEG.SETR_MULTI_SCALE = True  # MS_RATIOS sizes as unilm's SETR_Resize: short side at least the crop, no long cap
 _C.SEG.WINDOWS_PER_FORWARD = 2  # sliding windows (of one image) per model call: memory vs calls; 2 = ADE's usual
 
+# the task (task_segment.py)
+_C.SEG.AUX_LOSS_WEIGHT = 0.4  # loss = main + this x the auxiliary head's (mmseg's auxiliary loss_weight)
+_C.SEG.LINEAR_SCALED_LR = 0  # replaces TRAIN.LINEAR_SCALED_LR: 0 takes TRAIN.BASE_LR as it is (unilm's configs)
+
 # mixed precision
 _C.AMP = False
 _C.AMP_LEVEL = 'O1'
@@ -187,7 +191,7 @@ _C.VALIDATE_FREQ = 1  # epochs between evaluations
 _C.SEED = 0
 _C.EVAL = False
 _C.EVAL_BACKEND = 'dygraph'  # -eval runs: dygraph, or the exported model in Paddle Inference (CPU) fp32 / bf16
-_C.NGPUS = -1  # processes (-ngpus) of main_multi_gpu.py, main_pretrain.py, main_linprobe.py; -1: every visible GPU
+_C.NGPUS = -1  # processes (-ngpus) of every main_*.py but main_single_gpu.py; -1: every visible GPU
 _C.CPU_KERNELS = True  # CPU dygraph: cpu_ops.py's gradient kernels (the same results, faster); False: Paddle's own ops
 _C.DETERMINISTIC = False  # GPU: Paddle's deterministic cuDNN kernels (slower); nothing to set on a CPU
 # Read .pdparams with plain pickle (paddle.load), which runs any code a file holds, instead of safe_pickle's
@@ -216,7 +220,7 @@ _POSITIVE = ('DATA.BATCH_SIZE', 'DATA.BATCH_SIZE_EVAL', 'DATA.IMAGE_SIZE', 'DATA
 _NON_NEGATIVE = ('MODEL.NUM_CLASSES', 'TRAIN.NUM_EPOCHS', 'TRAIN.WARMUP_EPOCHS',
                  'TRAIN.WEIGHT_DECAY', 'TRAIN.BASE_LR', 'TRAIN.LINEAR_SCALED_LR', 'TRAIN.GRAD_CLIP',
                  'TRAIN.LAST_EPOCH', 'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK', 'KEEP_CHECKPOINTS',
-                 'LINPROBE.LINEAR_SCALED_LR', 'LINPROBE.WEIGHT_DECAY')
+                 'LINPROBE.LINEAR_SCALED_LR', 'LINPROBE.WEIGHT_DECAY', 'SEG.AUX_LOSS_WEIGHT', 'SEG.LINEAR_SCALED_LR')
 _PROBABILITIES = ('DATA.CROP_PCT', 'MODEL.DROPOUT', 'MODEL.ATTENTION_DROPOUT', 'MODEL.DROPPATH',
                   'TRAIN.LAYER_DECAY', 'TRAIN.MODEL_EMA_DECAY', 'TRAIN.SMOOTHING', 'TRAIN.MIXUP_PROB',
                   'TRAIN.MIXUP_SWITCH_PROB', 'TRAIN.RANDOM_ERASE_PROB', 'TRAIN.HFLIP_PROB', 'LINPROBE.MOMENTUM')
@@ -291,6 +295,7 @@ def _checked_value(key: str, value, default, source: str):
 _REMOVED_KEYS = {
     'MODEL.TYPE': 'nothing read it; MODEL.NAME and the other MODEL keys describe the model',
     'TRAIN.OPTIMIZER.NAME': 'the optimizer is always AdamW',
+    'SEG.NUM_ITERS': 'the poly schedule spans the run, TRAIN.NUM_EPOCHS x the optimizer steps of an epoch',
 }
 
 

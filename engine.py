@@ -81,7 +81,8 @@ class Objective(Protocol):
     (``loss``, ``metric``, ``num_samples`` and any others). ``metric`` is the one training logs and the best
     checkpoint is chosen by (higher is better); ``logged`` the ones an evaluation logs and records for the EMA.
     ``reseed`` re-seeds its own randomness at each epoch. ``batch_draws`` (or None): what the train loader
-    draws for each batch and appends to it (datasets.get_dataloader), so that the step draws nothing."""
+    draws for each batch and appends to it (datasets.get_dataloader), so that the step draws nothing. An objective
+    may also have ``describe(result) -> str``: text job.py logs after each evaluation's line (a per-class table)."""
 
     metric: str
     logged: tuple[str, ...]

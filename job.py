@@ -165,6 +165,9 @@ def _evaluate_and_log(job: Job, model, label: str) -> dict:
     metrics = ' '.join(f'{key} {result[key]}' if isinstance(result[key], int) else f'{key} {result[key]:.4f}'
                        for key in job.objective.logged)
     job.logger.info(f'{label}: {metrics} on {result["num_samples"]} images ({result["images_per_sec"]:.1f} images/s)')
+    describe = getattr(job.objective, 'describe', None)  # more than one line's worth (segmentation's classes)
+    if describe is not None:
+        job.logger.info(describe(result))
     return result
 
 

@@ -268,6 +268,7 @@ class SegmentationDataset(Dataset):
     """
 
     on_device = None  # the images are normalised on the host (seg_transforms.py says why)
+    bad_images = 0  # what job.py records of replaced samples: a pair is never replaced (a bad one stops the run)
 
     def __init__(self, pairs: Sequence[SegSample], transform, rule: LabelRule, source: str = '', *,
                  sample_nbytes: int | None = None):

@@ -92,14 +92,17 @@ class PolyWarmupLR(LRScheduler):
                               warmup_iters=self.warmup_iters, warmup_ratio=self.warmup_ratio, power=self.power)
 
 
-def build_seg_lr_scheduler(config, last_step: int = -1) -> PolyWarmupLR:
-    """The schedule of TRAIN.BASE_LR over SEG.NUM_ITERS iterations, positioned after ``last_step`` + 1 of them."""
+def build_seg_lr_scheduler(config, base_lr: float, *, max_iters: int, last_step: int = -1) -> PolyWarmupLR:
+    """The schedule of ``base_lr`` over the run's ``max_iters`` iterations (TRAIN.NUM_EPOCHS x the steps of an
+    epoch), positioned after ``last_step`` + 1 of them."""
     seg = config.SEG
-    for key, valid, rule in (('NUM_ITERS', seg.NUM_ITERS > 0, 'positive'),
-                             ('WARMUP_ITERS', 0 <= seg.WARMUP_ITERS <= seg.NUM_ITERS, 'in [0, SEG.NUM_ITERS]'),
-                             ('WARMUP_RATIO', 0.0 < seg.WARMUP_RATIO <= 1.0, 'in (0, 1]'),
-                             ('POWER', seg.POWER > 0, 'positive')):
+    for keys, valid, rule in ((('SEG.WARMUP_ITERS', 'TRAIN.NUM_EPOCHS'), 0 <= seg.WARMUP_ITERS <= max_iters,
+                               f'SEG.WARMUP_ITERS must lie in [0, {max_iters}], the run\'s iterations '
+                               f'(TRAIN.NUM_EPOCHS x the optimizer steps of an epoch), got {seg.WARMUP_ITERS}'),
+                              (('SEG.WARMUP_RATIO',), 0.0 < seg.WARMUP_RATIO <= 1.0,
+                               f'SEG.WARMUP_RATIO must be in (0, 1], got {seg.WARMUP_RATIO}'),
+                              (('SEG.POWER',), seg.POWER > 0, f'SEG.POWER must be positive, got {seg.POWER}')):
         if not valid:
-            raise ConfigError(f'{named_origin(config, "SEG." + key)}SEG.{key} must be {rule}, got {seg[key]}')
-    return PolyWarmupLR(config.TRAIN.BASE_LR, max_iters=seg.NUM_ITERS, warmup_iters=seg.WARMUP_ITERS,
+            raise ConfigError(named_origin(config, *keys) + rule)
+    return PolyWarmupLR(base_lr, max_iters=max_iters, warmup_iters=seg.WARMUP_ITERS,
                         warmup_ratio=seg.WARMUP_RATIO, power=seg.POWER, last_step=last_step)

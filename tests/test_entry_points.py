@@ -16,7 +16,8 @@ from task_finetune import FINE_TUNING
 SHIMS = {'main_single_gpu': ('task_finetune', 'FINE_TUNING', True),
          'main_multi_gpu': ('task_finetune', 'FINE_TUNING', False),
          'main_pretrain': ('task_pretrain', 'PRETRAINING', False),
-         'main_linprobe': ('task_linprobe', 'LINEAR_PROBING', False)}
+         'main_linprobe': ('task_linprobe', 'LINEAR_PROBING', False),
+         'main_segment': ('task_segment', 'SEGMENTATION', False)}
 
 
 @pytest.mark.parametrize('script', sorted(SHIMS))

@@ -146,15 +146,15 @@ def test_schedule_resumes_from_its_state_dict():
 
 
 def test_build_reads_the_seg_keys():
-    config = seg_config(32, TINY, TRAIN__BASE_LR=3e-5, SEG__NUM_ITERS=200, SEG__WARMUP_ITERS=20)
-    scheduler = build_seg_lr_scheduler(config, last_step=49)
+    config = seg_config(32, TINY, SEG__WARMUP_ITERS=20)
+    scheduler = build_seg_lr_scheduler(config, 3e-5, max_iters=200, last_step=49)
     assert scheduler() == pytest.approx(mmcv_poly_warmup(50, base_lr=3e-5, max_iters=200, warmup_iters=20,
                                                          warmup_ratio=1e-6, power=1.0))
 
 
-@pytest.mark.parametrize('key,value', [('SEG.NUM_ITERS', 0), ('SEG.WARMUP_ITERS', 200000), ('SEG.WARMUP_RATIO', 0.0),
+@pytest.mark.parametrize('key,value', [('SEG.WARMUP_ITERS', 201), ('SEG.WARMUP_ITERS', -1), ('SEG.WARMUP_RATIO', 0.0),
                                        ('SEG.POWER', 0.0)])
 def test_build_refuses_bad_schedule_keys(key, value):
-    config = seg_config(32, TINY, **{key.replace('.', '__'): value})
+    config = seg_config(32, TINY, **{'SEG__WARMUP_ITERS': 20, key.replace('.', '__'): value})
     with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
-        build_seg_lr_scheduler(config)
+        build_seg_lr_scheduler(config, 3e-5, max_iters=200)
