@@ -45,6 +45,10 @@ WAVES, WAVE_AMPLITUDE, WAVE_CYCLES = 2, (6.0, 20.0), 3.0  # grey levels; cycles 
 NOISE = 6  # every pixel and channel of the finished canvas moves by an integer in [-NOISE, NOISE]
 JPEG_QUALITY = 95
 README_MARKER = 'Made by make_seg_demo_data.py'
+# the annotations' palette, label k's colour at k (so that viewers show the labels): black background, a distinct
+# colour for each of Fashion-MNIST's 10 classes
+PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
 
 
 class Item(NamedTuple):
@@ -60,13 +64,6 @@ class Canvas(NamedTuple):
     image: np.ndarray  # uint8 HxWx3
     labels: np.ndarray  # uint8 HxW: 0 background, class + 1 on an item
     items: list[Item]
-
-
-def palette() -> list[int]:
-    """The annotations' palette: black background, a distinct colour per class (viewers show the labels)."""
-    colours = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-               (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
-    return [channel for colour in colours for channel in colour]
 
 
 def canvas_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -147,6 +144,8 @@ def read_source(source: str) -> tuple[list[str], dict]:
         raise SourceError(f'{names_path} not found: -source must be the Fashion-MNIST demo set (make_demo_data.py)')
     with open(names_path, encoding='utf-8') as f:
         names = [line.strip() for line in f if line.strip()]
+    if len(names) != len(PALETTE) - 1:
+        raise SourceError(f'{names_path} names {len(names)} classes; Fashion-MNIST has {len(PALETTE) - 1}')
     splits = {}
     for split in SPLITS:
         samples = validate_list_file(os.path.join(source, f'{split}_list.txt'), source, len(names))
@@ -165,7 +164,7 @@ def save_canvas(canvas: Canvas, image_path: str, label_path: str) -> None:
     Image.fromarray(canvas.image).save(image_path, quality=JPEG_QUALITY)
     height, width = canvas.labels.shape
     labels = Image.frombytes('P', (width, height), canvas.labels.tobytes())
-    labels.putpalette(palette())
+    labels.putpalette([channel for colour in PALETTE for channel in colour])
     labels.save(label_path, compress_level=9)
 
 
@@ -173,7 +172,7 @@ def write_split(output: str, split: str, count: int, seed: int, sources: tuple) 
     """Canvases 0..count-1 of ``split``; returns what the README reports about them."""
     for kind in ('images', 'annotations'):
         os.makedirs(os.path.join(output, kind, SPLITS[split]))
-    sizes, pixels, items = Counter(), np.zeros(len(palette()) // 3, dtype=np.int64), 0
+    sizes, pixels, items = Counter(), np.zeros(len(PALETTE), dtype=np.int64), 0
     for index in range(count):
         canvas = make_canvas(canvas_rng(seed, split, index), *sources)
         save_canvas(canvas, *canvas_paths(output, split, index))

@@ -176,6 +176,10 @@ def test_bad_source_is_a_clear_error_and_nothing_is_written(tmp_path, capsys):
     assert msd.main(['-source', str(source), '-output', str(out)]) == 2
     assert 'expected a 28x28 grey (L) image, got 28x27 L' in capsys.readouterr().err and not out.exists()
     Image.new('L', (28, 28)).save(source / 'val' / '3_1.png')
+    (source / 'classes.txt').write_text('\n'.join(f'class {k}' for k in range(11)) + '\n', encoding='utf-8')
+    assert msd.main(['-source', str(source), '-output', str(out)]) == 2
+    assert 'names 11 classes; Fashion-MNIST has 10' in capsys.readouterr().err and not out.exists()
+    (source / 'classes.txt').write_text('\n'.join(f'class {k}' for k in range(10)) + '\n', encoding='utf-8')
     write_list(source / 'train_list.txt', ['train/0_0.png 0', 'train/missing.png 1'])
     assert msd.main(['-source', str(source), '-output', str(out)]) == 2
     assert 'line 2: file not found' in capsys.readouterr().err and not out.exists()
