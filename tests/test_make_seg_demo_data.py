@@ -10,7 +10,8 @@ from PIL import Image
 
 import make_seg_demo_data as msd
 import seg_datasets as sd
-from beit_seg import build_beit_upernet
+from beit import build_beit
+from beit_seg import build_beit_upernet, load_backbone_weights
 from config import get_config, merge_opts
 from helpers import ROOT, write_list
 from sample_sources import DatasetError
@@ -19,6 +20,7 @@ from seg_inference import segment, settings_from_config
 DEMO = ROOT / 'data' / 'fashion_seg'
 SOURCE = ROOT / 'data' / 'fashion_mnist'
 DEMO_CONFIG = str(ROOT / 'configs' / 'beit_tiny_seg_fashion.yaml')
+CLASSIFICATION_DEMO_CONFIG = str(ROOT / 'configs' / 'beit_tiny_fashion_mnist.yaml')
 COUNTS = {'train': 600, 'val': 100}
 NUM_CLASSES = 11
 MAX_SET_BYTES = 5 * 2 ** 20
@@ -284,3 +286,17 @@ def test_demo_config_builds_the_model_and_samples_of_the_expected_shapes():
         assert image.shape == (3, height, width)  # IMG_SCALE leaves every canvas at its size
         prediction = segment(model, lambda shape, image=image: image[None], (height, width), settings)
         assert prediction.shape == [1, height, width]
+
+
+def test_the_classification_demos_weights_start_the_demo_backbone():
+    paddle.seed(0)
+    classifier = build_beit(get_config(CLASSIFICATION_DEMO_CONFIG))
+    state_dict = {name: tensor.numpy() for name, tensor in classifier.state_dict().items()}
+    model = build_beit_upernet(demo_config())
+    notes = load_backbone_weights(model, state_dict)
+    assert any('freshly initialised' in note for note in notes)
+    loaded = model.backbone.state_dict()
+    for name in ('patch_embed.proj.weight', 'blocks.3.mlp.fc2.weight', 'cls_token'):
+        np.testing.assert_array_equal(loaded[name].numpy(), state_dict[name])
+    table = 'blocks.0.attn.relative_position_bias_table'  # resampled from the 4x4 grid of 28-pixel images to 8x8
+    assert state_dict[table].shape[0] < loaded[table].shape[0]
