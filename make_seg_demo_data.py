@@ -76,11 +76,6 @@ def item_grey(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
-def item_mask(image: np.ndarray, size: int) -> np.ndarray:
-    """Where a scaled item is: its grey levels at MASK_THRESHOLD or above."""
-    return item_grey(image, size) >= MASK_THRESHOLD
-
-
 def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """float HxWx3: a ground colour plus WAVES plane waves of random direction, length and phase."""
     colour = rng.integers(BACKGROUND_RANGE[0], BACKGROUND_RANGE[1] + 1, size=3)
