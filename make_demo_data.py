@@ -17,13 +17,13 @@ import argparse
 import gzip
 import hashlib
 import os
-import shutil
 import sys
 
 import numpy as np
 from PIL import Image
 
-from errors import EXIT_BAD_INPUT, BadInputError
+from demo_data import SourceError, prepare_output, write_text
+from errors import EXIT_BAD_INPUT
 
 DEFAULT_SOURCE = '/usr/share/datasets/fashion-mnist'
 DEFAULT_OUTPUT = os.path.join('data', 'fashion_mnist')
@@ -32,10 +32,6 @@ CLASS_NAMES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 
 SPLITS = {'train': 'train', 'val': 't10k'}  # our split -> source file prefix (t10k is the official test set)
 README_MARKER = 'Made by make_demo_data.py'
 _IDX_UBYTE = 0x08
-
-
-class SourceError(BadInputError):
-    """Source files that are missing, malformed or too small for the requested subset."""
 
 
 def read_idx_ubyte(path: str) -> np.ndarray:
@@ -99,11 +95,6 @@ def write_split(images: np.ndarray, chosen: list[np.ndarray], output: str, split
     return lines
 
 
-def write_text(path: str, text: str) -> None:
-    with open(path, 'w', encoding='utf-8', newline='\n') as f:
-        f.write(text)
-
-
 def sha256_of(path: str) -> str:
     with open(path, 'rb') as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -162,23 +153,6 @@ IN THE SOFTWARE.
 """
 
 
-def _made_by_this_script(output: str) -> bool:
-    readme = os.path.join(output, 'README.md')
-    if not os.path.isfile(readme):
-        return False
-    with open(readme, encoding='utf-8') as f:
-        return README_MARKER in f.read()
-
-
-def prepare_output(output: str) -> None:
-    """An empty output folder; a previous output of this script is replaced, any other folder is left alone."""
-    if os.path.isdir(output) and os.listdir(output):
-        if not _made_by_this_script(output):
-            raise SourceError(f'{output} exists and was not made by this script; choose another -output')
-        shutil.rmtree(output)
-    os.makedirs(output, exist_ok=True)
-
-
 def make_demo_data(source: str, output: str, train_per_class: int, val_per_class: int, seed: int) -> None:
     """Read the source splits first, so that a bad source leaves an existing output untouched."""
     counts = {'train': train_per_class, 'val': val_per_class}
@@ -186,7 +160,7 @@ def make_demo_data(source: str, output: str, train_per_class: int, val_per_class
     for split, prefix in SPLITS.items():
         images, labels = read_split(source, prefix)
         selections[split] = (images, select_balanced(labels, counts[split], seed))
-    prepare_output(output)
+    prepare_output(output, README_MARKER)
     for split, (images, chosen) in selections.items():
         lines = write_split(images, chosen, output, split, SPLITS[split])
         write_text(os.path.join(output, f'{split}_list.txt'), '\n'.join(lines) + '\n')
