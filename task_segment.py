@@ -17,6 +17,7 @@ main_segment.py, trained and evaluated by the same job and engine as the other t
   engine's one all-reduce, so the mIoU over several processes is the whole set's, exactly. Training steps fill
   the same vector from the main head's prediction on the crops.
 """
+import os
 from functools import partial
 
 import numpy as np
@@ -37,6 +38,7 @@ from seg_transforms import normalise, resize_bilinear
 from tasks import Curve, Task
 
 ADE20K_NUM_CLASSES = 150
+CLASSES_FILE = 'classes.txt'  # in DATA_PATH: the data's own class names, if it has them
 _TINY = float(np.finfo(np.float32).tiny)  # the val loss's floor for a probability that underflowed to 0
 
 
@@ -161,7 +163,14 @@ class SegmentationObjective:
 
 
 def _class_names(config):
-    """ADE20K's names for an ade20k run of its 150 classes; otherwise the class indices name them."""
+    """The names in DATA_PATH/classes.txt (line k names class k) when the data has one; else ADE20K's for an ade20k
+    run of its 150 classes; else the class indices name them."""
+    path = os.path.join(config.DATA.DATA_PATH, CLASSES_FILE)
+    if os.path.isfile(path):
+        names = read_class_names(path)
+        if len(names) != config.SEG.NUM_CLASSES:
+            raise ConfigError(f'{path} names {len(names)} classes and SEG.NUM_CLASSES is {config.SEG.NUM_CLASSES}')
+        return names
     if config.SEG.DATASET == 'ade20k' and config.SEG.NUM_CLASSES == ADE20K_NUM_CLASSES:
         return read_class_names()
     return None

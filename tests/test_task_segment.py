@@ -19,10 +19,11 @@ import cli
 import engine
 import main_segment
 import plot_metrics
+import task_segment
 from beit import CheckpointMismatchError, build_beit
 from beit_seg import build_beit_upernet
 from checkpoint import load_pretrained
-from config import get_config, merge_opts, validate_config
+from config import ConfigError, get_config, merge_opts, validate_config
 from helpers import ROOT
 from seg_inference import rescaled_shape
 from seg_metrics import intersect_and_union
@@ -401,3 +402,19 @@ def test_zoo_configs_hold_unilms_recipe(name, dim, depth, out_indices, lr, decay
     steps_per_epoch = -(-20210 // 8) // data.BATCH_SIZE // train.ACCUM_ITER  # ADE20K's training images on 8 ranks
     assert abs(train.NUM_EPOCHS * steps_per_epoch - 160_000) < steps_per_epoch  # unilm's 160k optimizer steps
     assert seg.LINEAR_SCALED_LR == 0  # the LR as given
+
+
+def test_the_class_table_takes_the_names_of_the_datas_classes_txt(tmp_path):
+    """The demo's canvases name their 11 classes in DATA_PATH/classes.txt; without the file a set that is not
+    ADE20K's 150 classes is named by index; a file naming another count is refused, naming the file."""
+    config = seg_config('DATA.DATA_PATH', str(tmp_path))
+    assert task_segment._class_names(config) is None
+    names = [f'class {index}' for index in range(config.SEG.NUM_CLASSES)]
+    (tmp_path / 'classes.txt').write_text('\n'.join(names) + '\n')
+    assert task_segment._class_names(config) == names
+    (tmp_path / 'classes.txt').write_text('\n'.join(names[:-1]) + '\n')
+    with pytest.raises(ConfigError, match=f'{tmp_path / "classes.txt"} names {len(names) - 1} classes'):
+        task_segment._class_names(config)
+    demo = get_config(str(ROOT / 'configs' / 'beit_tiny_seg_fashion.yaml'))
+    demo.DATA.DATA_PATH = str(ROOT / 'data' / 'fashion_seg')
+    assert task_segment._class_names(demo)[:2] == ['background', 'T-shirt/top']
