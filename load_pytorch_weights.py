@@ -20,10 +20,12 @@ from beit import adapt_state_dict, build_beit
 from beit_pretrain import build_beit_pretrain
 from config import get_config, merge_opts, validate_config
 from errors import EXIT_BAD_INPUT, BadInputError
-from torch_checkpoint import ConversionError, read_checkpoint, timm_kwargs_from_config, to_paddle_layout
-from utils import save_atomically
-
-CHECK_TOLERANCE = 1e-4
+from torch_checkpoint import (
+    read_checkpoint,
+    timm_kwargs_from_config,
+    to_paddle_layout,
+    write_converted,
+)
 
 
 def convert_state_dict(torch_state_dict: dict, model: nn.Layer, rel_pos_interp: str = 'cubic'):
@@ -64,13 +66,8 @@ def convert_file(cfg_file: str, src: str, dst: str, opts=(), check: bool = False
     model.set_state_dict({name: paddle.to_tensor(value) for name, value in state_dict.items()})
     for note in notes:
         print(f'note: {note}')
-    if check:
-        diff = compare_with_timm(config, torch_state_dict, model, mim=mim)
-        print(f'max abs {"token" if mim else "logit"} difference to timm: {diff:.3g} (tolerance {CHECK_TOLERANCE:g})')
-        if diff > CHECK_TOLERANCE:
-            raise ConversionError(f'outputs differ from timm by {diff:.3g}; {dst} not written')
-    save_atomically({name: paddle.to_tensor(value) for name, value in state_dict.items()}, dst)
-    print(f'wrote {len(state_dict)} tensors to {dst}')
+    difference = compare_with_timm(config, torch_state_dict, model, mim=mim) if check else None
+    write_converted(state_dict, dst, difference=difference, reference='timm', outputs='token' if mim else 'logit')
 
 
 def main(argv=None) -> int:

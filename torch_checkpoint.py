@@ -1,6 +1,7 @@
-"""What the converters share (load_pytorch_weights.py, load_dalle_weights.py): a PyTorch checkpoint (.pth, .bin,
-.safetensors) read into numpy arrays without running code from the file, and put in Paddle's layout; and timm's
-``Beit`` arguments for a config, the reference the conversion is checked against (and benchmark.py's).
+"""What the converters share (load_pytorch_weights.py, load_dalle_weights.py, load_seg_weights.py): a PyTorch
+checkpoint (.pth, .bin, .safetensors) read into numpy arrays without running code from the file, and put in
+Paddle's layout; the -check verdict and the write of the converted file; and timm's ``Beit`` arguments for a config,
+the reference the conversion is checked against (and benchmark.py's).
 """
 import argparse
 import collections
@@ -12,14 +13,17 @@ import struct
 import warnings
 
 import numpy as np
+import paddle
 import paddle.nn as nn
 
 from checkpoint import unwrap_state_dict
 from errors import BadInputError
+from utils import save_atomically
 
 _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': np.uint16,
                        'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
                        'BOOL': np.bool_}
+CHECK_TOLERANCE = 1e-4  # -check: the largest absolute output difference to the reference a conversion may have
 _TRUST_HINT = ' (if you trust the file, add -trust_pickle)'
 
 
@@ -176,3 +180,15 @@ def timm_kwargs_from_config(config, mim: bool = False) -> dict:
                 use_abs_pos_emb=m.USE_ABS_POS_EMB, use_rel_pos_bias=m.USE_REL_POS_BIAS,
                 use_shared_rel_pos_bias=m.USE_SHARED_REL_POS_BIAS,
                 global_pool='avg' if m.USE_MEAN_POOLING and not mim else 'token', head_init_scale=m.INIT_SCALE)
+
+
+def write_converted(state_dict: dict, dst: str, *, difference: float | None = None, reference: str = '',
+                    outputs: str = 'logit') -> None:
+    """Write the converted tensors to ``dst`` (atomically), unless -check measured a ``difference`` of the
+    ``outputs`` to the ``reference`` beyond CHECK_TOLERANCE: then nothing is written."""
+    if difference is not None:
+        print(f'max abs {outputs} difference to {reference}: {difference:.3g} (tolerance {CHECK_TOLERANCE:g})')
+        if difference > CHECK_TOLERANCE:
+            raise ConversionError(f'outputs differ from {reference} by {difference:.3g}; {dst} not written')
+    save_atomically({name: paddle.to_tensor(value) for name, value in state_dict.items()}, dst)
+    print(f'wrote {len(state_dict)} tensors to {dst}')

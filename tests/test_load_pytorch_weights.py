@@ -15,7 +15,7 @@ from beit_pretrain import build_beit_pretrain
 from checkpoint import load_pretrained
 from config import get_config
 from helpers import ROOT, assert_output_untouched, assert_reads_as_paddle_load, existing_output, truncated, write_file
-from load_pytorch_weights import ConversionError, convert_file, read_checkpoint
+from load_pytorch_weights import convert_file, read_checkpoint
 from timm_reference import (
     CHECKPOINT_FORMATS,
     PRETRAIN_SPEC,
@@ -32,6 +32,7 @@ from timm_reference import (
     torch_state_dict,
     unilm_state_dict,
 )
+from torch_checkpoint import ConversionError
 from transforms import get_val_transforms, host_normalise
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
