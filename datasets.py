@@ -26,7 +26,7 @@ from device_batch import ClassificationBatch, NormaliseAndErase, PretrainingBatc
 from image_files import DECODE_ERRORS, load_rgb_image
 from masking_generator import MaskingGenerator, masked_positions
 from random_erasing import RandomErasing
-from sample_sources import DatasetError, scan_image_folder, validate_list_file
+from sample_sources import DatasetError, data_root, scan_image_folder, validate_list_file
 from sample_table import Sample, SampleTable, checked_once
 from transforms import get_pretrain_transforms, get_train_erasing, get_train_transforms, get_val_transforms
 from utils import die_with_parent
@@ -158,11 +158,7 @@ def _check_mode(mode: str) -> None:
 def _checked_samples(config, mode: str, num_classes: int | None) -> tuple[SampleTable, str]:
     """The samples of ``mode`` in ``config``'s data and where they were listed (list file or folder)."""
     _check_mode(mode)
-    root = config.DATA.DATA_PATH
-    if not root:
-        raise DatasetError('DATA.DATA_PATH is not set: give the folder that holds the data')
-    if not os.path.isdir(root):
-        raise DatasetError(f'DATA.DATA_PATH not found: {root}')
+    root = data_root(config)
     if config.DATA.DATASET == 'imagenet2012':
         source = os.path.join(root, f'{mode}_list.txt')
         return checked_once(source, num_classes, lambda: validate_list_file(source, root, num_classes)), source

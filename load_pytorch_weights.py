@@ -19,8 +19,8 @@ import paddle.nn as nn
 from beit import adapt_state_dict, build_beit
 from beit_pretrain import build_beit_pretrain
 from config import get_config, merge_opts, validate_config
-from errors import EXIT_BAD_INPUT, BadInputError
 from torch_checkpoint import (
+    conversion_exit_code,
     read_checkpoint,
     timm_kwargs_from_config,
     to_paddle_layout,
@@ -82,12 +82,8 @@ def main(argv=None) -> int:
                              'mask_token, lm_head, norm and the shared relative position bias')
     parser.add_argument('-opts', nargs='+', default=[], metavar='KEY VALUE', help='config overrides')
     args = parser.parse_args(argv)
-    try:
-        convert_file(args.cfg, args.src, args.dst, args.opts, args.check, args.trust_pickle, args.mim)
-    except BadInputError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    return conversion_exit_code(convert_file, args.cfg, args.src, args.dst, args.opts, args.check, args.trust_pickle,
+                                args.mim)
 
 
 if __name__ == '__main__':

@@ -16,9 +16,8 @@ import paddle
 
 from beit_seg import build_beit_upernet
 from config import get_config, merge_opts, validate_config
-from errors import EXIT_BAD_INPUT, BadInputError
 from seg_checkpoints import convert_state_dict, transformers_logits, transformers_model, unilm_to_transformers
-from torch_checkpoint import ConversionError, read_checkpoint, write_converted
+from torch_checkpoint import ConversionError, conversion_exit_code, read_checkpoint, write_converted
 
 
 def compare_with_transformers(config, model, state_dict: dict, source_state_dict: dict, layout: str) -> float:
@@ -67,12 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument('-trust_pickle', action='store_true', help='allow arbitrary objects in a .pth file')
     parser.add_argument('-opts', nargs='+', default=[], metavar='KEY VALUE', help='config overrides')
     args = parser.parse_args(argv)
-    try:
-        convert_file(args.cfg, args.src, args.dst, args.opts, args.check, args.trust_pickle)
-    except BadInputError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    return conversion_exit_code(convert_file, args.cfg, args.src, args.dst, args.opts, args.check, args.trust_pickle)
 
 
 if __name__ == '__main__':

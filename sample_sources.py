@@ -25,6 +25,16 @@ class DatasetError(BadInputError):
     """Data that cannot be used; the message names the file (and the list line) to fix."""
 
 
+def data_root(config) -> str:
+    """DATA.DATA_PATH, which must name an existing folder: the root of every split's list or folders."""
+    root = config.DATA.DATA_PATH
+    if not root:
+        raise DatasetError('DATA.DATA_PATH is not set: give the folder that holds the data')
+    if not os.path.isdir(root):
+        raise DatasetError(f'DATA.DATA_PATH not found: {root}')
+    return root
+
+
 def numbered_entries(list_path: str) -> list[tuple[int, str]]:
     """(line number, stripped text) of the lines that are neither blank nor comments."""
     if not os.path.isfile(list_path):

@@ -32,7 +32,7 @@ from PIL import Image
 
 from config import ConfigError, named_origin
 from image_files import DECODE_ERRORS, load_rgb_image
-from sample_sources import MAX_REPORTED_PROBLEMS, DatasetError, numbered_entries
+from sample_sources import MAX_REPORTED_PROBLEMS, DatasetError, data_root, numbered_entries
 from sample_table import SampleTable, checked_once
 from seg_transforms import get_seg_train_transforms, get_seg_val_transforms
 from utils import derived_seed
@@ -234,11 +234,7 @@ def checked_pairs(config, mode: str) -> tuple[SegPairs, str]:
     if mode not in ADE20K_SPLITS:
         raise ValueError(f'mode must be one of {list(ADE20K_SPLITS)}, got {mode!r}')
     validate_seg_data_config(config)
-    root = config.DATA.DATA_PATH
-    if not root:
-        raise DatasetError('DATA.DATA_PATH is not set: give the folder that holds the data')
-    if not os.path.isdir(root):
-        raise DatasetError(f'DATA.DATA_PATH not found: {root}')
+    root = data_root(config)
     rule = LabelRule.from_config(config) if config.SEG.CHECK_LABEL_VALUES else None
     if config.SEG.DATASET == 'list':
         source = os.path.join(root, f'{mode}_list.txt')

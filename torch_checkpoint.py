@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import warnings
 
 import numpy as np
@@ -17,7 +18,7 @@ import paddle
 import paddle.nn as nn
 
 from checkpoint import unwrap_state_dict
-from errors import BadInputError
+from errors import EXIT_BAD_INPUT, BadInputError
 from utils import save_atomically
 
 _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': np.uint16,
@@ -192,3 +193,14 @@ def write_converted(state_dict: dict, dst: str, *, difference: float | None = No
             raise ConversionError(f'outputs differ from {reference} by {difference:.3g}; {dst} not written')
     save_atomically({name: paddle.to_tensor(value) for name, value in state_dict.items()}, dst)
     print(f'wrote {len(state_dict)} tensors to {dst}')
+
+
+def conversion_exit_code(convert, *args) -> int:
+    """A converter script's exit code: 0, or EXIT_BAD_INPUT after printing why ``convert(*args)`` refused its
+    input (it wrote nothing)."""
+    try:
+        convert(*args)
+    except BadInputError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
