@@ -46,18 +46,20 @@ def _histogram(values: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(inside, minlength=num_classes).astype(np.float64)
 
 
-def batch_counts(preds, labels, *, num_classes: int, ignore_index: int = 255) -> paddle.Tensor:
-    """float64 tensor [4 * num_classes]: the counts of a batch of predicted maps and their label maps (arrays or
-    tensors; one pair per image, sizes may differ), on the current device for the engine's all-reduce."""
-    total = np.zeros(num_counts(num_classes), np.float64)
-    for pred, label in zip(preds, labels, strict=True):
-        total += intersect_and_union(_as_numpy(pred), _as_numpy(label), num_classes=num_classes,
-                                     ignore_index=ignore_index)
-    return paddle.to_tensor(total, dtype='float64')
+def pixel_counts(pred: paddle.Tensor, labels: paddle.Tensor, num_classes: int, ignore_index: int) -> paddle.Tensor:
+    """float64 tensor [4 * num_classes]: intersect_and_union's counts of predicted maps ``pred`` (class ids, as
+    argmax gives them) and label maps ``labels`` of the same shape, computed on the device for the engine's
+    all-reduce: every ignored pixel goes to an extra bin that is dropped (labels are in [0, C) or ignore_index)."""
+    valid = labels != ignore_index
+    spare = paddle.full_like(labels, num_classes)
 
+    def histogram(values: paddle.Tensor) -> paddle.Tensor:
+        return paddle.bincount(values.flatten(), minlength=num_classes + 1)[:num_classes].astype('float64')
 
-def _as_numpy(values) -> np.ndarray:
-    return values.numpy() if isinstance(values, paddle.Tensor) else np.asarray(values)
+    intersection = histogram(paddle.where(valid & (pred == labels), pred, spare))
+    predicted = histogram(paddle.where(valid, pred, spare))
+    labelled = histogram(paddle.where(valid, labels, spare))
+    return paddle.concat([intersection, predicted + labelled - intersection, predicted, labelled])
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

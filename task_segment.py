@@ -32,7 +32,7 @@ from engine import Amp, World
 from optim import linear_scaling
 from seg_datasets import LabelRule, SegmentationDataset, checked_pairs, get_seg_dataset, validate_seg_data_config
 from seg_inference import segment_probs, settings_from_config
-from seg_metrics import batch_counts, class_table, num_counts, read_class_names, summarise
+from seg_metrics import class_table, num_counts, pixel_counts, read_class_names, summarise
 from seg_optim import build_seg_lr_scheduler, seg_param_groups, seg_param_settings
 from seg_transforms import normalise, resize_bilinear
 from tasks import Curve, Task
@@ -54,21 +54,6 @@ def pixel_cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor, ignore_ind
     """mmseg 0.11's CrossEntropyLoss of logits at the labels' size: the per-pixel losses (0 where the label is
     ``ignore_index``) averaged over every pixel, the ignored ones counted in the denominator."""
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction='none', axis=1).mean()
-
-
-def pixel_counts(pred: paddle.Tensor, labels: paddle.Tensor, num_classes: int, ignore_index: int) -> paddle.Tensor:
-    """float64 [4 * num_classes] as seg_metrics.intersect_and_union counts them, computed on the device: every
-    ignored pixel goes to an extra bin that is dropped (the data guarantees labels in [0, C) or ignore_index)."""
-    valid = labels != ignore_index
-    spare = paddle.full_like(labels, num_classes)
-
-    def histogram(values: paddle.Tensor) -> paddle.Tensor:
-        return paddle.bincount(values.flatten(), minlength=num_classes + 1)[:num_classes].astype('float64')
-
-    intersection = histogram(paddle.where(valid & (pred == labels), pred, spare))
-    predicted = histogram(paddle.where(valid, pred, spare))
-    labelled = histogram(paddle.where(valid, labels, spare))
-    return paddle.concat([intersection, predicted + labelled - intersection, predicted, labelled])
 
 
 class OriginalImage:
@@ -135,8 +120,7 @@ class SegmentationObjective:
         picked = paddle.take_along_axis(probs, paddle.where(valid, labels, paddle.zeros_like(labels)).unsqueeze(1),
                                         axis=1).squeeze(1)
         nll = -paddle.log(paddle.clip(picked, min=_TINY)) * valid.astype('float32')
-        pixel = batch_counts(paddle.argmax(probs, axis=1), labels, num_classes=self.num_classes,
-                             ignore_index=self.ignore_index)
+        pixel = pixel_counts(paddle.argmax(probs, axis=1), labels, self.num_classes, self.ignore_index)
         return self._counts(nll.mean(), pixel, 1)
 
     def views(self, image: np.ndarray):
