@@ -376,34 +376,6 @@ def test_evaluation_on_one_and_two_processes_gives_the_same_miou(trained, data, 
     assert one['loss'] == pytest.approx(two['loss'], rel=1e-12)
 
 
-# ---- the zoo configs ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize('name, dim, depth, out_indices, lr, decay, warmup, batch, accum, init, drop_path', [
-    ('upernet_beit_base_640_ade20k', 768, 12, [3, 5, 7, 11], 3e-5, 0.9, 1500, 2, 1, 0.1, 0.1),
-    ('upernet_beit_large_640_ade20k', 1024, 24, [7, 11, 15, 23], 2e-5, 0.95, 1500, 1, 2, 1e-6, 0.2),
-])
-def test_zoo_configs_hold_unilms_recipe(name, dim, depth, out_indices, lr, decay, warmup, batch, accum, init,
-                                        drop_path):
-    config = get_config(str(ROOT / 'configs' / f'{name}.yaml'))
-    SEGMENTATION.check_config(config)
-    model, train, seg, data = config.MODEL, config.TRAIN, config.SEG, config.DATA
-    found = dict(dim=model.EMBED_DIM, depth=model.DEPTH, out_indices=list(seg.OUT_INDICES), channels=seg.CHANNELS,
-                 lr=train.BASE_LR, decay=train.LAYER_DECAY, wd=train.WEIGHT_DECAY, warmup=seg.WARMUP_ITERS,
-                 init=model.INIT_VALUES, drop_path=model.DROPPATH, abs_pos=model.USE_ABS_POS_EMB,
-                 rel_pos=model.USE_REL_POS_BIAS, batch=data.BATCH_SIZE, accum=train.ACCUM_ITER,
-                 mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD), crop=data.IMAGE_SIZE,
-                 scale=list(seg.IMG_SCALE), stride=seg.SLIDE_STRIDE, classes=seg.NUM_CLASSES)
-    assert found == dict(dim=dim, depth=depth, out_indices=out_indices, channels=dim, lr=lr, decay=decay, wd=0.05,
-                         warmup=warmup, init=init, drop_path=drop_path, abs_pos=False, rel_pos=True, batch=batch,
-                         accum=accum, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop=640,
-                         scale=[2560, 640], stride=426, classes=150)
-    assert data.BATCH_SIZE * train.ACCUM_ITER * 8 == 16
-    steps_per_epoch = -(-20210 // 8) // data.BATCH_SIZE // train.ACCUM_ITER  # ADE20K's training images on 8 ranks
-    assert abs(train.NUM_EPOCHS * steps_per_epoch - 160_000) < steps_per_epoch  # unilm's 160k optimizer steps
-    assert seg.LINEAR_SCALED_LR == 0  # the LR as given
-
-
 def test_the_class_table_takes_the_names_of_the_datas_classes_txt(tmp_path):
     """The demo's canvases name their 11 classes in DATA_PATH/classes.txt; without the file a set that is not
     ADE20K's 150 classes is named by index; a file naming another count is refused, naming the file."""
