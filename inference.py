@@ -184,7 +184,7 @@ class ExportedPredictor:
         if precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {list(PRECISIONS)}, got {precision!r}')
         if precision != 'fp32' and not onednn_placement:
-            raise ValueError('without oneDNN placement the predictor runs fp32 only')
+            raise ValueError('bf16 is offered with the oneDNN placement only (onednn_placement=True)')
         if precision == 'bf16' and not bf16_supported():
             raise WeightsError('bf16 inference needs a CPU with bfloat16 support (AVX-512 BF16 or AMX); '
                                'oneDNN reports none here: use -precision fp32')

@@ -26,10 +26,9 @@ from config import ConfigError
 from errors import BadInputError
 from image_files import DECODE_ERRORS, load_rgb_image
 from inference import CROPS_INPUT, ExportedPredictor, WeightsError, load_segmentor
-from paddle_internals import set_cpu_threads
 from seg_inference import InferenceSettings, Model, segment, view_shapes
 from task_segment import SegmentationObjective
-from utils import cpu_threads_per_process
+from utils import use_all_cpu_cores
 
 OVERLAY_SUFFIX = '_overlay'
 
@@ -71,8 +70,9 @@ def class_shares(classes: np.ndarray, names: Sequence[str]) -> list[dict]:
 class ExportedCropModel:
     """An exported segmentor's crop model in Paddle Inference as seg_inference's model callable: normalised crops
     [N, 3, S, S] -> the main logits [N, SEG.NUM_CLASSES, h, w] (paddle tensors on the host). Any other export (a
-    classifier, block features) is refused by its input's name before anything runs. fp32: Paddle 3.3.1 cannot run
-    the heads' bilinear_interp on oneDNN's placement (inference.ONEDNN_PLACEMENT_PASS), which bfloat16 needs."""
+    classifier, block features) is refused by its input's name before anything runs. Run without oneDNN's placement
+    pass, which cannot run the heads' bilinear_interp in Paddle 3.3.1 (inference.ONEDNN_PLACEMENT_PASS); fp32 only
+    (bfloat16 is not offered without that pass)."""
 
     def __init__(self, prefix: str, num_threads: int | None = None):
         self.predictor = ExportedPredictor(prefix, num_threads=num_threads, onednn_placement=False)
@@ -91,7 +91,7 @@ def crop_model(config, *, inference_model: str | None, use_ema: bool) -> tuple[M
     the dygraph segmentor with MODEL.PRETRAINED's weights (a checkpoint's EMA with ``use_ema``)."""
     if inference_model:
         return ExportedCropModel(inference_model), []
-    set_cpu_threads(cpu_threads_per_process())
+    use_all_cpu_cores()
     return load_segmentor(config, config.MODEL.PRETRAINED, use_ema)
 
 

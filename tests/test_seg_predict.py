@@ -12,7 +12,7 @@ import export_model
 import seg_predict
 from config import ConfigError
 from helpers import TINY_CONFIG, tiny_config
-from inference import ONEDNN_PLACEMENT_PASS, WeightsError
+from inference import ONEDNN_PLACEMENT_PASS, ExportedPredictor, WeightsError
 from seg_inference import InferenceSettings
 from seg_predict import (
     ExportedCropModel,
@@ -130,6 +130,11 @@ def test_a_classifiers_export_is_refused_as_a_crop_model(tmp_path):
     with pytest.raises(WeightsError, match=f"{prefix} is not a segmentor's crop model \\(its input is 'image', "
                                            "not 'crops'\\)"):
         ExportedCropModel(prefix)
+
+
+def test_bf16_is_not_offered_without_the_onednn_placement(tmp_path):
+    with pytest.raises(ValueError, match='bf16 is offered with the oneDNN placement only'):
+        ExportedPredictor(str(tmp_path / 'any'), 'bf16', onednn_placement=False)
 
 
 class Upsample(paddle.nn.Layer):
