@@ -428,7 +428,9 @@ class Beit(BeitEncoder):
         if output_fmt == 'NLC':
             return patches
         height, width = self.patch_embed.grid
-        return patches.reshape([0, height, width, -1]).transpose([0, 3, 1, 2])
+        # the width as a number: traced with a dynamic batch, a -1 here would leave the channels unknown to the
+        # layers after it (a segmentor's fpn cannot be exported then)
+        return patches.reshape([0, height, width, patches.shape[-1]]).transpose([0, 3, 1, 2])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.forward_head(self.forward_features(x))

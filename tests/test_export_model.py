@@ -10,13 +10,15 @@ import pytest
 import beit
 import export_model
 import inference
+from beit_seg import build_beit_upernet
 from config import get_config
 from export_model import main
-from helpers import TINY_CONFIG, photo_batch, tiny_config
+from helpers import ROOT, TINY_CONFIG, photo_batch, tiny_config
 from inference import DygraphPredictor, ExportedPredictor, WeightsError, load_model
-from tiny_weights import save_weights, trained_like_state
+from tiny_weights import save_weights, trained_like_seg_state, trained_like_state
 
 TOLERANCE = 1e-4  # fp32, max abs logit difference
+SEG_CONFIG = str(ROOT / 'configs' / 'beit_tiny_seg.yaml')
 
 
 def export(tmp_path, weights: str, *extra) -> str:
@@ -172,3 +174,71 @@ def test_the_export_builds_and_traces_on_the_cpu_of_a_gpu_machine(tmp_path, monk
     assert seen == [('load_model', 'cpu'), ('export', 'cpu')] and device['now'] == 'gpu:0'
     assert program_ops(on_gpu) == program_ops(on_cpu)
     assert program_places(on_gpu) == program_places(on_cpu) <= {(0, 0, ''), (1, 0, '')}
+
+
+# ---- segmentation: the crop model ----------------------------------------------------------------------------------
+
+
+def seg_config():
+    return get_config(SEG_CONFIG)
+
+
+def export_segmentor(tmp_path, weights: str, *extra) -> str:
+    prefix = str(tmp_path / 'exported' / 'segmentor')
+    assert main(['-segmentation', '-cfg', SEG_CONFIG, '-pretrained', weights, '-output', prefix, *extra]) == 0
+    return prefix
+
+
+def test_segmentation_export_is_the_dygraph_crop_model_for_any_batch_size(tmp_path, photo_paths):
+    """-segmentation: the eval BeitUperNet's main logits of DATA.IMAGE_SIZE crops, unresized (what seg_inference
+    takes from a model call), equal to dygraph's; the config recorded next to it."""
+    config = seg_config()
+    state = trained_like_seg_state(config)
+    prefix = export_segmentor(tmp_path, save_weights(tmp_path / 'segmentor.pdparams', state))
+    model = build_beit_upernet(config)
+    model.set_state_dict({name: paddle.to_tensor(value) for name, value in state.items()})
+    model.eval()
+    exported = ExportedPredictor(prefix, onednn_placement=False)
+    assert exported.input_name == 'crops'
+    crops = photo_batch(photo_paths, config)
+    for batch in (crops[:1], crops[:3], crops):
+        with paddle.no_grad():
+            expected = model(paddle.to_tensor(batch)).numpy()
+        [logits] = exported.run(batch)
+        assert logits.shape == expected.shape == (len(batch), 4, 32, 32)  # level 0: 4x the 8x8 patch grid
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=TOLERANCE)
+    assert np.abs(expected).max() > 1  # logits that tell classes apart, not a near-zero head
+    written = get_config(prefix + '.yaml')
+    assert written.SEG.NUM_CLASSES == 4 and written.SEG.IMG_SCALE == [64, 40] and written.DATA.IMAGE_SIZE == 32
+
+
+def test_segmentation_weights_without_segmentation_exit_2_naming_the_file(tmp_path, capsys):
+    weights = save_weights(tmp_path / 'segmentor.pdparams', trained_like_seg_state(seg_config()))
+    code = main(['-cfg', SEG_CONFIG, '-pretrained', weights, '-output', str(tmp_path / 'out' / 'm')])
+    err = capsys.readouterr().err
+    assert code == 2 and f"-pretrained {weights}: a segmentation model's weights" in err and '-segmentation' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_classification_weights_with_segmentation_exit_2_naming_the_file(tmp_path, capsys):
+    weights = save_weights(tmp_path / 'classifier.pdparams', trained_like_state(tiny_config()))
+    code = main(['-segmentation', '-cfg', SEG_CONFIG, '-pretrained', weights, '-output', str(tmp_path / 'out' / 'm')])
+    err = capsys.readouterr().err
+    assert code == 2 and f'-pretrained {weights}: the file holds no segmentation weights' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_segmentation_export_refuses_settings_the_predictor_cannot_use(tmp_path, capsys):
+    weights = save_weights(tmp_path / 'segmentor.pdparams', trained_like_seg_state(seg_config()))
+    code = main(['-segmentation', '-cfg', SEG_CONFIG, '-pretrained', weights, '-output', str(tmp_path / 'out' / 'm'),
+                 '-opts', 'SEG.SLIDE_STRIDE', '40'])
+    assert code == 2 and 'SEG.SLIDE_STRIDE and DATA.IMAGE_SIZE' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_segmentation_and_block_features_are_refused_together(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['-segmentation', '-cfg', SEG_CONFIG, '-pretrained', 'w.pdparams', '-output', str(tmp_path / 'm'),
+              '-block_features', '1'])
+    assert exit_info.value.code == 2 and '-block_features exports a classifier' in capsys.readouterr().err
+

@@ -7,9 +7,10 @@ import pytest
 
 import export_model
 import predict
+from config import get_config
 from helpers import ROOT, TINY_CONFIG, photo_batch, tiny_config
 from inference import DygraphPredictor, bf16_supported, load_model
-from tiny_weights import save_weights, trained_like_state
+from tiny_weights import save_weights, trained_like_seg_state, trained_like_state
 
 FP32_TOLERANCE = 1e-4  # max abs logit difference, dygraph vs exported fp32
 BF16_RELATIVE_TOLERANCE = 0.02  # max abs logit difference / max abs logit, dygraph vs exported bf16
@@ -193,6 +194,20 @@ def test_an_export_of_block_features_is_refused_as_a_classifier(capsys, tmp_path
     capsys.readouterr()
     code, out, err = run(capsys, '-inference_model', prefix, photo_paths[0])
     assert code == 2 and out == '' and 'returns block features [[1, 96, 8, 8]], not logits' in err
+
+
+def test_a_segmentors_weights_and_export_are_refused_as_such(capsys, tmp_path, photo_paths):
+    seg_config = str(ROOT / 'configs' / 'beit_tiny_seg.yaml')
+    weights = save_weights(tmp_path / 'segmentor.pdparams', trained_like_seg_state(get_config(seg_config)))
+    code, out, err = run(capsys, '-cfg', seg_config, '-pretrained', weights, photo_paths[0])
+    assert code == 2 and out == ''
+    assert f"-pretrained {weights}: a segmentation model's weights" in err and 'predict_segment.py' in err
+    prefix = str(tmp_path / 'segmentor')
+    assert export_model.main(['-segmentation', '-cfg', seg_config, '-pretrained', weights, '-output', prefix]) == 0
+    capsys.readouterr()
+    code, out, err = run(capsys, '-inference_model', prefix, photo_paths[0])
+    assert code == 2 and out == ''
+    assert f"{prefix} is a segmentor's crop model (export_model.py -segmentation), not a classifier" in err
 
 
 @pytest.mark.parametrize('argv, message', [
