@@ -144,7 +144,7 @@ _C.SEG.AUX_CHANNELS = 256  # the auxiliary FCNHead's width (mmseg's auxiliary_he
 _C.SEG.DROPOUT = 0.1  # Dropout2d before each classifier (mmseg's dropout_ratio)
 # the schedule (seg_optim.py): mmcv's linear warm-up, then poly decay to 0, stepped per iteration over the whole run
 # (mmcv's max_iters is TRAIN.NUM_EPOCHS x the optimizer steps of an epoch: the job counts epochs)
-_C.SEG.WARMUP_ITERS = 1500  # (mmcv's warmup_iters: 1500 B, 3000 L)
+_C.SEG.WARMUP_ITERS = 1500  # optimizer steps of linear warm-up (mmcv's warmup_iters; L 640's 3000 count 2 per step)
 _C.SEG.WARMUP_RATIO = 1e-6  # the first iteration's LR over the poly LR (mmcv's warmup_ratio)
 _C.SEG.POWER = 1.0  # poly exponent (mmcv's power)
 
