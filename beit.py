@@ -428,7 +428,7 @@ class Beit(BeitEncoder):
         if output_fmt == 'NLC':
             return patches
         height, width = self.patch_embed.grid
-        return patches.reshape([0, height, width, -1]).transpose([0, 3, 1, 2])
+        return patches.reshape([0, height, width, patches.shape[-1]]).transpose([0, 3, 1, 2])
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         return self.forward_head(self.forward_features(x))
