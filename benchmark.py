@@ -392,6 +392,9 @@ def _check_config_task(parser: argparse.ArgumentParser, args) -> None:
                                              'a segmentor\'s config, e.g. configs/beit_tiny_seg.yaml'))
         if segmentation and benchmark_seg.REFERENCE in (args.backend or (benchmark_seg.REFERENCE,)):
             check_transformers_can_express(config)
+        if segmentation and args.mode == 'train' and args.batch_size < benchmark_seg.MIN_TRAIN_BATCH:
+            parser.error(f'-task segmentation -mode train needs -batch_size {benchmark_seg.MIN_TRAIN_BATCH} or more '
+                         '(one image gives the pyramid pooling\'s BatchNorm one value per channel)')
     except BadInputError as error:
         parser.error(f'{args.cfg}: {error}')
 

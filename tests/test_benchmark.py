@@ -78,6 +78,8 @@ def test_segmentation_rows_run_next_to_transformers(mode):
     (['-cfg', TINY_SEG, '-task', 'segmentation', '-opts', 'SEG.CHANNELS', '16'],
      "transformers' UperHead is as wide as the encoder"),
     (['-cfg', TINY_SEG, '-task', 'segmentation', '-opts', 'SEG.CHANNELS'], '-opts needs KEY VALUE pairs'),
+    (['-cfg', TINY_SEG, '-task', 'segmentation', '-mode', 'train', '-batch_size', '1'],
+     '-mode train needs -batch_size 2 or more'),
     (['-cfg', str(ROOT / 'configs' / 'missing.yaml'), '-task', 'segmentation'],
      'configs/missing.yaml: config file not found'),
 ])
@@ -90,7 +92,7 @@ def test_bad_combinations_are_refused_with_exit_2(arguments, message, capsys):
 
 
 @pytest.mark.parametrize('arguments', [
-    ['-cfg', TINY_SEG, '-task', 'segmentation'],
+    ['-cfg', TINY_SEG, '-task', 'segmentation', '-batch_size', '1'],  # eval
     ['-cfg', TINY_SEG, '-task', 'segmentation', '-backend', 'dygraph', '-opts', 'SEG.CHANNELS', '16'],
     ['-cfg', BASE_SEG, '-task', 'segmentation', '-opts', 'DATA.IMAGE_SIZE', '256'],
     ['-cfg', TINY_CONFIG, '-backend', 'dygraph', 'timm'],
