@@ -5,10 +5,11 @@ BeitForSemanticSegmentation of the same shape, on the same batch (crop-sized ima
   per window). transformers' forward also runs its auxiliary head in eval mode (its model does; ours skips it).
 - train: both heads, the task's loss (task_segment.SegmentationObjective.loss: main + SEG.AUX_LOSS_WEIGHT x
   auxiliary, each resized to the labels, mmseg's mean over all pixels), backward, an AdamW step. transformers
-  computes its own loss (``labels=``: main + 0.4 x auxiliary, resized the same way, torch's mean over the
-  non-ignored pixels); the labels hold no ignored pixel, so both losses are the same function.
+  computes its own loss (``labels=``: main + auxiliary_loss_weight x auxiliary, the same weight, resized the same
+  way, torch's mean over the non-ignored pixels); the labels hold no ignored pixel, so both losses are the same
+  function.
 - train needs 2 images or more: the pyramid pooling's 1x1 map has one value per channel and image, which torch's
-  BatchNorm refuses to normalise in training (Paddle's gives zeros).
+  BatchNorm refuses to normalise in training (Paddle's accepts it).
 - Both run without drop path and without the heads' dropout (transformers' heads have none): the same work.
 - Paths: dygraph (as a run builds the model: cpu_ops' kernels on the CPU), static (paddle.jit.to_static of the
   whole segmentor, both modes), transformers (fp32, torch.optim.AdamW). No Paddle Inference or AMP rows: the
