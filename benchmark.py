@@ -5,6 +5,7 @@
 
     python benchmark.py -cfg configs/beit_tiny_patch4_32.yaml -batch_size 32 -mode train -backend dygraph dygraph_ddp
     python benchmark.py -mode gemm
+    python benchmark.py -cfg configs/beit_tiny_seg.yaml -task segmentation -batch_size 2 -mode train
 
 
 Each path runs in a fresh child process (so its peak memory is its own): a few warm-up steps, then the median
@@ -20,6 +21,10 @@ dygraph_ddp is also compared with dygraph.
 ``-mode gemm`` measures the fp32 matmul behind BEiT-B's MLP (1576x768 @ 768x3072) in GFLOP/s: Paddle as this
 project runs it (cpu_runtime applied), Paddle with MKL_DEBUG_CPU_TYPE unset, set to 5 before the first GEMM and
 set only after it, next to torch and numpy. The CPU model and vendor head every table.
+
+``-task segmentation`` (a config that sets SEG keys) measures BeitUperNet next to transformers'
+BeitForSemanticSegmentation instead: paths dygraph, static and transformers, ratios against transformers (what is
+timed: benchmark_seg.py).
 """
 import argparse
 import functools
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 
+import benchmark_seg
 from cpu_runtime import cpu_line
 from procs import peak_memory_mb, start_peak_memory
 
@@ -41,6 +47,7 @@ TIMM_BACKENDS = ('timm', 'timm_bf16')
 EVAL_ONLY = ('inference', 'inference_bf16')
 GPU_ONLY = ('amp_o1', 'amp_o2')
 CPU_ONLY = ('inference', 'inference_bf16')  # inference.ExportedPredictor runs Paddle Inference on the CPU
+TASK_BACKENDS = {'classification': PADDLE_BACKENDS + TIMM_BACKENDS, 'segmentation': benchmark_seg.SEG_BACKENDS}
 MIB = 2 ** 20
 
 
@@ -248,20 +255,37 @@ def measure_data_parallel(args) -> dict:
             return json.load(f)
 
 
-def measure(args, processes: int = 1) -> dict:
-    """In the child process: one backend, one mode."""
-    from config import get_config
-    config = get_config(args.cfg)
-    config.MODEL.DROPPATH = 0.0  # the same work in every step
+def step_builder(args) -> tuple:
+    """(the step builder of ``args.child``, its framework), the framework imported before the meter starts."""
     if args.child in TIMM_BACKENDS:
         import timm.models.beit  # noqa: F401
-        build, framework = functools.partial(timm_step, device=args.device), 'torch'
-    else:
-        import paddle
+        return functools.partial(timm_step, device=args.device), 'torch'
+    if args.child == benchmark_seg.REFERENCE:
+        import transformers.models.beit.modeling_beit  # noqa: F401
+        return functools.partial(benchmark_seg.transformers_seg_step, place=torch_device(args.device)), 'torch'
+    import paddle
 
-        import job  # noqa: F401
-        paddle.set_device(args.device)  # before the meter starts: Paddle's allocator reads the current device
-        build, framework = paddle_step, 'paddle'
+    import job  # noqa: F401
+    paddle.set_device(args.device)  # before the meter starts: Paddle's allocator reads the current device
+    return (benchmark_seg.paddle_seg_step if args.task == 'segmentation' else paddle_step), 'paddle'
+
+
+def load_config(args):
+    """``-cfg`` with ``-opts`` applied, checked."""
+    from config import get_config, merge_opts, validate_config
+    config = get_config(args.cfg)
+    merge_opts(config, args.opts)
+    validate_config(config)
+    return config
+
+
+def measure(args, processes: int = 1) -> dict:
+    """In the child process: one backend, one mode."""
+    config = load_config(args)
+    config.MODEL.DROPPATH = 0.0  # the same work in every step
+    if args.task == 'segmentation':
+        benchmark_seg.same_work(config)
+    build, framework = step_builder(args)
     start_memory, peak_memory = memory_meter(framework, args.device)
     framework_mb = start_memory()  # counted out: the frameworks' own import footprints differ
     step = build(config, args.child, args.mode, args.batch_size, processes=processes)
@@ -269,7 +293,9 @@ def measure(args, processes: int = 1) -> dict:
     return {'backend': args.child, 'images_per_sec': rate, 'peak_mb': peak_memory() - framework_mb}
 
 
-def available_backends(mode: str, device: str) -> list:
+def available_backends(mode: str, device: str, task: str) -> list:
+    if task == 'segmentation':
+        return _available_seg_backends()
     from inference import bf16_supported
     backends = [b for b in PADDLE_BACKENDS if not (mode == 'train' and b in EVAL_ONLY) and b != 'dygraph_ddp']
     backends = [b for b in backends if b not in (GPU_ONLY if device == 'cpu' else CPU_ONLY)]
@@ -283,10 +309,21 @@ def available_backends(mode: str, device: str) -> list:
     return backends
 
 
+def _available_seg_backends() -> list:
+    backends = [b for b in benchmark_seg.SEG_BACKENDS if b != benchmark_seg.REFERENCE]
+    try:
+        import transformers  # noqa: F401
+        backends.append(benchmark_seg.REFERENCE)
+    except ImportError:
+        print('transformers not installed: no reference column', file=sys.stderr)
+    return backends
+
+
 def child_command(args, backend: str) -> list:
+    opts = ['-opts', *args.opts] if args.opts else []
     return [sys.executable, os.path.abspath(__file__), '-cfg', args.cfg, '-batch_size', str(args.batch_size),
             '-mode', args.mode, '-warmup', str(args.warmup), '-steps', str(args.steps), '-nproc', str(args.nproc),
-            '-device', args.device, '-child', backend]
+            '-task', args.task, '-device', args.device, '-child', backend, *opts]
 
 
 def run_child(args, backend: str) -> dict:
@@ -302,19 +339,24 @@ def run_child(args, backend: str) -> dict:
 
 
 def print_table(rows: list, args) -> None:
-    reference = next((r for r in rows if r['backend'] == 'timm' and 'error' not in r), None)
+    name = benchmark_seg.REFERENCE if args.task == 'segmentation' else 'timm'
+    reference = next((r for r in rows if r['backend'] == name and 'error' not in r), None)
     where = f'{os.cpu_count()} cores' if args.device == 'cpu' else 'on the GPU'
     peak = 'RSS growth after import' if args.device == 'cpu' else "device allocator's, after import"
-    print(f'{args.mode}, {os.path.basename(args.cfg)}, batch {args.batch_size}, {where}, '
+    task = 'segmentation ' if args.task == 'segmentation' else ''
+    print(f'{task}{args.mode}, {os.path.basename(args.cfg)}, batch {args.batch_size}, {where}, '
           f'median of {args.steps} steps after {args.warmup} warm-up')
-    print(f'{"backend":<16}{"img/s":>9}{"x timm":>8}{"peak MB":>10}{"x timm":>8}   (peak: {peak})')
+    ratio = f'x {name}'
+    width = len(ratio) + 2
+    print(f'{"backend":<16}{"img/s":>9}{ratio:>{width}}{"peak MB":>10}{ratio:>{width}}   (peak: {peak})')
     for row in rows:
         if 'error' in row:
             print(f'{row["backend"]:<16}  failed: {row["error"]}')
             continue
         speed = row['images_per_sec'] / reference['images_per_sec'] if reference else float('nan')
         memory = row['peak_mb'] / reference['peak_mb'] if reference else float('nan')
-        print(f'{row["backend"]:<16}{row["images_per_sec"]:>9.2f}{speed:>8.2f}{row["peak_mb"]:>10.0f}{memory:>8.2f}')
+        print(f'{row["backend"]:<16}{row["images_per_sec"]:>9.2f}{speed:>{width}.2f}{row["peak_mb"]:>10.0f}'
+              f'{memory:>{width}.2f}')
     _print_scaling(rows, args)
 
 
@@ -324,8 +366,40 @@ def _print_scaling(rows: list, args) -> None:
         print(f'dygraph_ddp: {args.nproc} processes give {measured["dygraph_ddp"] / measured["dygraph"]:.2f}x the '
               'images/s of one dygraph process')
 
+def check_choices(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse (exit 2, before any child starts) a backend the task or mode has not, a segmentation run of
+    a classification config or the reverse, and a segmentor transformers cannot express."""
+    if args.mode == 'gemm' and args.task != 'classification':
+        parser.error('-mode gemm measures a matmul: it takes no -task')
+    choices, what = (GEMM_CASES, '-mode gemm') if args.mode == 'gemm' else (TASK_BACKENDS[args.task], args.task)
+    unknown = [backend for backend in args.backend or () if backend not in choices]
+    if unknown:
+        parser.error(f'-backend {" ".join(unknown)}: no such path of {what} (choose from {", ".join(choices)})')
+    if args.mode != 'gemm':
+        _check_config_task(parser, args)
 
-def main() -> None:
+
+def _check_config_task(parser: argparse.ArgumentParser, args) -> None:
+    from errors import BadInputError
+    from seg_checkpoints import check_transformers_can_express
+    try:
+        config = load_config(args)
+        segmentation = benchmark_seg.is_segmentation_config(config)
+        if segmentation != (args.task == 'segmentation'):
+            parser.error(f'{args.cfg}: ' + ('a segmentation config (it sets SEG keys): add -task segmentation'
+                                             if segmentation else
+                                             'a classification config (it sets no SEG key): -task segmentation needs '
+                                             'a segmentor\'s config, e.g. configs/beit_tiny_seg.yaml'))
+        if segmentation and benchmark_seg.REFERENCE in (args.backend or (benchmark_seg.REFERENCE,)):
+            check_transformers_can_express(config)
+        if segmentation and args.mode == 'train' and args.batch_size < benchmark_seg.MIN_TRAIN_BATCH:
+            parser.error(f'-task segmentation -mode train needs -batch_size {benchmark_seg.MIN_TRAIN_BATCH} or more '
+                         '(one image gives the pyramid pooling\'s BatchNorm one value per channel)')
+    except BadInputError as error:
+        parser.error(f'{args.cfg}: {error}')
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('BEiT speed and memory, next to timm')
     parser.add_argument('-cfg', default='configs/beit_base_patch16_224.yaml')
     parser.add_argument('-batch_size', type=int, default=8)
@@ -334,8 +408,17 @@ def main() -> None:
     parser.add_argument('-warmup', type=int, default=3)
     parser.add_argument('-steps', type=int, default=10)
     parser.add_argument('-nproc', type=int, default=2, help='processes of the dygraph_ddp path')
+    parser.add_argument('-task', choices=tuple(TASK_BACKENDS), default='classification',
+                        help='segmentation: BeitUperNet of a config with SEG keys, next to transformers')
+    parser.add_argument('-opts', nargs='+', action='extend', default=[], metavar='KEY VALUE',
+                        help='config overrides, e.g. DATA.IMAGE_SIZE 256')
     parser.add_argument('-device', choices=('cpu', 'gpu'), default='cpu', help=argparse.SUPPRESS)  # the parent's
     parser.add_argument('-child', default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.child == 'dygraph_ddp':
         print(json.dumps(measure_data_parallel(args)))
@@ -344,12 +427,14 @@ def main() -> None:
     elif args.child:
         print(json.dumps(measure(args)))
     elif args.mode == 'gemm':
+        check_choices(parser, args)
         print(cpu_line())
         print_gemm_table([run_child(args, case) for case in (args.backend or GEMM_CASES)])
     else:
+        check_choices(parser, args)
         print(cpu_line())
         args.device = benchmark_device()  # for every child
-        backends = args.backend or available_backends(args.mode, args.device)
+        backends = args.backend or available_backends(args.mode, args.device, args.task)
         print_table([run_child(args, backend) for backend in backends], args)
 
 

@@ -210,7 +210,8 @@ def _to_transformers_names(name: str, value: np.ndarray) -> dict:
 
 
 def transformers_config(config):
-    """transformers' BeitConfig for the segmentor of ``config`` (no dropout or drop path: a reference for eval)."""
+    """transformers' BeitConfig for the segmentor of ``config`` (no dropout or drop path: a reference for eval; its
+    loss weighs the auxiliary head and ignores labels as ours)."""
     from transformers import BeitConfig
     m, seg = config.MODEL, config.SEG
     return BeitConfig(
@@ -221,7 +222,8 @@ def transformers_config(config):
         use_absolute_position_embeddings=m.USE_ABS_POS_EMB, use_relative_position_bias=m.USE_REL_POS_BIAS,
         use_shared_relative_position_bias=m.USE_SHARED_REL_POS_BIAS, layer_scale_init_value=m.INIT_VALUES or 0.0,
         use_mean_pooling=True, pool_scales=list(seg.POOL_SCALES), auxiliary_channels=seg.AUX_CHANNELS,
-        num_labels=seg.NUM_CLASSES, out_indices=list(range(1, 5)))
+        num_labels=seg.NUM_CLASSES, out_indices=list(range(1, 5)), auxiliary_loss_weight=seg.AUX_LOSS_WEIGHT,
+        semantic_loss_ignore_index=seg.IGNORE_INDEX)
 
 
 def transformers_model(config, hf_state_dict: dict):
@@ -229,14 +231,31 @@ def transformers_model(config, hf_state_dict: dict):
     holding ``hf_state_dict`` (file layout) and the config, then pointed at unilm's blocks (see the module doc)."""
     from safetensors.numpy import save_file
     from transformers import BeitForSemanticSegmentation
-    if config.SEG.CHANNELS != config.MODEL.EMBED_DIM:
-        raise ConversionError(f'transformers\' UperHead is as wide as the encoder: it cannot stand for SEG.CHANNELS '
-                              f'{config.SEG.CHANNELS} with MODEL.EMBED_DIM {config.MODEL.EMBED_DIM}')
+    check_transformers_can_express(config)
     with tempfile.TemporaryDirectory() as folder:
         transformers_config(config).save_pretrained(folder)
         save_file({name: np.array(value, order='C') for name, value in hf_state_dict.items()},
                   str(Path(folder) / 'model.safetensors'), metadata={'format': 'pt'})
         reference = BeitForSemanticSegmentation.from_pretrained(folder).eval()
+    return on_unilm_blocks(reference, config)
+
+
+def random_transformers_model(config):
+    """transformers' BeitForSemanticSegmentation of ``config``'s shape with its own random init, pointed at unilm's
+    blocks (benchmark.py's reference)."""
+    from transformers import BeitForSemanticSegmentation
+    check_transformers_can_express(config)
+    return on_unilm_blocks(BeitForSemanticSegmentation(transformers_config(config)), config)
+
+
+def check_transformers_can_express(config) -> None:
+    if config.SEG.CHANNELS != config.MODEL.EMBED_DIM:
+        raise ConversionError(f'transformers\' UperHead is as wide as the encoder: it cannot stand for SEG.CHANNELS '
+                              f'{config.SEG.CHANNELS} with MODEL.EMBED_DIM {config.MODEL.EMBED_DIM}')
+
+
+def on_unilm_blocks(reference, config):
+    """``reference`` taking its features from the blocks SEG.OUT_INDICES as unilm counts them (see the module doc)."""
     reference.config._out_indices = [block + 2 for block in config.SEG.OUT_INDICES]
     return reference
 
