@@ -143,3 +143,17 @@ def test_missing_or_bad_flags_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         plot_segmentation.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ema_draws_a_checkpoints_ema_weights(capsys, tmp_path, config):
+    model_state, ema_state = trained_like_seg_state(config, seed=1), trained_like_seg_state(config, seed=2)
+    checkpoint = save_weights(tmp_path / 'checkpoint.pdparams', model_state, ema_state)
+    bare_ema = save_weights(tmp_path / 'ema.pdparams', ema_state)
+
+    def picture(name: str, weights_path, *flags) -> bytes:
+        argv = ('-cfg', FASHION_CONFIG, '-pretrained', weights_path, '-output', tmp_path / name, '-num_images', 1)
+        assert run(capsys, *argv, *flags)[0] == 0
+        return (tmp_path / name / 'predictions.png').read_bytes()
+
+    ema = picture('ema', checkpoint, '-ema')
+    assert ema == picture('bare_ema', bare_ema) and ema != picture('model', checkpoint)
