@@ -1,7 +1,10 @@
-"""What the test files share: the repository root, the tiny config, the real photos, small data files and file
-checks. (Fixtures
-and the environment set-up stay in conftest.py.)"""
+"""What the test files share: the repository root, the tiny config, the real photos, small data files, file
+checks and a run killed in its subprocess. (Fixtures and the environment set-up stay in conftest.py.)"""
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,9 @@ from transforms import get_val_transforms, host_normalise
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(ROOT / 'configs' / 'beit_tiny_patch4_32.yaml')
 PHOTO_DIR = Path(os.environ.get('BEIT_TEST_PHOTOS', ROOT / 'tests' / 'photos'))
+# The environment of the scripts run in subprocesses: they share the cores between their processes (an
+# OMP_NUM_THREADS above 1 would override that), and this Python's scripts come first on PATH.
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PATH': f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'}
 
 
 def tiny_config(*opts, **train):
@@ -25,6 +31,21 @@ def tiny_config(*opts, **train):
     merge_opts(config, [*opts, *(item for key, value in train.items() for item in (f'TRAIN.{key}', value))])
     validate_config(config)
     return config
+
+
+def kill_during(cmd, log: Path, line: str, timeout=120) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``line`` appears in ``log`` (a run killed mid-epoch)."""
+    process = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not (log.exists() and line in log.read_text()):
+            assert process.poll() is None, 'the run ended before it could be killed'
+            assert time.time() < deadline, f'no "{line}" in {log}'
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
 
 
 def photo_batch(paths, config) -> np.ndarray:

@@ -7,7 +7,6 @@ import math
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,14 +16,12 @@ import numpy as np
 import paddle
 import pytest
 
-from helpers import ROOT, TINY_CONFIG
+from helpers import ENV, ROOT, TINY_CONFIG, kill_during
 from procs import descendants
 from tiny_data import write_dataset
 
 pytestmark = pytest.mark.slow  # every test runs the scripts in subprocesses
 NUM_VAL = 37  # divisible neither by 2 processes nor by the eval batch of 8
-# The scripts share the cores between their processes; an OMP_NUM_THREADS above 1 would override that.
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PATH': f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'}
 STEP_LINE = re.compile(r'epoch (\d+)/(\d+) step (\d+)/(\d+) lr (\S+) ')
 
 
@@ -108,20 +105,6 @@ RESUME_OPTS = ['TRAIN.NUM_EPOCHS', '3', 'REPORT_FREQ', '1', 'TRAIN.MODEL_EMA', '
 def resumable_command(data, output, *flags):
     return command('main_single_gpu.py', data, output, '-batch_size', '4', '-accum_iter', '2', *flags,
                    opts=RESUME_OPTS)
-
-
-def kill_during(cmd, log, line, timeout=120):
-    process = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    try:
-        while not (log.exists() and line in log.read_text()):
-            assert process.poll() is None, 'the run ended before it could be killed'
-            assert time.time() < deadline, f'no "{line}" in {log}'
-            time.sleep(0.01)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
 
 
 @pytest.fixture(scope='module')
