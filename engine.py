@@ -123,6 +123,29 @@ def all_reduce_sum(values: paddle.Tensor, world: World) -> np.ndarray:
     return values.numpy().astype(np.float64)
 
 
+BATCH_NORM_STATISTICS = ('_mean', '_variance')  # a Paddle BatchNorm's running statistics, as its state dict names them
+UNSYNCED_BATCH_NORMS = (nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D)  # not nn.SyncBatchNorm, a sibling class
+
+
+def average_batch_norm_statistics(model: nn.Layer, world: World) -> int:
+    """Set every process's BatchNorm running statistics to their mean over the processes, in place; returns how many
+    layers. Where BatchNorm is not synchronised (several CPU processes: Paddle has no CPU SyncBatchNorm kernel) each
+    process's statistics follow its own batches, yet only the main process's are saved while every process
+    evaluates its share with its own: without this, a run's evaluations would not be its checkpoints', and a resumed
+    process (given the main one's) would evaluate otherwise. Averaged once an epoch, the statistics are the same
+    everywhere, in the checkpoint too. SyncBatchNorm layers (their statistics are already the same) are left alone.
+    The mean of the means is the whole batch's; the mean of the variances leaves out the spread between processes."""
+    layers = [layer for layer in model.sublayers(include_self=True) if isinstance(layer, UNSYNCED_BATCH_NORMS)]
+    if world.size > 1:
+        for layer in layers:
+            for name, statistic in layer.state_dict(include_sublayers=False).items():
+                if name in BATCH_NORM_STATISTICS:
+                    total = statistic.clone()
+                    dist.all_reduce(total)
+                    statistic.set_value(total / world.size)
+    return len(layers)
+
+
 def _forward_backward(trainer: Trainer, batch, sync: bool) -> paddle.Tensor:
     """Add one micro-batch's gradients (scaled by 1/ACCUM_ITER); returns its counts."""
     defer_sync = trainer.world.size > 1 and not sync

@@ -18,7 +18,17 @@ import gpu_runtime
 import run_folder
 from checkpoint import check_pretrained_path, save_checkpoint
 from config import ConfigError
-from engine import Amp, NonFiniteLossError, Objective, Trainer, World, all_reduce_sum, evaluate, train_one_epoch
+from engine import (
+    Amp,
+    NonFiniteLossError,
+    Objective,
+    Trainer,
+    World,
+    all_reduce_sum,
+    average_batch_norm_statistics,
+    evaluate,
+    train_one_epoch,
+)
 from run_folder import PARAM_GROUPS_FILE, RunFolder
 from run_setup import (
     Data,
@@ -244,6 +254,9 @@ def _train_epoch(job: Job, epoch: int) -> dict:
     except NonFiniteLossError as err:
         kept = job.folder.last_checkpoint or 'none was saved yet'
         raise NonFiniteLossError(f'{err}. The last good checkpoint: {kept}') from None
+    for model in (job.trainer.model, job.trainer.model_ema and job.trainer.model_ema.module):
+        if model is not None:  # before they are evaluated and saved
+            average_batch_norm_statistics(model, job.world)
     metric = job.objective.metric
     job.logger.info(f'epoch {epoch} train: loss {result["loss"]:.4f} {metric} {result[metric]:.4f} '
                     f'time {result["time"]:.1f}s ({result["images_per_sec"]:.1f} images/s), '

@@ -7,6 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
+import engine
 from beit import build_beit
 from beit_pretrain import build_beit_pretrain
 from config import get_config
@@ -261,3 +262,35 @@ def test_evaluate_sums_the_counts_of_every_process(monkeypatch):
     assert result['num_samples'] == whole['num_samples'] == 17
     for key in ('loss', 'acc1', 'acc5'):
         assert result[key] == pytest.approx(whole[key], rel=1e-12), key
+
+
+def batch_norm_layers(seed: int) -> paddle.nn.Sequential:
+    """A BatchNorm2D and a SyncBatchNorm whose running statistics are those of one process's batches."""
+    paddle.seed(seed)
+    layers = paddle.nn.Sequential(paddle.nn.BatchNorm2D(3), paddle.nn.SyncBatchNorm(3))
+    layers.train()
+    layers[0](paddle.randn([4, 3, 5, 5]) * (seed + 1) + seed)  # SyncBatchNorm cannot run on a CPU: left as built
+    return layers
+
+
+def test_batch_norm_statistics_are_averaged_over_the_processes_and_sync_ones_left_alone(monkeypatch):
+    """Rank 0's BatchNorm2D ends with the mean of both processes' running statistics (the all-reduce stand-in adds
+    the other rank's), the weights and the SyncBatchNorm untouched; one process changes nothing."""
+    own, other = batch_norm_layers(0), batch_norm_layers(1)
+    before = {name: value.numpy().copy() for name, value in own.state_dict().items()}
+    assert engine.average_batch_norm_statistics(own, World()) == 1
+    assert all(np.array_equal(value.numpy(), before[name]) for name, value in own.state_dict().items())
+    others = other.state_dict()
+    other_statistics = iter([others['0._mean'], others['0._variance']])  # in the order the layer's state dict has
+
+    def all_reduce(values):
+        paddle.assign(values + next(other_statistics), output=values)
+
+    monkeypatch.setattr(paddle.distributed, 'all_reduce', all_reduce)
+    assert engine.average_batch_norm_statistics(own, World(rank=0, size=2, local_size=2)) == 1
+    after = own.state_dict()
+    for name in ('0._mean', '0._variance'):
+        np.testing.assert_allclose(after[name].numpy(), (before[name] + others[name].numpy()) / 2, rtol=1e-6)
+        assert not np.array_equal(before[name], others[name].numpy())
+    for name in ('0.weight', '0.bias', '1._mean', '1._variance'):
+        np.testing.assert_array_equal(after[name].numpy(), before[name])

@@ -435,15 +435,8 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_weights_bit_for_bit(sigkil
     assert untimed_train_records(killed) == untimed_train_records(full)
 
 
-# Several CPU processes train plain BatchNorm2D (no sync kernel): each rank's running statistics follow its own
-# crops and only rank 0's are saved, yet every rank evaluates its share of the val images with its own. So the run's
-# evaluations are not those of its checkpoints, and a resumed rank 1 (given rank 0's statistics) evaluates otherwise.
-RANK_BATCH_NORM = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                    reason='each CPU rank evaluates with its own BatchNorm statistics')
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize('sigkilled_runs', ['1', pytest.param('2', marks=RANK_BATCH_NORM)], indirect=True)
+@pytest.mark.parametrize('sigkilled_runs', ['1', '2'], indirect=True)
 def test_a_sigkilled_and_resumed_run_evaluates_as_the_uninterrupted_run(sigkilled_runs):
     assert [record['epoch'] for record in records(sigkilled_runs[1], 'val')] == [1, 2]
     expected, resumed = (records(folder, 'val')[-1] for folder in sigkilled_runs)
