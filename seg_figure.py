@@ -13,7 +13,6 @@ draws unresampled (figimage) at DPI, a power of two, so the saved PNG holds ever
 (Layout.box says where); the text is drawn in the bands between them.
 """
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -164,11 +163,9 @@ def draw(rows: Sequence[Row], names: Sequence[str], ignore_index: int, path: str
     text(layout.legend_left, MARGIN, 'classes')
     for line, (_, words) in enumerate(legend):
         text(layout.legend_left + SWATCH + 6, TITLE_BAND + line * LEGEND_LINE, words)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix='.predictions-', suffix='.png', dir=folder)
-    os.close(handle)
+    temporary = f'{path}.tmp{os.getpid()}'  # created with the umask's mode, as every file a run writes
     try:
-        figure.savefig(temporary, dpi=DPI)
+        figure.savefig(temporary, dpi=DPI, format='png')
         os.replace(temporary, path)
     finally:
         plt.close(figure)

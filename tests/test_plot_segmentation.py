@@ -1,6 +1,9 @@
 """plot_segmentation.py on the demo's canvases with a random segmentor: predictions.png holds the first validation
 images, their annotations and seg_inference.segment's argmax in the palette's colours, pixel for pixel; bad
 weights, configs and outputs exit 2 with nothing written."""
+import os
+import stat
+
 import numpy as np
 import paddle
 import pytest
@@ -97,6 +100,9 @@ def test_an_earlier_picture_is_replaced(capsys, tmp_path, weights):
     with Image.open(tmp_path / 'predictions.png') as image:
         assert image.size[1] == TITLE_BAND + CAPTION_BAND + 2 * 96 + MARGIN  # one 128x96 canvas
     assert sorted(p.name for p in tmp_path.iterdir()) == ['predictions.png']  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / 'predictions.png').stat().st_mode) == 0o666 & ~umask  # readable as any output
 
 
 @pytest.fixture(scope='module')
