@@ -69,6 +69,22 @@ def build_arg_parser(description: str = 'BEiT') -> argparse.ArgumentParser:
     return parser
 
 
+def add_predictor_flags(parser: argparse.ArgumentParser, export_help: str) -> None:
+    """The flags of a predicting script (predict.py, predict_segment.py): images, and which weights run them."""
+    parser.add_argument('images', nargs='+', metavar='IMAGE')
+    parser.add_argument('-inference_model', default=None, metavar='PREFIX', help=export_help)
+    parser.add_argument('-ema', action='store_true', help="a training checkpoint's EMA weights instead of its model")
+    parser.add_argument('-json', action='store_true', help='print JSON instead of text')
+
+
+def check_predictor_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exactly one source of weights: -pretrained (with -ema if wanted) or an exported model."""
+    if args.inference_model and (args.pretrained or args.ema):
+        parser.error('-inference_model runs an exported model: drop -pretrained / -ema')
+    if not args.inference_model and not args.pretrained:
+        parser.error('give -pretrained WEIGHTS (with -cfg) or -inference_model PREFIX')
+
+
 def update_config(config: CN, args: argparse.Namespace, task: Task | None = None) -> CN:
     """Apply the command-line flags (then -opts) to ``config``, then ``task``'s own keys (Task.own_keys) to the
     shared ones they replace; validate and freeze it."""

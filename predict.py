@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from cli import build_arg_parser, update_config
+from cli import add_predictor_flags, build_arg_parser, check_predictor_flags, update_config
 from config import get_default_config
 from errors import EXIT_BAD_INPUT, BadInputError
 from image_files import DECODE_ERRORS, load_rgb_image
@@ -45,19 +45,13 @@ class ClassNamesError(BadInputError):
 
 def parse_args(argv):
     parser = build_arg_parser('Predict the classes of images with a BEiT')
-    parser.add_argument('images', nargs='+', metavar='IMAGE')
-    parser.add_argument('-inference_model', default=None, metavar='PREFIX', help='run export_model.py output')
+    add_predictor_flags(parser, 'run export_model.py output')
     parser.add_argument('-precision', choices=PRECISIONS, default='fp32', help='for -inference_model; bf16 needs '
                         'a CPU with bfloat16 support')
-    parser.add_argument('-ema', action='store_true', help="a training checkpoint's EMA weights instead of its model")
     parser.add_argument('-topk', type=int, default=5)
     parser.add_argument('-class_names', default=None, metavar='FILE', help='one class name per line')
-    parser.add_argument('-json', action='store_true', help='print JSON instead of text')
     args = parser.parse_args(argv)
-    if args.inference_model and (args.pretrained or args.ema):
-        parser.error('-inference_model runs an exported model: drop -pretrained / -ema')
-    if not args.inference_model and not args.pretrained:
-        parser.error('give -pretrained WEIGHTS (with -cfg) or -inference_model PREFIX')
+    check_predictor_flags(parser, args)
     if not args.inference_model and args.precision != 'fp32':
         parser.error('-precision bf16 needs -inference_model (Paddle has no bfloat16 CPU kernels in dygraph)')
     if args.topk < 1:

@@ -31,7 +31,7 @@ outputs (nothing written).
 import json
 import sys
 
-from cli import build_arg_parser, update_config
+from cli import add_predictor_flags, build_arg_parser, check_predictor_flags, update_config
 from config import get_default_config
 from engine import World
 from errors import EXIT_BAD_INPUT, BadInputError
@@ -44,19 +44,12 @@ from task_segment import build_segmentation_objective
 
 def parse_args(argv):
     parser = build_arg_parser('Segment images with a BEiT + UperNet')
-    parser.add_argument('images', nargs='+', metavar='IMAGE')
-    parser.add_argument('-inference_model', default=None, metavar='PREFIX',
-                        help='run export_model.py -segmentation output')
-    parser.add_argument('-ema', action='store_true', help="a training checkpoint's EMA weights instead of its model")
+    add_predictor_flags(parser, 'run export_model.py -segmentation output')
     parser.add_argument('-overlay', action='store_true', help='also write <stem>_overlay.png')
     parser.add_argument('-alpha', type=float, default=None, help="the map colours' weight in the overlay (0.5)")
     parser.add_argument('-overwrite', action='store_true', help='replace maps already in -output')
-    parser.add_argument('-json', action='store_true', help='print JSON instead of text')
     args = parser.parse_args(argv)
-    if args.inference_model and (args.pretrained or args.ema):
-        parser.error('-inference_model runs an exported model: drop -pretrained / -ema')
-    if not args.inference_model and not args.pretrained:
-        parser.error('give -pretrained WEIGHTS (with -cfg) or -inference_model PREFIX')
+    check_predictor_flags(parser, args)
     if not args.output:
         parser.error('-output FOLDER is required (the maps are written there)')
     if args.alpha is not None and not args.overlay:
