@@ -7,9 +7,10 @@ statistics and, in some, the teacher's and the scaling layer's tensors. Inferenc
 ``encode_task_layer`` and ``quantize.embedding.weight``: the rest is dropped (named on stdout), as unilm drops
 ``teacher*``, ``scaling*`` and ``loss*`` when it loads a tokenizer. The size (image, patch, width, depth, MLP
 width, codebook) is read from the tensor shapes; the head count is not in the shapes (-num_heads, 12 for
-unilm's ViT-B/16) and matters only to -check, which compares the features with a timm-built reference of
-unilm's tokenizer on random images and writes nothing above CHECK_TOLERANCE. Nothing is written unless the whole
-file fits.
+unilm's ViT-B/16) and serves -check only, which compares the features with a timm-built reference of unilm's
+tokenizer on random images and writes nothing above CHECK_TOLERANCE (the reference takes the same head count,
+so a wrong one goes unnoticed: build_vqkd_tokenizer's num_heads must be the real one). Nothing is written
+unless the whole file fits.
 """
 import argparse
 import math

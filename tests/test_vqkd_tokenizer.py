@@ -85,6 +85,23 @@ def test_codebook_is_used_as_stored_with_unilm_distance():
     assert ambiguous <= AMBIGUOUS_SHARE * features.shape[0] * features.shape[1]
 
 
+def test_ids_may_differ_only_where_the_nearest_codes_tie():
+    """compare_ids itself: a duplicated code makes every patch nearest to it a tie, where either id is right;
+    an id changed anywhere else fails."""
+    reference = UnilmVQKD(**TINY)
+    features = reference.features(random_images(8, TINY['img_size']))
+    ids = reference.distances(features).argmin(-1)
+    with torch.no_grad():
+        reference.codebook[-1] = reference.codebook[ids[0, 0]]
+    ids = reference.distances(features).argmin(-1)
+    tied = ids == ids[0, 0]
+    swapped = np.where(tied, reference.codebook.shape[0] - 1, ids)
+    assert compare_ids(reference, features, swapped, 0.0) == (int(tied.sum()), int(tied.sum()))
+    swapped[~tied] = (swapped[~tied] + 1) % reference.codebook.shape[0]
+    with pytest.raises(AssertionError, match='ids differ where the nearest codes are clearly apart'):
+        compare_ids(reference, features, swapped, 0.0)
+
+
 def test_tokenizer_is_frozen_in_eval_mode_and_gives_int64_ids():
     tokenizer = build_vqkd_tokenizer(**TINY)
     assert not tokenizer.training and all(param.stop_gradient for param in tokenizer.parameters())
