@@ -74,8 +74,10 @@ def _noise_scale(name: str) -> float:
 
 
 def unilm_state_dict(model: ClsPretrainReference) -> dict:
-    """What a unilm v2 pre-training file's ``model`` holds: the reference's tensors under unilm's names."""
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    """What a unilm v2 pre-training file's ``model`` holds: the reference's tensors under unilm's names, plus the
+    relative position index buffers unilm saves and timm does not."""
+    indices = {name: index for name, index in model.named_buffers() if name.endswith('relative_position_index')}
+    return {name: tensor.detach().clone() for name, tensor in {**model.state_dict(), **indices}.items()}
 
 
 def summed_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,12 @@ from beit import adapt_state_dict, build_beit, encoder_kwargs
 from beit2_reference import reference_model, summed_loss, unilm_state_dict
 from beit_pretrain import BeitForMaskedImageModeling, BeitV2ForMaskedImageModeling, build_beit_pretrain
 from checkpoint import load_pretrained
-from load_pytorch_weights import convert_state_dict
+from load_pytorch_weights import compare_with_timm, convert_state_dict
 from optim import param_settings
 from timm_reference import PRETRAIN_SPEC as SPEC
 from timm_reference import PRETRAIN_VOCAB as VOCAB
-from timm_reference import TINY, config_for, pretraining_checkpoint, random_batch
-from torch_checkpoint import to_paddle_layout
+from timm_reference import TINY, config_for, pretraining_checkpoint, random_batch, save_checkpoint
+from torch_checkpoint import linear_weight_names, read_checkpoint, to_paddle_layout
 
 GRID = TINY['IMAGE_SIZE'] // TINY['PATCH_SIZE']  # 4x4 patches
 UNILM_PRETRAIN_KEYS = {'cls_token', 'mask_token', 'patch_embed.proj.weight', 'patch_embed.proj.bias',
@@ -254,3 +254,26 @@ def test_a_v2_pretraining_checkpoint_starts_fine_tuning_without_the_cls_branch(t
     for block, trained in zip(model.blocks, pretrained.blocks):
         np.testing.assert_array_equal(block.attn.relative_position_bias_table.numpy(), table.numpy())
         np.testing.assert_array_equal(block.mlp.fc1.weight.numpy(), trained.mlp.fc1.weight.numpy())
+
+
+@pytest.mark.parametrize('fmt', ['unilm.pth', 'deepspeed.pth'])
+def test_a_unilm_v2_pretraining_file_converts_for_the_v2_model(tmp_path, fmt):
+    """load_pytorch_weights' mapping and -check need nothing new for a v2 file once the config builds the v2
+    model: the branch's Linears are the model's, so they are transposed; -check compares the main branch's tokens
+    with timm's encoder, which ignores the branch's tensors."""
+    reference = reference_model(V2_SPEC, vocab_size=VOCAB, early_layers=2, head_layers=2, shared_lm_head=False)
+    state = unilm_state_dict(reference)
+    assert 'rel_pos_bias.relative_position_index' in state
+    save_checkpoint(state, tmp_path / 'pt1k.pth', fmt)
+    model = v2_model(early_layers=2, head_layers=2, shared_lm_head=False)
+    fitted, notes = convert_state_dict(read_checkpoint(str(tmp_path / 'pt1k.pth')), model)
+    assert notes == []
+    linears = linear_weight_names(model)
+    assert {'cls_pt_layers.1.mlp.fc2.weight', 'cls_pt_lm_head.weight'} <= linears
+    assert fitted.keys() == {name for name in state if not name.endswith('relative_position_index')}
+    for name, value in fitted.items():
+        expected = state[name].numpy()
+        np.testing.assert_array_equal(value, expected.T if name in linears else expected, name)
+    model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
+    assert compare_with_timm(config_for(V2_SPEC), read_checkpoint(str(tmp_path / 'pt1k.pth')), model,
+                             mim=True) <= 1e-5
