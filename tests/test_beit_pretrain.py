@@ -277,3 +277,15 @@ def test_a_unilm_v2_pretraining_file_converts_for_the_v2_model(tmp_path, fmt):
     model.set_state_dict({name: paddle.to_tensor(value) for name, value in fitted.items()})
     assert compare_with_timm(config_for(V2_SPEC), read_checkpoint(str(tmp_path / 'pt1k.pth')), model,
                              mim=True) <= 1e-5
+
+
+def test_optimizer_rules_cover_the_cls_branch():
+    """unilm's rules: 2-D weights decay, 1-D tensors (gamma, biases, norms) do not; with a layer decay (unilm's
+    pre-training uses none) the branch sits after the blocks, as every name not starting with blocks."""
+    settings = param_settings(v2_model(early_layers=2, head_layers=2, shared_lm_head=False), weight_decay=0.05,
+                              layer_decay=0.5)
+    for name in ('cls_pt_layers.0.attn.qkv.weight', 'cls_pt_layers.1.mlp.fc2.weight', 'cls_pt_lm_head.weight'):
+        assert settings[name] == {'lr_scale': 1.0, 'weight_decay': 0.05}, name
+    for name in ('cls_pt_layers.0.gamma_1', 'cls_pt_layers.0.attn.q_bias', 'cls_pt_layers.1.mlp.fc2.bias',
+                 'cls_pt_norm.weight', 'cls_pt_lm_head.bias'):
+        assert settings[name] == {'lr_scale': 1.0, 'weight_decay': 0.0}, name
