@@ -58,13 +58,15 @@ def gather_positions(tokens: paddle.Tensor, positions: paddle.Tensor) -> paddle.
 
 
 def check_cls_branch(*, depth: int, early_layers: int, head_layers: int) -> None:
-    """Refuse CLS-branch settings unilm's model cannot run: it takes the patch tokens after block ``early_layers``
-    (1 to ``depth``; 0 would leave them undefined) and needs at least one head block."""
+    """Refuse CLS-branch settings that cannot work: the branch takes the patch tokens after block ``early_layers``
+    (1 to ``depth``: unilm's model fails on any other value), and without a head block the cls token never
+    reaches the patch positions (unilm runs it, but the branch's loss would not train the cls token)."""
     if not 1 <= early_layers <= depth:
         raise ValueError(f'early_layers {early_layers} is outside [1, {depth}] (the depth): the CLS branch takes '
                          'the patch tokens after that many blocks')
     if head_layers < 1:
-        raise ValueError(f'head_layers {head_layers} is below 1: the CLS branch needs at least one block')
+        raise ValueError(f'head_layers {head_layers} is below 1: the CLS branch needs a block for the cls token '
+                         'to reach the patches')
 
 
 class BeitV2ForMaskedImageModeling(BeitForMaskedImageModeling):
