@@ -3,6 +3,7 @@
 Parameter names follow the official checkpoints so that converted PyTorch weights load with
 ``model.set_state_dict``; only Linear weights differ in layout (Paddle stores them [in, out]).
 """
+import collections
 import math
 import operator
 from collections.abc import Sequence
@@ -491,9 +492,10 @@ class CheckpointMismatchError(BadInputError):
     """A state dict that cannot be made to fit the model."""
 
 
-# Tensors that only the pre-training model or an old buffer layout carries: dropped where the model has no place.
+# Tensors that only an old buffer layout (silently) or the pre-training models (named in a note: v1's mask token
+# and lm head, v2's CLS branch cls_pt_layers, cls_pt_norm, cls_pt_lm_head) carry: dropped where the model has no place.
 _DROPPABLE_SUFFIXES = ('relative_position_index',)
-_DROPPABLE_PREFIXES = ('mask_token', 'lm_head.')
+_PRETRAINING_PREFIXES = ('mask_token', 'lm_head.', 'cls_pt_')
 
 
 def adapt_state_dict(state_dict: dict, model: BeitEncoder, rel_pos_interp: str = 'cubic',
@@ -511,14 +513,17 @@ def adapt_state_dict(state_dict: dict, model: BeitEncoder, rel_pos_interp: str =
     source = {name: np.asarray(value) for name, value in state_dict.items()}
     notes = []
     _spread_shared_rel_pos_bias(source, target, notes)
-    fitted, unexpected = {}, []
+    fitted, unexpected, pretraining_only = {}, [], []
     for name, value in source.items():
         if name not in target:
-            if name.endswith(_DROPPABLE_SUFFIXES) or name.startswith(_DROPPABLE_PREFIXES):
-                continue
-            unexpected.append(name)
+            if not name.endswith(_DROPPABLE_SUFFIXES):
+                (pretraining_only if name.startswith(_PRETRAINING_PREFIXES) else unexpected).append(name)
             continue
         fitted[name] = _fit_tensor(name, value, target[name], rel_pos_interp, notes)
+    if pretraining_only:
+        groups = collections.Counter(name.split('.')[0] for name in pretraining_only)
+        notes.append('dropped the pre-training-only tensors (the model has no place for them): '
+                     + ', '.join(f'{group} ({count})' for group, count in groups.items()))
     _drop_mismatched_head(fitted, target, notes, complete)
     _check_complete(fitted, target, unexpected, model, notes, complete)
     return fitted, notes
