@@ -6,14 +6,13 @@ Parameter names and layouts are those of the ``dall_e`` package's Encoder state 
 so a converted file is that state dict unchanged; ``load_dalle_weights.py`` writes it.
 """
 import math
-import os
 import re
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-import safe_pickle
+import weights_file
 from errors import BadInputError
 
 _GROUP_NAME = re.compile(r'blocks\.group_(\d+)\.')
@@ -135,18 +134,8 @@ def _count_indices(pattern: re.Pattern, names) -> int:
     return len({match.group(1) for name in names if (match := pattern.match(name))})
 
 
-def check_state_dict_fits(state_dict: dict, model: Encoder, source: str) -> None:
-    """Same tensor names and shapes as ``model``, or an error naming the first difference."""
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    missing = [name for name in expected if name not in state_dict]
-    unexpected = [name for name in state_dict if name not in expected]
-    if missing or unexpected:
-        raise TokenizerWeightsError(f'{source}: not the tensors of a DALL-E encoder: {len(missing)} missing '
-                                    f'{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}')
-    for name, shape in expected.items():
-        if tuple(state_dict[name].shape) != shape:
-            raise TokenizerWeightsError(f'{source}: {name} has shape {list(state_dict[name].shape)}, '
-                                        f'the encoder it describes needs {list(shape)}')
+def check_state_dict_fits(state_dict: dict, model, source: str) -> None:
+    weights_file.check_fits(state_dict, model, source, error=TokenizerWeightsError, what='a DALL-E encoder')
 
 
 def encoder_from_state_dict(state_dict: dict, source: str, **expected_kwargs) -> Encoder:
@@ -175,22 +164,10 @@ def build_tokenizer(weights_path: str | None = None, *, trust_pickle: bool = Fal
         model = Encoder(**encoder_kwargs)
     else:
         model = encoder_from_state_dict(_read_pdparams(weights_path, trust_pickle), weights_path, **encoder_kwargs)
-    for param in model.parameters():
-        param.stop_gradient = True
-    return model.eval()
+    return weights_file.frozen(model)
 
 
 def _read_pdparams(path: str, trust_pickle: bool) -> dict:
-    if not os.path.isfile(path):
-        raise TokenizerWeightsError(f'tokenizer weights not found: {path} (convert encoder.pkl with '
-                                    'load_dalle_weights.py)')
-    try:
-        state_dict = safe_pickle.load(path, trust_pickle=trust_pickle)
-    except safe_pickle.UnsafePickleError as err:
-        raise TokenizerWeightsError(str(err)) from None
-    except Exception as err:  # paddle raises many types for foreign or truncated files
-        raise TokenizerWeightsError(f'{path}: not a readable .pdparams file ({type(err).__name__}: '
-                                    f'{str(err).splitlines()[0] if str(err) else ""})') from err
-    if not isinstance(state_dict, dict):
-        raise TokenizerWeightsError(f'{path}: holds a {type(state_dict).__name__}, not a state dict')
-    return state_dict
+    return weights_file.read_state_dict(path, trust_pickle=trust_pickle, what='tokenizer weights',
+                                       error=TokenizerWeightsError,
+                                       converter_hint='convert encoder.pkl with load_dalle_weights.py')

@@ -111,3 +111,4 @@ def load(path: str, *, return_numpy: bool = False, trust_pickle: bool = False):
     with open(path, 'rb') as f:
         obj = _WeightsUnpickler(f, path).load()
     return _as_paddle_load_returns(obj, return_numpy)
+

@@ -11,13 +11,12 @@ Parameter names are those of unilm's ``VQKD`` state dict (``encoder.blocks.0.att
 ``load_vqkd_weights.py`` converts unilm's released files. The encoder's blocks are beit.py's (``BeitEncoder``:
 the same function with relative position bias off and layer scale off).
 """
-import os
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-import safe_pickle
+import weights_file
 from beit import LAYER_NORM_EPS, BeitEncoder, trunc_normal_
 from errors import BadInputError
 
@@ -100,18 +99,8 @@ class VQKDTokenizer(nn.Layer):
         return self.tokens(images)
 
 
-def check_state_dict_fits(state_dict: dict, model: VQKDTokenizer, source: str) -> None:
-    """Same tensor names and shapes as ``model``, or an error naming the first difference."""
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    missing = [name for name in expected if name not in state_dict]
-    unexpected = [name for name in state_dict if name not in expected]
-    if missing or unexpected:
-        raise VQKDWeightsError(f'{source}: not the tensors of this VQ-KD tokenizer: {len(missing)} missing '
-                               f'{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}')
-    for name, shape in expected.items():
-        if tuple(state_dict[name].shape) != shape:
-            raise VQKDWeightsError(f'{source}: {name} has shape {list(state_dict[name].shape)}, the tokenizer '
-                                   f'asked for needs {list(shape)}')
+def check_state_dict_fits(state_dict: dict, model, source: str) -> None:
+    weights_file.check_fits(state_dict, model, source, error=VQKDWeightsError, what='this VQ-KD tokenizer')
 
 
 def build_vqkd_tokenizer(weights_path: str | None = None, *, img_size: int = 224, patch_size: int = 16,
@@ -128,22 +117,10 @@ def build_vqkd_tokenizer(weights_path: str | None = None, *, img_size: int = 224
         state_dict = _read_pdparams(weights_path, trust_pickle)
         check_state_dict_fits(state_dict, model, weights_path)
         model.set_state_dict(state_dict)
-    for param in model.parameters():
-        param.stop_gradient = True
-    return model.eval()
+    return weights_file.frozen(model)
 
 
 def _read_pdparams(path: str, trust_pickle: bool) -> dict:
-    if not os.path.isfile(path):
-        raise VQKDWeightsError(f'tokenizer weights not found: {path} (convert unilm\'s vqkd_*.pth with '
-                               'load_vqkd_weights.py)')
-    try:
-        state_dict = safe_pickle.load(path, trust_pickle=trust_pickle)
-    except safe_pickle.UnsafePickleError as err:
-        raise VQKDWeightsError(str(err)) from None
-    except Exception as err:  # paddle raises many types for foreign or truncated files
-        raise VQKDWeightsError(f'{path}: not a readable .pdparams file ({type(err).__name__}: '
-                               f'{str(err).splitlines()[0] if str(err) else ""})') from err
-    if not isinstance(state_dict, dict):
-        raise VQKDWeightsError(f'{path}: holds a {type(state_dict).__name__}, not a state dict')
-    return state_dict
+    return weights_file.read_state_dict(path, trust_pickle=trust_pickle, what='tokenizer weights',
+                                       error=VQKDWeightsError,
+                                       converter_hint="convert unilm's vqkd_*.pth with load_vqkd_weights.py")

@@ -7,6 +7,8 @@ from timm.layers import LayerNorm
 from timm.models.beit import Beit as TimmBeit
 from timm.models.beit import Block as TimmBlock
 
+from timm_reference import with_trained_like_noise
+
 
 class ClsPretrainReference(TimmBeit):
     """timm's encoder (no head, ``norm`` on all tokens) + unilm's mask token, lm head and CLS branch."""
@@ -56,21 +58,7 @@ def reference_model(spec: dict, *, seed: int = 0, **cls_branch) -> ClsPretrainRe
     """The reference with every parameter random at trained-like magnitudes (zero-initialised tables, biases and
     the mask token too), in eval mode."""
     torch.manual_seed(seed)
-    model = ClsPretrainReference(spec, **cls_branch)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.add_(torch.randn_like(param) * _noise_scale(name))
-    return model.eval()
-
-
-def _noise_scale(name: str) -> float:
-    if name.endswith('relative_position_bias_table'):
-        return 1.0
-    if 'gamma' in name or name.endswith(('q_bias', 'v_bias', 'mask_token')):
-        return 0.5
-    if 'lm_head' in name:
-        return 0.2
-    return 0.05
+    return with_trained_like_noise(ClsPretrainReference(spec, **cls_branch))
 
 
 def unilm_state_dict(model: ClsPretrainReference) -> dict:

@@ -105,7 +105,7 @@ BAD_SOURCES = {
                            '{src}: not a DALL-E encoder'),
     'wrong shape': (lambda tmp: _torch_save(tmp / 'w.pkl', {**_tiny_state_dict(),
                                                             'blocks.output.conv.b': torch.ones(7)}),
-                    r'{src}: blocks.output.conv.b has shape \[7\], the encoder it describes needs \[512\]'),
+                    r'{src}: blocks.output.conv.b has shape \[7\], a DALL-E encoder needs \[512\]'),
     'no groups': (lambda tmp: _torch_save(tmp / 'g.pkl', {
         name: value for name, value in _tiny_state_dict().items() if not name.startswith('blocks.group_')}),
         r'{src}: not a DALL-E encoder \(group_count, .* must be at least 1, got 0, 0, 3, 512\)'),

@@ -111,7 +111,7 @@ BAD_SOURCES = {
         r"{src}: not the tensors of this VQ-KD tokenizer: 1 missing \['encoder.blocks.1.mlp.fc2.bias'\]"),
     'a task layer of another width': (lambda tmp: save_like_unilm(tmp / 'w.pth', {
         **_tiny_released(), 'encode_task_layer.2.weight': torch.ones(16, 64)}),
-        r'{src}: encode_task_layer.2.weight has shape \[64, 16\], the tokenizer asked for needs \[64, 32\]'),
+        r'{src}: encode_task_layer.2.weight has shape \[64, 16\], this VQ-KD tokenizer needs \[64, 32\]'),
 }
 
 

@@ -144,7 +144,7 @@ BAD_WEIGHTS = {
     'other depth': (_saved_tiny, {**TINY, 'depth': 3}, r"{path}: not the tensors of this VQ-KD tokenizer: 13 "
                                                        r"missing \['encoder.blocks.2.norm1.weight'"),
     'other codebook size': (_saved_tiny, {**TINY, 'codebook_size': 8192},
-                            r'{path}: quantize.embedding.weight has shape \[1024, 32\], the tokenizer asked for '
+                            r'{path}: quantize.embedding.weight has shape \[1024, 32\], this VQ-KD tokenizer '
                             r'needs \[8192, 32\]'),
 }
 

@@ -32,17 +32,17 @@ def timm_model(spec: dict, seed: int = 0) -> TimmBeit:
                      use_abs_pos_emb=spec['USE_ABS_POS_EMB'], use_rel_pos_bias=spec['USE_REL_POS_BIAS'],
                      use_shared_rel_pos_bias=spec['USE_SHARED_REL_POS_BIAS'],
                      global_pool='avg' if spec['USE_MEAN_POOLING'] else 'token')
-    return _with_trained_like_noise(model)
+    return with_trained_like_noise(model)
 
 
 def timm_zoo_model(name: str, seed: int = 0) -> TimmBeit:
     """A model of timm's registry (``beitv2_large_patch16_224``: its own architecture settings, not ours) with
     random weights as timm_model's."""
     torch.manual_seed(seed)
-    return _with_trained_like_noise(timm.create_model(name, pretrained=False))
+    return with_trained_like_noise(timm.create_model(name, pretrained=False))
 
 
-def _with_trained_like_noise(model: TimmBeit) -> TimmBeit:
+def with_trained_like_noise(model: TimmBeit) -> TimmBeit:
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.add_(torch.randn_like(param) * _noise_scale(name))
@@ -53,8 +53,10 @@ def _noise_scale(name: str) -> float:
     """Trained-like magnitudes, so that every part (cls relations included) moves the logits visibly."""
     if name.endswith('relative_position_bias_table'):
         return 1.0
-    if 'gamma' in name or name.endswith(('q_bias', 'v_bias')):
+    if 'gamma' in name or name.endswith(('q_bias', 'v_bias', 'mask_token')):
         return 0.5
+    if 'lm_head' in name:  # the pre-training models' (tests/beit2_reference.py)
+        return 0.2
     return 0.05
 
 
