@@ -16,3 +16,9 @@ def load_rgb_image(path: str) -> Image.Image:
     with Image.open(path) as img:
         img.load()
         return to_rgb(img)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the file's header, nothing decoded: what load_rgb_image will give (no EXIF rotation)."""
+    with Image.open(path) as img:
+        return img.height, img.width

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     for outputs in planned:
         try:
             results.append(segment_file(outputs, model, objective, alpha=args.alpha))
-        except DECODE_ERRORS as err:  # changed since it was read
+        except DECODE_ERRORS as err:  # a body that does not decode, or a file changed since its header was read
             failures.append(report_failure({'image': outputs.image, 'error': f'{type(err).__name__}: {err}'}))
             continue
         if not args.json:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from config import ConfigError
 from errors import BadInputError
-from image_files import DECODE_ERRORS, load_rgb_image
+from image_files import DECODE_ERRORS, image_size, load_rgb_image
 from inference import CROPS_INPUT, ExportedPredictor, WeightsError, load_segmentor
 from seg_inference import InferenceSettings, Model, segment, view_shapes
 from task_segment import SegmentationObjective
@@ -179,11 +179,12 @@ def read_image(path: str) -> np.ndarray:
 
 
 def readable_images(paths: Sequence[str]) -> tuple[dict[str, tuple[int, int]], list[dict]]:
-    """({path: (height, width)} of the images that decode, failures): one bad file must not stop the others."""
+    """({path: (height, width)} of the images whose headers read, failures): one bad file must not stop the others.
+    Only headers: each image is decoded once, when it is segmented (a corrupt body fails there)."""
     sizes, failures = {}, []
     for path in paths:
         try:
-            sizes[path] = read_image(path).shape[:2]
+            sizes[path] = image_size(path)
         except DECODE_ERRORS as err:
             failures.append({'image': path, 'error': f'{type(err).__name__}: {err}'})
     return sizes, failures

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_files import DECODE_ERRORS, load_rgb_image
+from image_files import DECODE_ERRORS, image_size, load_rgb_image
 
 
 def _noise_jpeg(path: Path) -> Path:
@@ -41,3 +41,12 @@ def test_a_file_that_does_not_decode_raises_a_decode_error(tmp_path, kind, messa
     (tmp_path / 'bad.jpg').write_bytes(data)
     with pytest.raises(DECODE_ERRORS, match=message):
         load_rgb_image(str(tmp_path / 'bad.jpg'))
+
+
+def test_image_size_reads_the_header_as_the_decoded_image_is(tmp_path):
+    """(height, width) without decoding: a file whose body is cut still gives the size its header states."""
+    path = tmp_path / 'wide.png'
+    Image.new('RGB', (7, 3)).save(path)
+    assert image_size(str(path)) == (3, 7) == np.asarray(load_rgb_image(str(path))).shape[:2]
+    (tmp_path / 'cut.png').write_bytes(path.read_bytes()[:60])
+    assert image_size(str(tmp_path / 'cut.png')) == (3, 7)
