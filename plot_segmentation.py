@@ -67,8 +67,7 @@ def main(argv=None) -> int:
     for note in notes:
         print(f'note: {note}', file=sys.stderr)
     os.makedirs(args.output, exist_ok=True)
-    names = objective.class_names or [str(index) for index in range(objective.num_classes)]
-    draw(rows, names, objective.ignore_index, path)
+    draw(rows, objective.names, objective.ignore_index, path)
     print(f'wrote {path} ({len(rows)} validation images)')
     return 0
 

@@ -196,9 +196,8 @@ def segment_file(outputs: Outputs, model: Model, objective: SegmentationObjectiv
     image = read_image(outputs.image)
     classes = segment_image(model, objective, image)
     write_outputs(outputs, image, classes, alpha)
-    names = objective.class_names or [str(index) for index in range(objective.num_classes)]
     return {'image': outputs.image, 'height': image.shape[0], 'width': image.shape[1], 'map': outputs.map,
-            'overlay': outputs.overlay, 'classes': class_shares(classes, names)}
+            'overlay': outputs.overlay, 'classes': class_shares(classes, objective.names)}
 
 
 def as_text(result: dict) -> str:

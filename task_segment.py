@@ -136,11 +136,15 @@ class SegmentationObjective:
         return {'loss': float(totals[0]) / max(images, 1.0), 'miou': metrics['miou'], 'aacc': metrics['aacc'],
                 'macc': metrics['macc'], 'iou': metrics['iou'], 'acc': metrics['acc'], 'num_samples': int(images)}
 
+    @property
+    def names(self) -> list[str]:
+        """The class names, or the class indices as names when the data has none."""
+        return self.class_names or [str(index) for index in range(self.num_classes)]
+
     def describe(self, result: dict) -> str:
         """The per-class IoU and accuracy table of a summarised result, for the log."""
-        names = self.class_names or [str(index) for index in range(self.num_classes)]
         as_array = [np.array([np.nan if value is None else value for value in result[key]]) for key in ('iou', 'acc')]
-        return 'per class (%):\n' + class_table(names, *as_array)
+        return 'per class (%):\n' + class_table(self.names, *as_array)
 
     def reseed(self, seed: int) -> None:
         """Nothing of the objective is random."""
