@@ -23,6 +23,7 @@ REL_POS_INTERPOLATIONS = ('cubic', 'linear')  # pos_resample.py
 MIXUP_MODES = ('batch', 'pair', 'elem')  # mixup.py
 RANDOM_ERASE_MODES = ('const', 'rand', 'pixel')  # random_erasing.py
 LINPROBE_OPTIMIZERS = ('adamw', 'sgd')  # task_linprobe.py
+TOKENIZERS = ('dalle', 'vqkd')  # task_pretrain.py: BEiT v1's DALL-E encoder, BEiT v2's VQ-KD tokenizer
 
 _C = CN()
 
@@ -115,10 +116,29 @@ _C.PRETRAIN.SECOND_INTERPOLATION = 'lanczos'  # resize of the tokenizer view (th
 _C.PRETRAIN.NUM_MASK_PATCHES = 75  # masked patches per image
 _C.PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK = 16
 _C.PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK = 0  # 0: no limit below NUM_MASK_PATCHES
-_C.PRETRAIN.TOKENIZER_WEIGHTS = ''  # DALL-E encoder .pdparams (load_dalle_weights.py)
+_C.PRETRAIN.TOKENIZER = 'dalle'  # whose visual tokens are the targets: 'dalle' (BEiT v1) or 'vqkd' (BEiT v2, VQKD.*)
+_C.PRETRAIN.TOKENIZER_WEIGHTS = ''  # DALL-E encoder (load_dalle_weights.py) or VQ-KD tokenizer .pdparams
 _C.PRETRAIN.RANDOM_TOKENIZER = False  # no TOKENIZER_WEIGHTS: allow a random-weight tokenizer (tests and demos only)
 _C.PRETRAIN.TOKENIZER_HIDDEN = 256  # DALL-E encoder width (n_hid)
 _C.PRETRAIN.TOKENIZER_BLOCKS_PER_GROUP = 2  # DALL-E encoder depth (n_blk_per_group)
+# BEiT v2's CLS-token pre-training branch (unilm's *_cls_pt models and their --early_layers, --head_layers,
+# --shared_lm_head flags): head blocks over the final cls token and the patch tokens after EARLY_LAYERS blocks
+_C.PRETRAIN.CLS_PT = False
+_C.PRETRAIN.EARLY_LAYERS = 6  # unilm's default; its B recipe uses 9, L 21
+_C.PRETRAIN.HEAD_LAYERS = 2
+_C.PRETRAIN.SHARED_LM_HEAD = True
+
+# The VQ-KD tokenizer of BEiT v2 (vqkd_tokenizer.py): the one pre-training loads (PRETRAIN.TOKENIZER 'vqkd'; its
+# input is PRETRAIN.SECOND_INPUT_SIZE pixels) and the one tokenizer training trains (its input is DATA.IMAGE_SIZE).
+# Defaults: unilm's vqkd_encoder_base_decoder_*x768x12 (ViT-B/16 encoder, 8192 x 32 codebook).
+_C.VQKD = CN()
+_C.VQKD.PATCH_SIZE = 16
+_C.VQKD.EMBED_DIM = 768
+_C.VQKD.DEPTH = 12
+_C.VQKD.NUM_HEADS = 12
+_C.VQKD.MLP_RATIO = 4.0
+_C.VQKD.CODEBOOK_SIZE = 8192  # must equal PRETRAIN.VOCAB_SIZE when pre-training with it
+_C.VQKD.CODEBOOK_DIM = 32
 
 # linear probing (main_linprobe.py): unilm's beit/run_linear_eval.py protocol on the frozen encoder. The run trains
 # LINPROBE.NUM_EPOCHS epochs of LINPROBE.BATCH_SIZE images whatever TRAIN.NUM_EPOCHS and DATA.BATCH_SIZE (the
@@ -208,6 +228,7 @@ _CHOICES = {
     'TRAIN.MIXUP_MODE': MIXUP_MODES,
     'TRAIN.RANDOM_ERASE_MODE': RANDOM_ERASE_MODES,
     'LINPROBE.OPTIMIZER': LINPROBE_OPTIMIZERS,
+    'PRETRAIN.TOKENIZER': TOKENIZERS,
     'AMP_LEVEL': ('O1', 'O2'),
     'AMP_DTYPE': ('float16', 'bfloat16'),
 }
@@ -215,7 +236,9 @@ _POSITIVE = ('DATA.BATCH_SIZE', 'DATA.BATCH_SIZE_EVAL', 'DATA.IMAGE_SIZE', 'DATA
              'MODEL.PATCH_SIZE', 'MODEL.EMBED_DIM', 'MODEL.DEPTH', 'MODEL.NUM_HEADS', 'MODEL.MLP_RATIO',
              'TRAIN.ACCUM_ITER', 'SAVE_FREQ', 'REPORT_FREQ', 'VALIDATE_FREQ', 'PRETRAIN.VOCAB_SIZE',
              'PRETRAIN.SECOND_INPUT_SIZE', 'PRETRAIN.NUM_MASK_PATCHES', 'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK',
-             'PRETRAIN.TOKENIZER_HIDDEN', 'PRETRAIN.TOKENIZER_BLOCKS_PER_GROUP', 'LINPROBE.NUM_EPOCHS',
+             'PRETRAIN.TOKENIZER_HIDDEN', 'PRETRAIN.TOKENIZER_BLOCKS_PER_GROUP', 'PRETRAIN.EARLY_LAYERS',
+             'PRETRAIN.HEAD_LAYERS', 'VQKD.PATCH_SIZE', 'VQKD.EMBED_DIM', 'VQKD.DEPTH', 'VQKD.NUM_HEADS',
+             'VQKD.MLP_RATIO', 'VQKD.CODEBOOK_SIZE', 'VQKD.CODEBOOK_DIM', 'LINPROBE.NUM_EPOCHS',
              'LINPROBE.BATCH_SIZE', 'LINPROBE.BASE_LR')
 _NON_NEGATIVE = ('MODEL.NUM_CLASSES', 'TRAIN.NUM_EPOCHS', 'TRAIN.WARMUP_EPOCHS',
                  'TRAIN.WEIGHT_DECAY', 'TRAIN.BASE_LR', 'TRAIN.LINEAR_SCALED_LR', 'TRAIN.GRAD_CLIP',
@@ -479,7 +502,10 @@ def get_config(cfg_file: str | None = None) -> CN:
 MODEL_SHAPE_KEYS = ('MODEL.PATCH_SIZE', 'MODEL.EMBED_DIM', 'MODEL.DEPTH', 'MODEL.NUM_HEADS', 'MODEL.MLP_RATIO',
                     'MODEL.QKV_BIAS', 'MODEL.USE_ABS_POS_EMB', 'MODEL.USE_REL_POS_BIAS',
                     'MODEL.USE_SHARED_REL_POS_BIAS', 'MODEL.USE_MEAN_POOLING', 'MODEL.NUM_CLASSES', 'DATA.IMAGE_SIZE',
-                    'DATA.IMAGE_CHANNELS', 'PRETRAIN.VOCAB_SIZE', 'LINPROBE.BLOCKS')
+                    'DATA.IMAGE_CHANNELS', 'PRETRAIN.VOCAB_SIZE', 'PRETRAIN.CLS_PT', 'PRETRAIN.EARLY_LAYERS',
+                    'PRETRAIN.HEAD_LAYERS', 'PRETRAIN.SHARED_LM_HEAD', 'VQKD.PATCH_SIZE', 'VQKD.EMBED_DIM',
+                    'VQKD.DEPTH', 'VQKD.NUM_HEADS', 'VQKD.MLP_RATIO', 'VQKD.CODEBOOK_SIZE', 'VQKD.CODEBOOK_DIM',
+                    'LINPROBE.BLOCKS')
 _WHERE_KEYS = ('MODEL.RESUME', 'SAVE')  # where a run reads and writes, not how it trains
 
 
