@@ -6,6 +6,7 @@ import pickle
 import re
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -77,6 +78,18 @@ def test_archive_reads_as_torchscript_loads_it(tmp_path):
     for name, value in expected.items():
         assert tensors[name].dtype == value.numpy().dtype, name
         np.testing.assert_array_equal(tensors[name], value.numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float64])
+def test_archive_of_other_float_types_reads_as_float32_or_wider(tmp_path, dtype):
+    """bfloat16 (which numpy lacks) widens to float32 exactly; other types keep theirs."""
+    src = _traced_conv(tmp_path, dtype)
+    expected = torch.jit.load(str(src)).state_dict()
+    tensors = read_torchscript_archive(str(src))
+    for name, value in expected.items():
+        wanted = value.float().numpy() if dtype == torch.bfloat16 else value.numpy()
+        assert tensors[name].dtype == wanted.dtype
+        np.testing.assert_array_equal(tensors[name], wanted, err_msg=name)
 
 
 @pytest.mark.slow
@@ -173,8 +186,15 @@ def _archive_without_storage(tmp_path):
     return _archive(tmp_path / 'cut.pt', records.pop('data.pkl'), records)
 
 
-def _traced_conv(tmp_path):
-    torch.jit.save(torch.jit.trace(torch.nn.Conv2d(3, 4, 3), torch.rand(1, 3, 8, 8)), str(tmp_path / 'conv.pt'))
+def _traced_conv(tmp_path, dtype=torch.float32):
+    """A TorchScript archive of another module, its weights in ``dtype``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)
+        traced = torch.jit.trace(torch.nn.Conv2d(3, 4, 3), torch.rand(1, 3, 8, 8))
+        with torch.no_grad():
+            for param in traced.parameters():
+                param.data = param.data.to(dtype)
+        torch.jit.save(traced, str(tmp_path / 'conv.pt'))
     return tmp_path / 'conv.pt'
 
 
