@@ -60,10 +60,8 @@ def is_torchscript_archive(path: str) -> bool:
 
 
 class _ScriptObject:
-    """A TorchScript object of data.pkl (a module), rebuilt as its pickled state only: no method of its class
+    """Every TorchScript object of data.pkl (a module), rebuilt as its pickled state only: no method of its class
     exists here, so nothing from the file can run."""
-
-    qualified_name = ''
 
     def __setstate__(self, state):
         self.state = state
@@ -80,7 +78,7 @@ class _TorchScriptUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if module.startswith('__torch__'):
-            return type(name, (_ScriptObject,), {'qualified_name': f'{module}.{name}'})
+            return _ScriptObject
         if module == 'torch' and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
         if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
@@ -95,6 +93,8 @@ class _TorchScriptUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'):
             raise pickle.UnpicklingError(f'unknown persistent reference {pid!r}')
         _, dtype, key, _, numel = pid
+        if dtype not in _STORAGE_DTYPES.values():
+            raise pickle.UnpicklingError(f'storage {key} of no known type ({dtype!r})')
         if key not in self.storages:
             data = self.archive.read(f'{self.prefix}/data/{key}')
             storage = np.frombuffer(data, dtype=dtype)

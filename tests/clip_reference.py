@@ -64,6 +64,7 @@ def save_torchscript(model: torch.nn.Module, path):
     openai_clip_model().convert_weights(half)  # traced in fp32 (CPU), then stored in the dtypes it sets
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)  # torch.jit is deprecated; OpenAI's file is TorchScript
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)  # MultiheadAttention's shape checks
         traced = torch.jit.trace(traced_model.eval(), (torch.rand(1, 3, size, size),
                                                        torch.randint(0, _TEXT['vocab_size'], (1, 8))))
         with torch.no_grad():

@@ -6,7 +6,6 @@ import pickle
 import re
 import subprocess
 import sys
-import warnings
 import zipfile
 
 import numpy as np
@@ -21,6 +20,9 @@ from clip_teacher import build_clip_teacher
 from helpers import ROOT, assert_output_untouched, assert_reads_as_paddle_load, existing_output, truncated, write_file
 from load_clip_weights import STATE_DICT_COMMAND, main, read_torchscript_archive
 from test_clip_teacher import TOLERANCE
+
+# OpenAI's released file is TorchScript, which torch deprecates: the tests make and read such archives.
+pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.:FutureWarning')
 
 
 def as_clip_loads_it(src) -> torch.nn.Module:
@@ -162,6 +164,17 @@ def test_archive_pickling_code_is_refused_before_it_runs(tmp_path, capsys):
     assert_output_untouched(dst)
 
 
+@pytest.mark.parametrize('size, stride, offset', [((5,), (1,), 0), ((2, 2), (2, 1), 1), ((2,), (-1,), 1),
+                                                     ((2, 2), (1,), 0)])
+def test_tensor_view_outside_its_storage_is_refused_not_read(size, stride, offset):
+    """A crafted data.pkl could view memory past a storage: as_strided would read it."""
+    with pytest.raises(pickle.UnpicklingError, match=re.escape(f'a tensor of size {size}, stride {stride} at '
+                                                               f'offset {offset}')):
+        load_clip_weights._rebuild_tensor(np.zeros(4, np.float32), offset, size, stride)
+    np.testing.assert_array_equal(load_clip_weights._rebuild_tensor(np.arange(4.0), 1, (2, 2), (1, 1)),
+                                  [[1, 2], [2, 3]])
+
+
 def test_state_dict_command_is_the_one_the_message_names():
     assert STATE_DICT_COMMAND == ('python -c "import clip, torch; m,_=clip.load(\'ViT-B/16\', device=\'cpu\', '
                                   'jit=False); torch.save(m.state_dict(), \'clip_vit_b16.pt\')"')
@@ -188,13 +201,11 @@ def _archive_without_storage(tmp_path):
 
 def _traced_conv(tmp_path, dtype=torch.float32):
     """A TorchScript archive of another module, its weights in ``dtype``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', FutureWarning)
-        traced = torch.jit.trace(torch.nn.Conv2d(3, 4, 3), torch.rand(1, 3, 8, 8))
-        with torch.no_grad():
-            for param in traced.parameters():
-                param.data = param.data.to(dtype)
-        torch.jit.save(traced, str(tmp_path / 'conv.pt'))
+    traced = torch.jit.trace(torch.nn.Conv2d(3, 4, 3), torch.rand(1, 3, 8, 8))
+    with torch.no_grad():
+        for param in traced.parameters():
+            param.data = param.data.to(dtype)
+    torch.jit.save(traced, str(tmp_path / 'conv.pt'))
     return tmp_path / 'conv.pt'
 
 
