@@ -75,8 +75,9 @@ def save_torchscript(model: torch.nn.Module, path):
 
 
 def unilm_target(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    """unilm's CLIP regression target [B, N, output_dim] for ``images`` [B, 3, R, R] (a batch in [0, 1], or a
-    little outside it, which the scaling layer clamps)."""
+    """unilm's CLIP regression target [B, N, output_dim] for ``images`` [B, 3, R, R] in [0, 1]. Values a little
+    outside (a bicubic overshoot) are clamped by the scaling layer; unilm's pre_process would take a batch whose
+    max exceeds 1 for 0-255 pixels, which the teacher's input never is, so that branch is not followed."""
     x = torch.from_numpy(images) * 255.0 / 127.5 - 1.0
     x = ((x + 1.0) * 127.5).clamp(0, 255.0) / 255.0
     x = (x - torch.tensor(MEAN).reshape(1, 3, 1, 1)) / torch.tensor(STD).reshape(1, 3, 1, 1)

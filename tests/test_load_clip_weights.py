@@ -180,6 +180,18 @@ def test_state_dict_command_is_the_one_the_message_names():
                                   'jit=False); torch.save(m.state_dict(), \'clip_vit_b16.pt\')"')
 
 
+def test_whole_pickled_clip_converts_with_trust_pickle(tmp_path, capsys):
+    """torch.save(model) pickles OpenAI's classes: refused (see BAD_SOURCES) unless the user trusts the file."""
+    reference = openai_clip(TINY, seed=6)
+    src = _save(tmp_path / 'clip_model.pt', reference)
+    dst = tmp_path / 'clip.pdparams'
+    assert main(['-src', str(src), '-dst', str(dst), '-trust_pickle']) == 0
+    assert f'wrote 32 tensors to {dst}' in capsys.readouterr().out
+    images = random_images(2, 32, seed=7)
+    features = build_clip_teacher(str(dst)).patch_features(paddle.to_tensor(images)).numpy()
+    np.testing.assert_allclose(features, unilm_target(reference, images), rtol=0, atol=TOLERANCE)
+
+
 def _tiny_state_dict():
     return openai_clip(TINY).state_dict()
 
