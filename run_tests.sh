@@ -11,6 +11,7 @@ trap 'rm -f "$requirements"' EXIT
 python -m install_check requirements requirements-test.txt >"$requirements"
 python -m pip install -q -r "$requirements"
 python -m pip install -q --no-deps DALL-E==0.1  # the tokenizer oracle (see requirements-test.txt)
+python -m pip install -q --no-deps openai-clip==1.0.1  # the CLIP teacher's oracle (see requirements-test.txt)
 have_photos() { ls tests/photos/*.jpg >/dev/null 2>&1; }
 have_fashion_mnist() { [ -d /usr/share/datasets/fashion-mnist ]; }
 if [ "$(id -u)" = 0 ] && ! { have_photos && have_fashion_mnist; }; then
