@@ -35,12 +35,13 @@ class BeitTeacher(nn.Layer):
 
     def __init__(self, model: Beit, mean, std):
         super().__init__()
-        self.model = weights_file.frozen(model)
+        self.model = model
         self.feature_dim = model.embed_dim
         self.register_buffer('mean', paddle.to_tensor(mean, dtype='float32').reshape([1, -1, 1, 1]),
                              persistable=False)
         self.register_buffer('std', paddle.to_tensor(std, dtype='float32').reshape([1, -1, 1, 1]),
                              persistable=False)
+        weights_file.frozen(self)  # eval mode: no dropout or drop path in the targets
 
     @paddle.no_grad()
     def patch_features(self, images: paddle.Tensor) -> paddle.Tensor:
