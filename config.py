@@ -501,7 +501,7 @@ def validate_pretraining_config(config: CN) -> None:
 
 def validate_tokenizer_training_config(config: CN) -> None:
     """What VQ-KD tokenizer training (main_tokenizer.py) needs beyond validate_config, before anything is built:
-    the VQKD.* training keys in range, a patch grid, no TO_STATIC or model EMA, the teacher's files named and
+    the VQKD.* training keys in range, a patch grid, no TO_STATIC, model EMA or AMP O2, the teacher's files named and
     present (the teacher's own checks, e.g. its config and grid, are vqkd_teacher.py's)."""
     vqkd = config.VQKD
     if vqkd.TEACHER not in VQKD_TEACHERS:
@@ -529,6 +529,10 @@ def validate_tokenizer_training_config(config: CN) -> None:
                                          'none)')):
         if lookup(config, key):
             raise _value_error(config, [key], f'{key}: {why}; set it False')
+    if config.AMP and config.AMP_LEVEL == 'O2':
+        raise _value_error(config, ['AMP_LEVEL'], 'AMP_LEVEL O2 casts every floating buffer to the AMP dtype, the EMA '
+                                                  'codebook and its statistics too (unilm keeps the quantiser in '
+                                                  'float32): use AMP_LEVEL O1')
     check_teacher_file(config, 'VQKD.TEACHER_WEIGHTS')
 
 

@@ -265,6 +265,7 @@ def other_teacher(data):
     (['VQKD.DECODER_DEPTH', '0'], 'VQKD.DECODER_DEPTH'),
     (['VQKD.TEACHER', 'dino'], 'VQKD.TEACHER'),
     (['TRAIN.MODEL_EMA', 'True'], 'TRAIN.MODEL_EMA'),
+    (['AMP', 'True', 'AMP_LEVEL', 'O2'], 'AMP_LEVEL'),
     ('other_teacher', 'VQKD.TEACHER_WEIGHTS'),
 ])
 def test_bad_settings_are_refused_by_name_with_nothing_written(extra, named, data, tmp_path, capsys):
