@@ -28,7 +28,7 @@ from task_tokenizer import (
 )
 from tiny_data import write_dataset
 from vqkd_teacher import BeitTeacher, build_beit_teacher
-from vqkd_tokenizer import build_vqkd_tokenizer
+from vqkd_tokenizer import VQKDWeightsError, build_vqkd_tokenizer
 
 TEACHER_CFG = str(ROOT / 'configs' / 'beit_tiny_patch4_32.yaml')  # 32 px, 4 px patches: an 8x8 grid
 DEMO_CFG = str(ROOT / 'configs' / 'vqkd_tiny_fashion_mnist.yaml')
@@ -110,6 +110,8 @@ def test_a_checkpoint_is_a_pretraining_tokenizer_with_the_training_models_ids(tr
     _, _, expected = model(images)
     np.testing.assert_array_equal(ids, expected.numpy())
     assert len(np.unique(ids)) == records(trained, 'val')[-1]['codes_used']
+    with pytest.raises(VQKDWeightsError, match='quantize.embedding.weight'):
+        build_vqkd_tokenizer(path, mlp_ratio=4.0, **{**TOKENIZER, 'codebook_size': 128})
 
 
 def test_evaluating_a_checkpoint_gives_the_runs_last_val_numbers(trained, data, tmp_path):
