@@ -5,8 +5,9 @@ fine-tuning engine.
         -opts VQKD.TEACHER_WEIGHTS demo/checkpoint-best.pdparams [-resume ./tokenizer] [-ngpus 2]
 
 The encoder learns to reproduce the patch features of the frozen teacher (VQKD.TEACHER, VQKD.TEACHER_CFG,
-VQKD.TEACHER_WEIGHTS) through an EMA codebook of VQKD.CODEBOOK_SIZE codes. Every epoch logs the loss and the
-codebook usage (codes the epoch's batches picked) of the train and val splits. A checkpoint is the tokenizer of
+VQKD.TEACHER_WEIGHTS) through an EMA codebook of VQKD.CODEBOOK_SIZE codes. Every epoch records the losses and the
+codebook usage (codes the epoch's batches picked) of the train and val splits (metrics.jsonl; the val line of
+log.txt); checkpoint-best.pdparams is the best val reconstruction (rec_cosine). A checkpoint is the tokenizer of
 pre-training as it is: ``-opts PRETRAIN.TOKENIZER vqkd PRETRAIN.TOKENIZER_WEIGHTS .../checkpoint-best.pdparams``.
 The other flags and the processes are main_multi_gpu.py's.
 """

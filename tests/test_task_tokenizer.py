@@ -80,8 +80,11 @@ def test_a_run_writes_checkpoints_and_the_codebook_usage_of_each_epoch(trained):
             assert record['task'] == TOKENIZER_TRAINING.name
             assert 1 <= record['codes_used'] <= 64 and record['codebook_usage'] == record['codes_used'] / 64
             assert record['loss'] == pytest.approx(record['rec_loss'] + record['quant_loss'])
+            assert record['rec_cosine'] == pytest.approx(1.0 - record['rec_loss'])
     log = (trained / 'log.txt').read_text()
-    assert 'epoch 2 train: loss' in log and 'codebook_usage' in log and 'codes_used' in log
+    assert 'epoch 2 train: loss' in log and 'rec_cosine' in log
+    assert 'epoch 2 val: loss' in log and 'codes_used' in log and 'codebook_usage' in log
+    assert 'best val rec_cosine so far' in log
 
 
 def test_plot_metrics_draws_the_codebook_usage(trained):
