@@ -246,6 +246,14 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_state_bit_for_bit(data, tm
         assert_same_state(resumed[part], expected[part], part)
     assert resumed['global_step'] == expected['global_step'] == 8
     assert records(killed, 'val')[-1]['codes_used'] == records(full, 'val')[-1]['codes_used']
+    # every process evaluated its share with its own codebook: all of them equal rank 0's saved one
+    output = tmp_path / 'eval'
+    assert main_tokenizer.main(args(data, output, '-eval', '-pretrained',
+                                    str(full / 'checkpoint-epoch-2.pdparams'))) == 0
+    (evaluated,) = records(output, 'val')
+    logged = records(full, 'val')[-1]
+    assert evaluated['codes_used'] == logged['codes_used']
+    assert evaluated['loss'] == pytest.approx(logged['loss'], rel=1e-5)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
