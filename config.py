@@ -24,6 +24,7 @@ MIXUP_MODES = ('batch', 'pair', 'elem')  # mixup.py
 RANDOM_ERASE_MODES = ('const', 'rand', 'pixel')  # random_erasing.py
 LINPROBE_OPTIMIZERS = ('adamw', 'sgd')  # task_linprobe.py
 TOKENIZERS = ('dalle', 'vqkd')  # task_pretrain.py: BEiT v1's DALL-E encoder, BEiT v2's VQ-KD tokenizer
+VQKD_TEACHERS = ('beit',)  # vqkd_teacher.py's TEACHERS: whose patch features tokenizer training distils
 
 _C = CN()
 
@@ -139,6 +140,15 @@ _C.VQKD.NUM_HEADS = 12
 _C.VQKD.MLP_RATIO = 4.0
 _C.VQKD.CODEBOOK_SIZE = 8192  # must equal PRETRAIN.VOCAB_SIZE when pre-training with it
 _C.VQKD.CODEBOOK_DIM = 32
+# tokenizer training (main_tokenizer.py, task_tokenizer.py; unilm's run_vqkd_training.py and its defaults)
+_C.VQKD.DECODER_DEPTH = 1  # blocks of the decoder ViT (EMBED_DIM, NUM_HEADS, MLP_RATIO as the encoder's): 1 or 3
+_C.VQKD.EMA_DECAY = 0.99  # the codebook's EMA decay
+_C.VQKD.BETA = 1.0  # weight of the commitment loss (the quantiser's loss)
+_C.VQKD.KMEANS_INIT = True  # the codebook from k-means (cosine) on the first training batch; False: random unit rows
+_C.VQKD.KMEANS_ITERS = 10
+_C.VQKD.TEACHER = 'beit'  # the frozen model whose patch features the decoder reconstructs
+_C.VQKD.TEACHER_CFG = ''  # the teacher's config file ('beit': a BEiT config, e.g. configs/beit_tiny_fashion_mnist.yaml)
+_C.VQKD.TEACHER_WEIGHTS = ''  # the teacher's .pdparams (a converted file or a training checkpoint)
 
 # linear probing (main_linprobe.py): unilm's beit/run_linear_eval.py protocol on the frozen encoder. The run trains
 # LINPROBE.NUM_EPOCHS epochs of LINPROBE.BATCH_SIZE images whatever TRAIN.NUM_EPOCHS and DATA.BATCH_SIZE (the
@@ -487,6 +497,53 @@ def validate_pretraining_config(config: CN) -> None:
     if pretrain.TOKENIZER_WEIGHTS and not os.path.isfile(pretrain.TOKENIZER_WEIGHTS):
         raise _value_error(config, ['PRETRAIN.TOKENIZER_WEIGHTS'],
                            f'PRETRAIN.TOKENIZER_WEIGHTS: file not found: {pretrain.TOKENIZER_WEIGHTS}')
+
+
+def validate_tokenizer_training_config(config: CN) -> None:
+    """What VQ-KD tokenizer training (main_tokenizer.py) needs beyond validate_config, before anything is built:
+    the VQKD.* training keys in range, a patch grid, no TO_STATIC, model EMA or AMP O2, the teacher's files named and
+    present (the teacher's own checks, e.g. its config and grid, are vqkd_teacher.py's)."""
+    vqkd = config.VQKD
+    if vqkd.TEACHER not in VQKD_TEACHERS:
+        raise _value_error(config, ['VQKD.TEACHER'], f'VQKD.TEACHER must be one of {list(VQKD_TEACHERS)}, got '
+                                                     f'{vqkd.TEACHER!r}')
+    for key, low in (('VQKD.DECODER_DEPTH', 1), ('VQKD.KMEANS_ITERS', 0)):
+        if lookup(config, key) < low:
+            raise _value_error(config, [key], f'{key} must be at least {low}, got {lookup(config, key)!r}')
+    if not 0.0 <= vqkd.EMA_DECAY < 1.0:
+        raise _value_error(config, ['VQKD.EMA_DECAY'], f'VQKD.EMA_DECAY must lie in [0, 1), got {vqkd.EMA_DECAY!r}')
+    if vqkd.BETA < 0:
+        raise _value_error(config, ['VQKD.BETA'], f'VQKD.BETA must not be negative, got {vqkd.BETA!r}')
+    if config.DATA.IMAGE_SIZE % vqkd.PATCH_SIZE:
+        raise _value_error(config, ['DATA.IMAGE_SIZE', 'VQKD.PATCH_SIZE'],
+                           f'DATA.IMAGE_SIZE {config.DATA.IMAGE_SIZE} is not a multiple of VQKD.PATCH_SIZE '
+                           f'{vqkd.PATCH_SIZE}')
+    if vqkd.EMBED_DIM % vqkd.NUM_HEADS:
+        raise _value_error(config, ['VQKD.EMBED_DIM', 'VQKD.NUM_HEADS'],
+                           f'VQKD.EMBED_DIM {vqkd.EMBED_DIM} is not divisible by VQKD.NUM_HEADS {vqkd.NUM_HEADS}')
+    if config.DATA.IMAGE_CHANNELS != 3:
+        raise _value_error(config, ['DATA.IMAGE_CHANNELS'], 'DATA.IMAGE_CHANNELS must be 3: the tokenizer and the '
+                                                            f'teacher take RGB, got {config.DATA.IMAGE_CHANNELS}')
+    for key, why in (('MODEL.TO_STATIC', 'the quantiser updates its codebook in forward: run in dygraph'),
+                     ('TRAIN.MODEL_EMA', 'an EMA of the weights would average the EMA codebook too (unilm keeps '
+                                         'none)')):
+        if lookup(config, key):
+            raise _value_error(config, [key], f'{key}: {why}; set it False')
+    if config.AMP and config.AMP_LEVEL == 'O2':
+        raise _value_error(config, ['AMP_LEVEL'], 'AMP_LEVEL O2 casts every floating buffer to the AMP dtype, the EMA '
+                                                  'codebook and its statistics too (unilm keeps the quantiser in '
+                                                  'float32): use AMP_LEVEL O1')
+    check_teacher_file(config, 'VQKD.TEACHER_WEIGHTS')
+
+
+def check_teacher_file(config: CN, key: str) -> None:
+    """The teacher's file ``key`` is set and exists."""
+    path = lookup(config, key)
+    if not path:
+        raise _value_error(config, [key], f'{key} is not set: tokenizer training distils the features of a frozen '
+                                          f'teacher (VQKD.TEACHER {config.VQKD.TEACHER!r}) that it names')
+    if not os.path.isfile(path):
+        raise _value_error(config, [key], f'{key}: file not found: {path}')
 
 
 def get_config(cfg_file: str | None = None) -> CN:

@@ -107,9 +107,9 @@ def build_vqkd_tokenizer(weights_path: str | None = None, *, img_size: int = 224
                          in_chans: int = 3, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                          mlp_ratio: float = 4.0, codebook_size: int = 8192, codebook_dim: int = 32,
                          trust_pickle: bool = False) -> VQKDTokenizer:
-    """The frozen tokenizer in eval mode (defaults: unilm's ViT-B/16 tokenizers, 8192 x 32 codebook): converted
-    weights from ``weights_path`` (read without running code unless ``trust_pickle``), which must be of this
-    size, or random weights when it is None (tests, dry runs)."""
+    """The frozen tokenizer in eval mode (defaults: unilm's ViT-B/16 tokenizers, 8192 x 32 codebook): weights from
+    ``weights_path`` (read without running code unless ``trust_pickle``), converted or a main_tokenizer.py training
+    checkpoint, which must be of this size, or random weights when it is None (tests, dry runs)."""
     model = VQKDTokenizer(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                           depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, codebook_size=codebook_size,
                           codebook_dim=codebook_dim)
@@ -120,7 +120,25 @@ def build_vqkd_tokenizer(weights_path: str | None = None, *, img_size: int = 224
     return weights_file.frozen(model)
 
 
+CODEBOOK = 'quantize.embedding.weight'
+TRAINING_ONLY = ('decoder.', 'decode_task_layer.', 'quantize.')  # but CODEBOOK: what tokenizer training adds
+
+
+def tokenizer_part(checkpoint: dict) -> dict:
+    """The tokenizer's tensors of a main_tokenizer.py training checkpoint's model: without the decoder, its task
+    layer and the codebook's EMA statistics."""
+    return {name: value for name, value in checkpoint['model'].items()
+            if name == CODEBOOK or not name.startswith(TRAINING_ONLY)}
+
+
+def is_training_checkpoint(obj: dict) -> bool:
+    return isinstance(obj.get('model'), dict) and 'optimizer' in obj and 'epoch' in obj
+
+
 def _read_pdparams(path: str, trust_pickle: bool) -> dict:
-    return weights_file.read_state_dict(path, trust_pickle=trust_pickle, what='tokenizer weights',
-                                       error=VQKDWeightsError,
-                                       converter_hint="convert unilm's vqkd_*.pth with load_vqkd_weights.py")
+    """A converted tokenizer's state dict, or the tokenizer part of a tokenizer training checkpoint."""
+    state_dict = weights_file.read_state_dict(path, trust_pickle=trust_pickle, what='tokenizer weights',
+                                             error=VQKDWeightsError,
+                                             converter_hint="convert unilm's vqkd_*.pth with load_vqkd_weights.py, "
+                                                            'or train one with main_tokenizer.py')
+    return tokenizer_part(state_dict) if is_training_checkpoint(state_dict) else state_dict

@@ -9,6 +9,7 @@ from task_finetune import FINE_TUNING
 from task_linprobe import LINEAR_PROBING
 from task_pretrain import PRETRAINING
 from task_segment import SEGMENTATION
+from task_tokenizer import TOKENIZER_TRAINING
 
 RECORDS = [
     {'split': 'train', 'epoch': 1, 'loss': 2.0, 'acc1': 0.3},
@@ -140,7 +141,8 @@ def test_a_new_tasks_declared_curves_are_drawn(tmp_path, monkeypatch):
 
 def test_named_records_draw_their_tasks_curves_and_unnamed_ones_are_inferred():
     known = plot_metrics.find_tasks()
-    assert set(known) == {FINE_TUNING.name, PRETRAINING.name, LINEAR_PROBING.name, SEGMENTATION.name}
+    assert set(known) == {FINE_TUNING.name, PRETRAINING.name, LINEAR_PROBING.name, SEGMENTATION.name,
+                          TOKENIZER_TRAINING.name}
     named = [FINE_TUNING.metrics_record({**record, 'mlm_acc': 0.5}) for record in RECORDS]
     assert named[0] == {'task': 'fine-tuning', **RECORDS[0], 'mlm_acc': 0.5}
     assert plot_metrics.tasks_of(named, known) == [FINE_TUNING]  # mlm_acc is not fine-tuning's: not drawn

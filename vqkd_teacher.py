@@ -1,0 +1,109 @@
+"""The frozen teachers of VQ-KD tokenizer training: whose patch features the tokenizer's decoder reconstructs.
+
+A teacher is a frozen layer in eval mode with ``feature_dim`` and ``patch_features(images)``: images [B, 3, H, W]
+in [0, 1], not normalised (it normalises them itself) -> float32 [B, N, feature_dim], the patch tokens in the
+row-major order of the tokenizer's grid (no cls token). ``TEACHERS`` maps VQKD.TEACHER to its entry: how to check
+the config (before anything is built), the feature width (to build the decoder before the teacher) and how to
+build it.
+
+'beit': any BEiT this project loads (a classification or pre-training .pdparams, or a training checkpoint),
+described by the BEiT config VQKD.TEACHER_CFG. Its features are those unilm's teachers give with
+``return_patch_tokens``: the final block's patch tokens after the model's final norm (``fc_norm``, token by token,
+for a mean-pooling model; ``norm`` otherwise), the representation its head was trained on. Images are normalised
+with the teacher config's DATA.IMAGENET_MEAN / STD; its DATA.IMAGE_SIZE and patch grid must be the tokenizer's.
+"""
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paddle
+import paddle.nn as nn
+
+import weights_file
+from beit import Beit, build_beit
+from checkpoint import load_pretrained
+from config import ConfigError, check_teacher_file, get_config, named_origin
+from errors import BadInputError
+
+
+class TeacherWeightsError(BadInputError):
+    """Teacher weights that are missing, unreadable or not of the teacher the config describes."""
+
+
+class BeitTeacher(nn.Layer):
+    """A frozen BEiT giving its final patch tokens after the final norm."""
+
+    def __init__(self, model: Beit, mean, std):
+        super().__init__()
+        self.model = model
+        self.feature_dim = model.embed_dim
+        self.register_buffer('mean', paddle.to_tensor(mean, dtype='float32').reshape([1, -1, 1, 1]),
+                             persistable=False)
+        self.register_buffer('std', paddle.to_tensor(std, dtype='float32').reshape([1, -1, 1, 1]),
+                             persistable=False)
+        weights_file.frozen(self)  # eval mode: no dropout or drop path in the targets
+
+    @paddle.no_grad()
+    def patch_features(self, images: paddle.Tensor) -> paddle.Tensor:
+        patches = self.model.forward_tokens((images - self.mean) / self.std)[:, 1:]
+        if self.model.fc_norm is not None:
+            patches = self.model.fc_norm(patches)
+        return patches.astype('float32')
+
+
+def teacher_config(config):
+    """The BEiT config VQKD.TEACHER_CFG names (ConfigError naming the key when it cannot be read)."""
+    check_teacher_file(config, 'VQKD.TEACHER_CFG')
+    try:
+        return get_config(config.VQKD.TEACHER_CFG)
+    except ConfigError as err:
+        raise ConfigError(f'VQKD.TEACHER_CFG: {err}') from None
+
+
+def check_beit_teacher(config) -> None:
+    """The teacher config reads, and its input and patch grid are the tokenizer's."""
+    teacher = teacher_config(config)
+    size, grid = config.DATA.IMAGE_SIZE, config.DATA.IMAGE_SIZE // config.VQKD.PATCH_SIZE
+    teacher_size, teacher_grid = teacher.DATA.IMAGE_SIZE, teacher.DATA.IMAGE_SIZE // teacher.MODEL.PATCH_SIZE
+    if (teacher_size, teacher_grid) != (size, grid):
+        raise ConfigError(named_origin(config, 'DATA.IMAGE_SIZE', 'VQKD.PATCH_SIZE')
+                          + f'the teacher (VQKD.TEACHER_CFG {config.VQKD.TEACHER_CFG}: DATA.IMAGE_SIZE {teacher_size}, '
+                          f'MODEL.PATCH_SIZE {teacher.MODEL.PATCH_SIZE}, a {teacher_grid}x{teacher_grid} grid) must '
+                          f'see the tokenizer\'s images and grid (DATA.IMAGE_SIZE {size}, VQKD.PATCH_SIZE '
+                          f'{config.VQKD.PATCH_SIZE}, a {grid}x{grid} grid)')
+    if teacher.MODEL.TO_STATIC:
+        raise ConfigError(f'VQKD.TEACHER_CFG {config.VQKD.TEACHER_CFG}: MODEL.TO_STATIC: the teacher runs in dygraph')
+
+
+def beit_feature_dim(config) -> int:
+    return teacher_config(config).MODEL.EMBED_DIM
+
+
+def build_beit_teacher(config, logger: logging.Logger | None = None) -> BeitTeacher:
+    """The frozen BEiT of VQKD.TEACHER_CFG with the weights VQKD.TEACHER_WEIGHTS (the model of a training
+    checkpoint, or its EMA when the teacher config sets MODEL.PRETRAINED_EMA)."""
+    teacher = teacher_config(config)
+    model = build_beit(teacher)
+    path = config.VQKD.TEACHER_WEIGHTS
+    try:
+        notes, _ = load_pretrained(model, path, teacher.MODEL.PRETRAINED_EMA, teacher.MODEL.REL_POS_INTERP,
+                                   trust_pickle=config.TRUST_PICKLE)
+    except BadInputError as err:
+        raise TeacherWeightsError(f'VQKD.TEACHER_WEIGHTS: {path} does not load into the BEiT of VQKD.TEACHER_CFG '
+                                  f'{config.VQKD.TEACHER_CFG}: {err}') from None
+    for note in notes:
+        (logger or logging.getLogger(__name__)).info(f'teacher {path}: {note}')
+    return BeitTeacher(model, teacher.DATA.IMAGENET_MEAN, teacher.DATA.IMAGENET_STD)
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    """``check(config)`` raises ConfigError; ``feature_dim(config)`` the width of its features;
+    ``build(config)`` the frozen teacher (TeacherWeightsError for weights it cannot load)."""
+
+    check: Callable
+    feature_dim: Callable
+    build: Callable
+
+
+TEACHERS = {'beit': TeacherEntry(check_beit_teacher, beit_feature_dim, build_beit_teacher)}
