@@ -206,9 +206,7 @@ def build_clip_teacher(weights_path: str | None = None, *, trust_pickle: bool = 
     must agree), or random weights of the size ``kwargs`` give (default ViT-B/16 at 224) when it is None."""
     if weights_path is None:
         return weights_file.frozen(CLIPTeacher(**{**VIT_B_16, **kwargs}))
-    state_dict = weights_file.read_state_dict(weights_path, trust_pickle=trust_pickle, what='CLIP weights',
-                                              error=CLIPWeightsError,
-                                              converter_hint="convert OpenAI's ViT-B-16.pt with load_clip_weights.py")
+    state_dict = _read_weights(weights_path, trust_pickle)
     found = clip_kwargs_from_state_dict(state_dict, weights_path)
     unknown = set(kwargs) - set(found)
     if unknown:
@@ -222,3 +220,15 @@ def build_clip_teacher(weights_path: str | None = None, *, trust_pickle: bool = 
     check_state_dict_fits(state_dict, model, weights_path)
     model.set_state_dict(state_dict)
     return weights_file.frozen(model)
+
+
+def clip_file_sizes(weights_path: str, *, trust_pickle: bool = False) -> dict:
+    """The CLIPTeacher arguments of a converted file (its input resolution, patch size, output width, ...), read
+    from its shapes: what a run checks before it builds anything."""
+    return clip_kwargs_from_state_dict(_read_weights(weights_path, trust_pickle), weights_path)
+
+
+def _read_weights(weights_path: str, trust_pickle: bool) -> dict:
+    return weights_file.read_state_dict(weights_path, trust_pickle=trust_pickle, what='CLIP weights',
+                                        error=CLIPWeightsError,
+                                        converter_hint="convert OpenAI's ViT-B-16.pt with load_clip_weights.py")

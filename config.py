@@ -24,7 +24,7 @@ MIXUP_MODES = ('batch', 'pair', 'elem')  # mixup.py
 RANDOM_ERASE_MODES = ('const', 'rand', 'pixel')  # random_erasing.py
 LINPROBE_OPTIMIZERS = ('adamw', 'sgd')  # task_linprobe.py
 TOKENIZERS = ('dalle', 'vqkd')  # task_pretrain.py: BEiT v1's DALL-E encoder, BEiT v2's VQ-KD tokenizer
-VQKD_TEACHERS = ('beit',)  # vqkd_teacher.py's TEACHERS: whose patch features tokenizer training distils
+VQKD_TEACHERS = ('beit', 'clip')  # vqkd_teacher.py's TEACHERS: whose patch features tokenizer training distils
 
 _C = CN()
 

@@ -11,7 +11,11 @@ described by the BEiT config VQKD.TEACHER_CFG. Its features are those unilm's te
 ``return_patch_tokens``: the final block's patch tokens after the model's final norm (``fc_norm``, token by token,
 for a mean-pooling model; ``norm`` otherwise), the representation its head was trained on. Images are normalised
 with the teacher config's DATA.IMAGENET_MEAN / STD; its DATA.IMAGE_SIZE and patch grid must be the tokenizer's.
+
+'clip': OpenAI's CLIP image encoder (clip_teacher.py), unilm's teacher: VQKD.TEACHER_WEIGHTS is the file
+load_clip_weights.py writes, whose shapes give its size; its input resolution and grid must be the tokenizer's.
 """
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ import paddle.nn as nn
 import weights_file
 from beit import Beit, build_beit
 from checkpoint import load_pretrained
+from clip_teacher import CLIPWeightsError, build_clip_teacher, clip_file_sizes
 from config import ConfigError, check_teacher_file, get_config, named_origin
 from errors import BadInputError
 
@@ -106,4 +111,46 @@ class TeacherEntry:
     build: Callable
 
 
-TEACHERS = {'beit': TeacherEntry(check_beit_teacher, beit_feature_dim, build_beit_teacher)}
+@functools.lru_cache(maxsize=2)
+def _clip_sizes(path: str, trust_pickle: bool) -> dict:
+    """The sizes of the CLIP file ``path`` (read once a process: the check and the decoder's width both need them)."""
+    return clip_file_sizes(path, trust_pickle=trust_pickle)
+
+
+def clip_sizes(config) -> dict:
+    """The CLIP teacher's sizes, from VQKD.TEACHER_WEIGHTS (ConfigError naming the key when it cannot be read)."""
+    check_teacher_file(config, 'VQKD.TEACHER_WEIGHTS')
+    try:
+        return _clip_sizes(config.VQKD.TEACHER_WEIGHTS, config.TRUST_PICKLE)
+    except CLIPWeightsError as err:
+        raise ConfigError(f'VQKD.TEACHER_WEIGHTS: {err}') from None
+
+
+def check_clip_teacher(config) -> None:
+    """The CLIP file reads, and its input resolution and patch grid are the tokenizer's."""
+    sizes = clip_sizes(config)
+    size, grid = config.DATA.IMAGE_SIZE, config.DATA.IMAGE_SIZE // config.VQKD.PATCH_SIZE
+    teacher_size, teacher_grid = sizes['input_resolution'], sizes['input_resolution'] // sizes['patch_size']
+    if (teacher_size, teacher_grid) != (size, grid):
+        raise ConfigError(named_origin(config, 'DATA.IMAGE_SIZE', 'VQKD.PATCH_SIZE')
+                          + f'the CLIP teacher (VQKD.TEACHER_WEIGHTS {config.VQKD.TEACHER_WEIGHTS}: '
+                          f'{teacher_size} px, patch {sizes["patch_size"]}, a {teacher_grid}x{teacher_grid} grid) '
+                          f'must see the tokenizer\'s images and grid (DATA.IMAGE_SIZE {size}, VQKD.PATCH_SIZE '
+                          f'{config.VQKD.PATCH_SIZE}, a {grid}x{grid} grid)')
+
+
+def clip_feature_dim(config) -> int:
+    return clip_sizes(config)['output_dim']
+
+
+def build_clip_teacher_of(config, logger: logging.Logger | None = None) -> nn.Layer:
+    """The frozen CLIP image encoder of VQKD.TEACHER_WEIGHTS (load_clip_weights.py's output)."""
+    path = config.VQKD.TEACHER_WEIGHTS
+    try:
+        return build_clip_teacher(path, trust_pickle=config.TRUST_PICKLE)
+    except CLIPWeightsError as err:
+        raise TeacherWeightsError(f'VQKD.TEACHER_WEIGHTS: {err}') from None
+
+
+TEACHERS = {'beit': TeacherEntry(check_beit_teacher, beit_feature_dim, build_beit_teacher),
+            'clip': TeacherEntry(check_clip_teacher, clip_feature_dim, build_clip_teacher_of)}

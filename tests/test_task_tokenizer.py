@@ -17,6 +17,7 @@ import main_tokenizer
 import plot_metrics
 import vqkd_model
 from beit import build_beit
+from clip_teacher import CLIPTeacher
 from config import get_config
 from datasets import get_dataloader
 from helpers import ENV, ROOT, kill_during
@@ -259,6 +260,26 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_state_bit_for_bit(data, tm
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 
+def clip_teacher_file(data, *, patch_size: int) -> str:
+    """A tiny CLIP image encoder at 32 px (output width 16) as load_clip_weights.py writes it."""
+    path = data / f'clip_patch{patch_size}.pdparams'
+    paddle.seed(2)
+    clip = CLIPTeacher(input_resolution=32, patch_size=patch_size, width=64, layers=1, heads=1, output_dim=16)
+    paddle.save(clip.state_dict(), str(path))
+    return str(path)
+
+
+def test_a_clip_teacher_trains_the_tokenizer_on_its_patch_features(data, tmp_path):
+    output = tmp_path / 'run'
+    clip = ['VQKD.TEACHER', 'clip', 'VQKD.TEACHER_WEIGHTS', clip_teacher_file(data, patch_size=4), 'TRAIN.NUM_EPOCHS',
+            '1']
+    assert main_tokenizer.main(args(data, output, extra=clip)) == 0
+    [record] = records(output, 'val')
+    assert 0 < record['codes_used'] <= 64
+    config = config_of(data, *clip)
+    assert build_tokenizer_model(config).decode_task_layer[-1].weight.shape[-1] == 16  # the teacher's width
+
+
 def other_teacher(data):
     path = data / 'other_teacher.pdparams'
     other = get_config(TEACHER_CFG)
@@ -280,9 +301,15 @@ def other_teacher(data):
     (['TRAIN.MODEL_EMA', 'True'], 'TRAIN.MODEL_EMA'),
     (['AMP', 'True', 'AMP_LEVEL', 'O2'], 'AMP_LEVEL'),
     ('other_teacher', 'VQKD.TEACHER_WEIGHTS'),
+    ('clip_patch8', 'VQKD.PATCH_SIZE'),  # the CLIP file's 4x4 grid against the tokenizer's 8x8
+    ('clip_foreign', 'VQKD.TEACHER_WEIGHTS'),  # a BEiT file given as the CLIP teacher
 ])
 def test_bad_settings_are_refused_by_name_with_nothing_written(extra, named, data, tmp_path, capsys):
-    extra = other_teacher(data) if extra == 'other_teacher' else extra
+    if isinstance(extra, str):
+        extra = {'other_teacher': lambda: other_teacher(data),
+                 'clip_patch8': lambda: ['VQKD.TEACHER', 'clip', 'VQKD.TEACHER_WEIGHTS',
+                                         clip_teacher_file(data, patch_size=8)],
+                 'clip_foreign': lambda: ['VQKD.TEACHER', 'clip']}[extra]()
     output = tmp_path / 'run'
     assert main_tokenizer.main(args(data, output, extra=extra)) == cli.EXIT_BAD_INPUT
     assert named in capsys.readouterr().err
