@@ -29,7 +29,7 @@ import paddle.nn.functional as F
 
 import weights_file
 from beit import CheckpointMismatchError, trunc_normal_
-from vqkd_tokenizer import VQKDEncoder, VQKDTokenizer
+from vqkd_tokenizer import VQKDEncoder, VQKDTokenizer, nearest_code
 
 
 def sum_over_processes(tensor: paddle.Tensor) -> paddle.Tensor:
@@ -94,13 +94,18 @@ class NormEmaQuantizer(nn.Layer):
         self.register_buffer('cluster_size', paddle.zeros([codebook_size]))
         self.codebook_size, self.beta, self.decay, self.kmeans_iters = codebook_size, beta, decay, kmeans_iters
         self.reduce, self.broadcast = reduce, broadcast
+        self._initialised = False
 
     def nearest(self, z: paddle.Tensor) -> paddle.Tensor:
-        """The id of each unit feature's nearest code (unilm's squared distance), int64 [...]."""
-        codes = self.embedding.weight
-        distances = ((z * z).sum(-1, keepdim=True) + (codes * codes).sum(-1)
-                     - 2 * paddle.matmul(z, codes, transpose_y=True))
-        return distances.argmin(axis=-1)
+        """The id of each unit feature's nearest code, int64 [...]."""
+        return nearest_code(z, self.embedding.weight)
+
+    def initialised(self) -> bool:
+        """Whether the codebook has had its k-means start (``initted``, set once: read from the device until it
+        is, so a long run does not wait for the device at every step)."""
+        if not self._initialised:
+            self._initialised = bool(self.embedding.initted.item())
+        return self._initialised
 
     @paddle.no_grad()
     def init_codebook(self, flat: paddle.Tensor) -> None:
@@ -109,6 +114,7 @@ class NormEmaQuantizer(nn.Layer):
         self.embedding.weight.set_value(self.broadcast(means))
         self.embedding.cluster_size.set_value(self.broadcast(counts))
         self.embedding.initted.set_value(paddle.ones([1]))
+        self._initialised = True
 
     @paddle.no_grad()
     def ema_update(self, flat: paddle.Tensor, ids: paddle.Tensor) -> None:
@@ -127,7 +133,7 @@ class NormEmaQuantizer(nn.Layer):
     def forward(self, z: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
         z = F.normalize(z.astype('float32'), axis=-1)
         flat = z.reshape([-1, z.shape[-1]])
-        if self.training and not bool(self.embedding.initted.item()):
+        if self.training and not self.initialised():
             self.init_codebook(flat.detach())
         ids = self.nearest(flat)
         quantized = paddle.gather(self.embedding.weight, ids).reshape(z.shape)  # before the update, as unilm

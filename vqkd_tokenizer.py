@@ -54,10 +54,15 @@ class Codebook(nn.Layer):
 
     def forward(self, z: paddle.Tensor) -> paddle.Tensor:
         """Unit vectors [B, N, d] -> the id of the nearest code, int64 [B, N]."""
-        codes = self.embedding.weight
-        distances = ((z * z).sum(-1, keepdim=True) + (codes * codes).sum(-1)
-                     - 2 * paddle.matmul(z, codes, transpose_y=True))
-        return distances.argmin(axis=-1)
+        return nearest_code(z, self.embedding.weight)
+
+
+def nearest_code(z: paddle.Tensor, codes: paddle.Tensor) -> paddle.Tensor:
+    """The index of the row of ``codes`` [K, d] nearest to each vector of ``z`` [..., d], int64 [...], by unilm's
+    squared distance |z|^2 + |e|^2 - 2 z.e (its ties and rounding, not those of another formula)."""
+    distances = ((z * z).sum(-1, keepdim=True) + (codes * codes).sum(-1)
+                 - 2 * paddle.matmul(z, codes, transpose_y=True))
+    return distances.argmin(axis=-1)
 
 
 class VQKDTokenizer(nn.Layer):
