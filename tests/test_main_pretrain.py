@@ -27,10 +27,13 @@ from vqkd_tokenizer import build_vqkd_tokenizer
 DEMO = ROOT / 'data' / 'fashion_mnist'
 PRETRAIN_CONFIG = str(ROOT / 'configs' / 'beit_tiny_pretrain_fashion_mnist.yaml')
 FINE_TUNE_CONFIG = str(ROOT / 'configs' / 'beit_tiny_fashion_mnist.yaml')
-EPOCHS = 10
+EPOCHS = 15
 FAST = ['DATA.NUM_WORKERS', '0', 'REPORT_FREQ', '5', 'SAVE_FREQ', '5', 'TRAIN.WARMUP_EPOCHS', '1']
-# 190 steps learn more than the code frequencies with a higher LR that stays high, no drop path (~65 s, 2 cores)
-QUICK_LEARNING = ['TRAIN.BASE_LR', '3e-3', 'TRAIN.END_LR', '1e-3', 'MODEL.DROPPATH', '0.0']
+# 285 steps learn more than the code frequencies with an LR that stays high, no drop path (~100 s, 2 cores). With
+# unilm's pre-training init (the patch embedding's conv too: std 0.02 cut at +-0.02) a peak of 3e-3 after one
+# warm-up epoch keeps this tiny model at the constant guess (0.447 vs 0.438 after 10 epochs, measured): AdamW's steps
+# are large next to such small weights, so a lower LR, warmed up over 2 epochs
+QUICK_LEARNING = ['TRAIN.BASE_LR', '1e-3', 'TRAIN.END_LR', '5e-4', 'TRAIN.WARMUP_EPOCHS', '2', 'MODEL.DROPPATH', '0.0']
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PATH': f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}'}
 
 
@@ -91,8 +94,8 @@ def test_pretraining_loss_falls_and_mlm_accuracy_beats_the_best_constant_guess(p
     losses = [r['loss'] for r in train]
     assert losses[-1] < 0.6 * losses[0] and losses[-1] < np.log(512)  # below a uniform guess over the vocabulary
     constant_accuracy, constant_loss = best_constant_guess(demo_subset)
-    assert train[-1]['mlm_acc'] > constant_accuracy + 0.05 > 1 / 512  # (measured: 0.549 vs 0.438)
-    assert losses[-1] < constant_loss - 0.1  # the context of the visible patches is used (1.20 vs 1.40)
+    assert train[-1]['mlm_acc'] > constant_accuracy + 0.05 > 1 / 512  # (measured: 0.595 vs 0.438)
+    assert losses[-1] < constant_loss - 0.1  # the context of the visible patches is used (1.14 vs 1.40)
     log = (pretrain_run / 'log.txt').read_text()
     assert 'masked image modeling pre-training: 1 process(es)' in log and f'epoch {EPOCHS}/{EPOCHS} step 19/19' in log
     assert 'mlm_acc' in log and records(pretrain_run, 'val') == []  # pre-training has no evaluation
