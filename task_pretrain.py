@@ -84,15 +84,19 @@ class MaskedImageModelingObjective:
         """int64 [B, N]: the tokenizer's codebook index of every patch."""
         return self.tokenizer.get_codebook_indices(tokenizer_view)
 
-    def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]:
-        images, tokenizer_view, mask, positions = batch
+    def masked_labels(self, batch) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+        """The visual tokens at the shipped positions [B * M], which of them are real (float32 [B * M]) and how
+        many (float32 scalar)."""
+        _, tokenizer_view, mask, positions = batch
         labels = paddle.take_along_axis(self.visual_tokens(tokenizer_view), positions, axis=1).reshape([-1])
         real = real_positions(mask, positions.shape[1])
-        logits = amp.forward(model, images, mask, positions)
-        num_masked = real.sum()
-        loss = (cross_entropy_rows(logits, labels) * real).sum() / paddle.clip(num_masked, min=1.0)
+        return labels, real, real.sum()
+
+    def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]:
+        images, _, mask, positions = batch
+        labels, real, num_masked = self.masked_labels(batch)
+        loss, correct = masked_cross_entropy(amp.forward(model, images, mask, positions), labels, real, num_masked)
         with paddle.no_grad():
-            correct = ((logits.argmax(axis=-1) == labels).astype('float32') * real).sum()
             num_masked = num_masked.astype('float64')
             counts = paddle.stack([loss.detach().astype('float64') * num_masked, correct.astype('float64'),
                                    num_masked, paddle.full([], images.shape[0], dtype='float64')])
@@ -118,15 +122,10 @@ class ClsBranchObjective(MaskedImageModelingObjective):
     num_counts = 7
 
     def __call__(self, model: nn.Layer, batch, amp: Amp) -> tuple[paddle.Tensor, paddle.Tensor]:
-        images, tokenizer_view, mask, positions = batch
-        labels = paddle.take_along_axis(self.visual_tokens(tokenizer_view), positions, axis=1).reshape([-1])
-        real = real_positions(mask, positions.shape[1])
-        num_masked = real.sum()
-        losses, corrects = [], []
-        for logits in amp.forward(model, images, mask, positions):
-            losses.append((cross_entropy_rows(logits, labels) * real).sum() / paddle.clip(num_masked, min=1.0))
-            with paddle.no_grad():
-                corrects.append(((logits.argmax(axis=-1) == labels).astype('float32') * real).sum())
+        images, _, mask, positions = batch
+        labels, real, num_masked = self.masked_labels(batch)
+        losses, corrects = zip(*(masked_cross_entropy(logits, labels, real, num_masked)
+                                 for logits in amp.forward(model, images, mask, positions)))
         loss = losses[0] + losses[1]
         with paddle.no_grad():
             masked = num_masked.astype('float64')
@@ -142,6 +141,16 @@ class ClsBranchObjective(MaskedImageModelingObjective):
         num_masked = max(totals[2], 1.0)
         return {**MaskedImageModelingObjective.summarise(totals[:4]), 'loss_main': loss_main / num_masked,
                 'loss_cls': loss_cls / num_masked, 'mlm_acc_cls': correct_cls / num_masked}
+
+
+def masked_cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor, real: paddle.Tensor,
+                         num_masked: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """The mean cross entropy of ``logits`` [B * M, V] over the real positions, and their correct predictions (no
+    gradient)."""
+    loss = (cross_entropy_rows(logits, labels) * real).sum() / paddle.clip(num_masked, min=1.0)
+    with paddle.no_grad():
+        correct = ((logits.argmax(axis=-1) == labels).astype('float32') * real).sum()
+    return loss, correct
 
 
 def real_positions(mask: paddle.Tensor, count: int) -> paddle.Tensor:
