@@ -16,8 +16,13 @@ import paddle
 import paddle.nn as nn
 from paddle.distributed.fleet.utils import recompute
 
-from beit import LAYER_NORM_EPS, BeitEncoder, Block, encoder_kwargs, trunc_normal_, zeros_
+from beit import LAYER_NORM_EPS, BeitEncoder, Block, encoder_kwargs, zeros_
 from cpu_runtime import use_fast_blas_kernels
+
+INIT_STD = 0.02
+# unilm's pre-training init (beit/ and beit2/ modeling_pretrain.py): a normal of std 0.02 truncated at +-1 std, not
+# at +-2 (absolute, i.e. untruncated) as fine-tuning's beit.trunc_normal_; its spread is ~0.0108, not 0.02.
+pretrain_trunc_normal_ = nn.initializer.TruncatedNormal(std=INIT_STD, a=-INIT_STD, b=INIT_STD)
 
 
 class BeitForMaskedImageModeling(BeitEncoder):
@@ -26,9 +31,25 @@ class BeitForMaskedImageModeling(BeitEncoder):
     def __init__(self, *, vocab_size: int = 8192, **encoder_args):
         super().__init__(final_norm=True, **encoder_args)
         self.vocab_size = vocab_size
-        self.mask_token = self.create_parameter([1, 1, self.embed_dim], default_initializer=trunc_normal_)
+        self.mask_token = self.create_parameter([1, 1, self.embed_dim], default_initializer=pretrain_trunc_normal_)
         self.lm_head = nn.Linear(self.embed_dim, vocab_size)
-        self._init_weights()  # lm_head too: trunc normal .02, no output scaling
+        self._init_pretraining_weights()
+
+    def _init_pretraining_weights(self) -> None:
+        """unilm's pre-training init: cls token, mask token, position embedding, every Linear weight (lm_head
+        too) and the patch embedding's conv weight from ``pretrain_trunc_normal_``, their biases zero, then the
+        residual outputs of block i scaled by 1/sqrt(2i); LayerNorms and relative position tables as built."""
+        for tensor in (self.cls_token, self.mask_token, self.pos_embed):
+            if tensor is not None:
+                pretrain_trunc_normal_(tensor)
+        for layer in self.sublayers():
+            if isinstance(layer, (nn.Linear, nn.Conv2D)):
+                pretrain_trunc_normal_(layer.weight)
+                if layer.bias is not None:
+                    zeros_(layer.bias)
+        for layer_id, block in enumerate(self.blocks, start=1):
+            for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+                weight.set_value(weight / math.sqrt(2.0 * layer_id))
 
     def forward_tokens(self, images: paddle.Tensor, mask: paddle.Tensor | None = None) -> paddle.Tensor:
         """All tokens after ``norm`` [B, N+1, D]; patches where ``mask`` [B, N] is true enter as the mask token."""
@@ -86,7 +107,7 @@ class BeitV2ForMaskedImageModeling(BeitForMaskedImageModeling):
                                                              self.patch_embed.grid))
         if not shared_lm_head:
             self.cls_pt_norm = nn.LayerNorm(self.embed_dim, epsilon=LAYER_NORM_EPS)
-            self.cls_pt_lm_head = nn.Linear(self.embed_dim, vocab_size, weight_attr=trunc_normal_,
+            self.cls_pt_lm_head = nn.Linear(self.embed_dim, vocab_size, weight_attr=pretrain_trunc_normal_,
                                             bias_attr=zeros_)
 
     def forward_branches(self, images: paddle.Tensor,
@@ -103,11 +124,12 @@ class BeitV2ForMaskedImageModeling(BeitForMaskedImageModeling):
         return self.norm(x), (self.norm if self.shared_lm_head else self.cls_pt_norm)(branch)
 
     def forward(self, images: paddle.Tensor, mask: paddle.Tensor,
-                positions: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """The logits [B * M, vocab_size] at ``positions`` (as v1's) of the main branch and of the CLS branch."""
+                positions: paddle.Tensor) -> list[paddle.Tensor]:
+        """[main, cls branch]: the logits [B * M, vocab_size] at ``positions`` (as v1's) of each branch; a list,
+        as engine.Amp.forward casts a list of outputs."""
         tokens, branch = self.forward_branches(images, mask)
         branch_head = self.lm_head if self.shared_lm_head else self.cls_pt_lm_head
-        return self.lm_head(gather_positions(tokens, positions)), branch_head(gather_positions(branch, positions))
+        return [self.lm_head(gather_positions(tokens, positions)), branch_head(gather_positions(branch, positions))]
 
 
 def _cls_branch_blocks(early_layers: int, head_layers: int, encoder_args: dict, grid) -> list[Block]:
@@ -141,6 +163,12 @@ def _torch_default_init(linear: nn.Linear) -> None:
 
 def build_beit_pretrain(config) -> BeitForMaskedImageModeling:
     """The pre-training model of ``config``: MODEL.* as for fine-tuning (head options aside), PRETRAIN.VOCAB_SIZE;
+    BEiT v2's with the CLS branch (EARLY_LAYERS, HEAD_LAYERS, SHARED_LM_HEAD) when PRETRAIN.CLS_PT, else v1's.
     cpu_runtime's BLAS kernel choice made first, as in build_beit."""
     use_fast_blas_kernels()
-    return BeitForMaskedImageModeling(vocab_size=config.PRETRAIN.VOCAB_SIZE, **encoder_kwargs(config))
+    pretrain = config.PRETRAIN
+    if pretrain.CLS_PT:
+        return BeitV2ForMaskedImageModeling(vocab_size=pretrain.VOCAB_SIZE, early_layers=pretrain.EARLY_LAYERS,
+                                            head_layers=pretrain.HEAD_LAYERS, shared_lm_head=pretrain.SHARED_LM_HEAD,
+                                            **encoder_kwargs(config))
+    return BeitForMaskedImageModeling(vocab_size=pretrain.VOCAB_SIZE, **encoder_kwargs(config))

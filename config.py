@@ -450,7 +450,42 @@ def validate_config(config: CN) -> None:
                                                             f'{list(config.TRAIN.CUTMIX_MINMAX)}')
 
 
-TOKENIZER_PATCH_PIXELS = 8  # the DALL-E encoder gives one token per 8x8 pixels
+TOKENIZER_PATCH_PIXELS = 8  # the DALL-E encoder gives one token per 8x8 pixels; the VQ-KD one per VQKD.PATCH_SIZE
+_CONVERT_TOKENIZER = {  # PRETRAIN.TOKENIZER -> how to get its weights
+    'dalle': 'DALL-E tokenizer, convert its encoder with `python load_dalle_weights.py -src encoder.pkl -dst '
+             'dalle_encoder.pdparams`',
+    'vqkd': "VQ-KD tokenizer (PRETRAIN.TOKENIZER vqkd), convert unilm's vqkd_*.pth with load_vqkd_weights.py",
+}
+
+
+def _check_token_grid(config: CN, grid: int) -> None:
+    """The tokenizer's grid over PRETRAIN.SECOND_INPUT_SIZE pixels must be the model's patch grid; with VQ-KD its
+    codebook must be lm_head's vocabulary."""
+    pretrain, vqkd = config.PRETRAIN, config.VQKD
+    vqkd_keys = ['VQKD.PATCH_SIZE'] if pretrain.TOKENIZER == 'vqkd' else []
+    pixels = vqkd.PATCH_SIZE if vqkd_keys else TOKENIZER_PATCH_PIXELS
+    second = pretrain.SECOND_INPUT_SIZE
+    if second != grid * pixels:
+        raise _value_error(
+            config, ['PRETRAIN.SECOND_INPUT_SIZE', 'DATA.IMAGE_SIZE', 'MODEL.PATCH_SIZE', *vqkd_keys],
+            f'PRETRAIN.SECOND_INPUT_SIZE {second} gives the tokenizer {second / pixels:g} tokens per side ({pixels} px '
+            f'each{", VQKD.PATCH_SIZE" if vqkd_keys else ""}), but the model has a {grid}x{grid} patch grid '
+            f'(DATA.IMAGE_SIZE {config.DATA.IMAGE_SIZE} / MODEL.PATCH_SIZE {config.MODEL.PATCH_SIZE}): '
+            f'use {grid * pixels}')
+    if pretrain.TOKENIZER == 'vqkd' and pretrain.VOCAB_SIZE != vqkd.CODEBOOK_SIZE:
+        raise _value_error(config, ['PRETRAIN.VOCAB_SIZE', 'VQKD.CODEBOOK_SIZE'],
+                           f'PRETRAIN.VOCAB_SIZE {pretrain.VOCAB_SIZE} differs from VQKD.CODEBOOK_SIZE '
+                           f'{vqkd.CODEBOOK_SIZE}: lm_head predicts the VQ-KD codebook\'s entries, set them equal')
+
+
+def _check_cls_branch(config: CN) -> None:
+    """BEiT v2's CLS branch (PRETRAIN.CLS_PT) takes the patch tokens after EARLY_LAYERS of the MODEL.DEPTH blocks.
+    (HEAD_LAYERS below 1 is refused by validate_config.)"""
+    early, depth = config.PRETRAIN.EARLY_LAYERS, config.MODEL.DEPTH
+    if not 1 <= early <= depth:
+        raise _value_error(config, ['PRETRAIN.EARLY_LAYERS', 'MODEL.DEPTH'],
+                           f'PRETRAIN.EARLY_LAYERS {early} is outside [1, MODEL.DEPTH {depth}]: the CLS branch '
+                           f'(PRETRAIN.CLS_PT) takes the patch tokens after that many blocks')
 
 
 def validate_pretraining_config(config: CN) -> None:
@@ -465,14 +500,9 @@ def validate_pretraining_config(config: CN) -> None:
                                                         'pre-training model selects the masked patches with a '
                                                         'data-dependent shape; run pre-training in dygraph')
     grid = config.DATA.IMAGE_SIZE // config.MODEL.PATCH_SIZE
-    second = pretrain.SECOND_INPUT_SIZE
-    if second != grid * TOKENIZER_PATCH_PIXELS:
-        raise _value_error(
-            config, ['PRETRAIN.SECOND_INPUT_SIZE', 'DATA.IMAGE_SIZE', 'MODEL.PATCH_SIZE'],
-            f'PRETRAIN.SECOND_INPUT_SIZE {second} gives the tokenizer {second / TOKENIZER_PATCH_PIXELS:g} tokens per '
-            f'side ({TOKENIZER_PATCH_PIXELS} px each), but the model has a {grid}x{grid} patch grid (DATA.IMAGE_SIZE '
-            f'{config.DATA.IMAGE_SIZE} / MODEL.PATCH_SIZE {config.MODEL.PATCH_SIZE}): '
-            f'use {grid * TOKENIZER_PATCH_PIXELS}')
+    _check_token_grid(config, grid)
+    if pretrain.CLS_PT:
+        _check_cls_branch(config)
     num_masked = pretrain.NUM_MASK_PATCHES
     if grid * grid < num_masked:
         raise _value_error(config, ['PRETRAIN.NUM_MASK_PATCHES', 'DATA.IMAGE_SIZE', 'MODEL.PATCH_SIZE'],
@@ -485,15 +515,14 @@ def validate_pretraining_config(config: CN) -> None:
                            f'PRETRAIN.MIN_MASK_PATCHES_PER_BLOCK {pretrain.MIN_MASK_PATCHES_PER_BLOCK} is more than a '
                            f'block may hold (PRETRAIN.NUM_MASK_PATCHES {num_masked}, '
                            f'PRETRAIN.MAX_MASK_PATCHES_PER_BLOCK {pretrain.MAX_MASK_PATCHES_PER_BLOCK})')
-    if pretrain.TOKENIZER_HIDDEN % 4:
+    if pretrain.TOKENIZER == 'dalle' and pretrain.TOKENIZER_HIDDEN % 4:
         raise _value_error(config, ['PRETRAIN.TOKENIZER_HIDDEN'],
                            f'PRETRAIN.TOKENIZER_HIDDEN must be a multiple of 4 (the DALL-E encoder\'s blocks narrow '
                            f'to a quarter of it), got {pretrain.TOKENIZER_HIDDEN}')
     if not pretrain.TOKENIZER_WEIGHTS and not pretrain.RANDOM_TOKENIZER:
-        raise ConfigError('PRETRAIN.TOKENIZER_WEIGHTS is not set: pre-training predicts the tokens of the DALL-E '
-                          'tokenizer, convert its encoder with `python load_dalle_weights.py -src encoder.pkl -dst '
-                          'dalle_encoder.pdparams` and give that file (PRETRAIN.RANDOM_TOKENIZER True runs with '
-                          'random tokenizer weights, for tests and demos only)')
+        raise ConfigError(f'PRETRAIN.TOKENIZER_WEIGHTS is not set: pre-training predicts the tokens of the '
+                          f'{_CONVERT_TOKENIZER[pretrain.TOKENIZER]} and give that file (PRETRAIN.RANDOM_TOKENIZER '
+                          f'True runs with random tokenizer weights, for tests and demos only)')
     if pretrain.TOKENIZER_WEIGHTS and not os.path.isfile(pretrain.TOKENIZER_WEIGHTS):
         raise _value_error(config, ['PRETRAIN.TOKENIZER_WEIGHTS'],
                            f'PRETRAIN.TOKENIZER_WEIGHTS: file not found: {pretrain.TOKENIZER_WEIGHTS}')

@@ -22,7 +22,7 @@ from paddle.io import DataLoader, Dataset, DistributedBatchSampler
 from PIL import Image
 
 from config import BAD_IMAGE_POLICIES, DATASETS
-from device_batch import ClassificationBatch, NormaliseAndErase, PretrainingBatch
+from device_batch import TOKENIZER_INPUTS, ClassificationBatch, NormaliseAndErase, PretrainingBatch
 from image_files import DECODE_ERRORS, load_rgb_image
 from masking_generator import MaskingGenerator, masked_positions
 from random_erasing import RandomErasing
@@ -206,7 +206,9 @@ def get_pretraining_dataset(config) -> MaskedImageDataset:
               + grid * grid + np.dtype(np.int64).itemsize * config.PRETRAIN.NUM_MASK_PATCHES)  # mask, positions
     return MaskedImageDataset(samples, get_pretrain_transforms(config), build_mask_generator(config),
                               config.DATA.BAD_IMAGE_POLICY, source,
-                              on_device=PretrainingBatch(NormaliseAndErase.from_config(config)), sample_nbytes=nbytes)
+                              on_device=PretrainingBatch(NormaliseAndErase.from_config(config),
+                                                         TOKENIZER_INPUTS[config.PRETRAIN.TOKENIZER]),
+                              sample_nbytes=nbytes)
 
 
 class ShardedEvalBatchSampler:

@@ -5,6 +5,8 @@ random-erased with the boxes the workers drew, on the device right after it arri
 ``get_dataloader`` (datasets.py) applies a dataset's ``on_device`` to each batch it yields, so objectives and the
 engine receive float32 batches as before.
 """
+from collections.abc import Callable
+
 import paddle
 
 from random_erasing import RandomErasing
@@ -53,7 +55,16 @@ class NormaliseAndErase:
 
 def tokenizer_input(images: paddle.Tensor) -> paddle.Tensor:
     """uint8 NCHW tokenizer views -> float32 in the DALL-E tokenizer's range (x / 255, then map_pixels)."""
-    return map_pixels(images.astype('float32') / PIXEL_SCALE)
+    return map_pixels(unit_pixels(images))
+
+
+def unit_pixels(images: paddle.Tensor) -> paddle.Tensor:
+    """uint8 NCHW tokenizer views -> float32 in [0, 1] (x / 255, ToTensor's scaling): the VQ-KD tokenizer's input,
+    as unilm's beit2 feeds it (not normalised, not map_pixels'd)."""
+    return images.astype('float32') / PIXEL_SCALE
+
+
+TOKENIZER_INPUTS = {'dalle': tokenizer_input, 'vqkd': unit_pixels}  # by PRETRAIN.TOKENIZER
 
 
 class ClassificationBatch:
@@ -72,11 +83,13 @@ class ClassificationBatch:
 
 class PretrainingBatch:
     """A loader batch [uint8 patch views, uint8 tokenizer views, ...] -> [float32 normalised patch views, float32
-    tokenizer input, ...]; the other fields (the masks) pass as they are."""
+    tokenizer input (``to_tokenizer_input``, one of TOKENIZER_INPUTS), ...]; the other fields (the masks) pass as
+    they are."""
 
-    def __init__(self, normalise: NormaliseAndErase):
+    def __init__(self, normalise: NormaliseAndErase, to_tokenizer_input: Callable = tokenizer_input):
         self.normalise = normalise
+        self.to_tokenizer_input = to_tokenizer_input
 
     def __call__(self, batch: list) -> list:
         patch_views, tokenizer_views, *rest = batch
-        return [self.normalise(patch_views), tokenizer_input(tokenizer_views), *rest]
+        return [self.normalise(patch_views), self.to_tokenizer_input(tokenizer_views), *rest]

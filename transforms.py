@@ -168,8 +168,8 @@ class TwoViewTransform:
 def get_pretrain_transforms(config) -> TwoViewTransform:
     """unilm's pre-training pipeline: colour augmentation and flip of the whole image, one random resized crop
     seen at DATA.IMAGE_SIZE (DATA.INTERPOLATION) and at PRETRAIN.SECOND_INPUT_SIZE (PRETRAIN.SECOND_INTERPOLATION),
-    both uint8 CHW; on the device the first is normalised, the second scaled to [0, 1] and map_pixels'd, the
-    tokenizer's input range (device_batch.PretrainingBatch)."""
+    both uint8 CHW; on the device the first is normalised, the second scaled to [0, 1] and, for the DALL-E
+    tokenizer only, map_pixels'd: the tokenizer's input range (device_batch.PretrainingBatch, TOKENIZER_INPUTS)."""
     train = config.TRAIN
     steps = [to_rgb, *_colour_augmentation(config)]
     if train.HFLIP_PROB > 0:

@@ -102,7 +102,30 @@ def test_unmasked_encoder_equals_the_fine_tuning_encoder(per_block):
         np.testing.assert_allclose(ours, fine_tuning.eval().forward_tokens(images).numpy(), rtol=0, atol=1e-6)
 
 
+# unilm's pre-training trunc_normal_ (beit/, beit2/ modeling_pretrain.py): std 0.02 cut at +-1 std, whose spread is
+# 0.02 * sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)) (the truncated normal's variance), not 0.02 as fine-tuning's.
+INIT_STD = 0.02
+TRUNCATED_STD = INIT_STD * np.sqrt(1 - 2 * np.exp(-0.5) / np.sqrt(2 * np.pi) / 0.6826894921370859)
+
+
+def assert_unilm_pretraining_init(value, name, scale=1.0):
+    """Within +-0.02 / scale, spread as unilm's truncated normal (scaled down by ``scale``), mean near 0."""
+    value = value.astype('float64')
+    assert np.abs(value).max() <= INIT_STD / scale + 1e-9, name
+    assert np.abs(value).max() > 0.95 * INIT_STD / scale, name  # the cut is reached: not a narrower normal
+    assert value.std() == pytest.approx(TRUNCATED_STD / scale, rel=0.06), name
+    assert abs(value.mean()) < 0.1 * TRUNCATED_STD / scale, name
+
+
+def test_truncated_std_is_the_one_of_unilms_truncated_normal():
+    draws = np.random.default_rng(0).normal(size=2_000_000)
+    assert draws[np.abs(draws) <= 1].std() * INIT_STD == pytest.approx(TRUNCATED_STD, rel=2e-3)
+
+
 def test_names_are_unilms_and_initialisation_follows_it():
+    """unilm's pre-training init: cls token, mask token, absolute position embedding, every Linear weight (lm_head
+    too) and the patch embedding's conv weight from a normal of std 0.02 cut at +-0.02; biases zero; the residual
+    outputs of block i divided by sqrt(2i); LayerNorms 1 / 0, relative position tables 0."""
     paddle.seed(0)
     config = config_for({**TINY, 'EMBED_DIM': 256, 'DEPTH': 4, 'USE_REL_POS_BIAS': False,
                          'USE_SHARED_REL_POS_BIAS': True})
@@ -111,15 +134,35 @@ def test_names_are_unilms_and_initialisation_follows_it():
     block_keys = {f'blocks.{i}.{key}' for i in range(4) for key in UNILM_BLOCK_KEYS}
     assert set(model.state_dict()) == UNILM_PRETRAIN_KEYS | block_keys
     assert model.lm_head.weight.shape == [256, 8192]  # Paddle's [in, out]
-    for name in ('lm_head.weight', 'mask_token', 'cls_token', 'blocks.0.attn.qkv.weight'):
-        value = model.state_dict()[name].numpy()
-        assert value.std() == pytest.approx(0.02, rel=0.15), name  # the tokens: 256 draws
-    np.testing.assert_array_equal(model.lm_head.bias.numpy(), 0)  # no head init scale in pre-training
-    for layer_id, block in enumerate(model.blocks, start=1):
-        std = block.mlp.fc2.weight.numpy().std()
-        assert std == pytest.approx(0.02 / np.sqrt(2 * layer_id), rel=0.1)
+    state = {name: value.numpy() for name, value in model.state_dict().items()}
+    for name in ('lm_head.weight', 'mask_token', 'cls_token', 'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight',
+                 'blocks.3.mlp.fc1.weight'):
+        assert_unilm_pretraining_init(state[name], name)
+    for layer_id in range(1, 5):
+        for name in ('attn.proj.weight', 'mlp.fc2.weight'):
+            assert_unilm_pretraining_init(state[f'blocks.{layer_id - 1}.{name}'], name, np.sqrt(2 * layer_id))
+    for name, value in state.items():
+        if name.endswith(('.bias', 'q_bias', 'v_bias', 'relative_position_bias_table')):
+            np.testing.assert_array_equal(value, 0, err_msg=name)  # no head init scale in pre-training
+        if 'norm' in name and name.endswith('.weight'):
+            np.testing.assert_array_equal(value, 1, err_msg=name)
+    for block in model.blocks:
         np.testing.assert_allclose(block.gamma_1.numpy(), 0.1)
-    np.testing.assert_array_equal(model.norm.weight.numpy(), 1)
+
+
+def test_the_absolute_position_embedding_follows_unilms_pretraining_init():
+    paddle.seed(1)
+    config = config_for({**TINY, 'EMBED_DIM': 256, 'DEPTH': 1, 'USE_ABS_POS_EMB': True, 'USE_REL_POS_BIAS': False})
+    config.PRETRAIN.VOCAB_SIZE = VOCAB
+    assert_unilm_pretraining_init(build_beit_pretrain(config).pos_embed.numpy(), 'pos_embed')
+
+
+def test_fine_tuning_keeps_its_own_init():
+    """Only pre-training changed: the fine-tuning model's trunc-normal Linears still spread as std 0.02."""
+    paddle.seed(0)
+    model = build_beit(config_for({**TINY, 'EMBED_DIM': 256, 'DEPTH': 1}))
+    value = model.blocks[0].attn.qkv.weight.numpy()
+    assert value.std() == pytest.approx(INIT_STD, rel=0.05) and np.abs(value).max() > 2 * INIT_STD
 
 
 def test_optimizer_rules_cover_the_pretraining_tensors():
@@ -230,7 +273,7 @@ def test_v2_names_and_initialisation_follow_unilm():
         np.testing.assert_allclose(block.gamma_1.numpy(), 0.1)
         # unilm's drop-path decay over max(depth, early_layers + head_layers) = 5 blocks, from position 3
         assert block.drop_path.drop_prob == pytest.approx(np.linspace(0, 0.1, 5)[3 + index])
-    assert model.cls_pt_lm_head.weight.numpy().std() == pytest.approx(0.02, rel=0.15)
+    assert_unilm_pretraining_init(model.cls_pt_lm_head.weight.numpy(), 'cls_pt_lm_head.weight')
     np.testing.assert_array_equal(model.cls_pt_lm_head.bias.numpy(), 0)
     np.testing.assert_array_equal(model.cls_pt_norm.weight.numpy(), 1)
     shared = set(v2_model(early_layers=2, head_layers=1).state_dict())
@@ -289,3 +332,22 @@ def test_optimizer_rules_cover_the_cls_branch():
     for name in ('cls_pt_layers.0.gamma_1', 'cls_pt_layers.0.attn.q_bias', 'cls_pt_layers.1.mlp.fc2.bias',
                  'cls_pt_norm.weight', 'cls_pt_lm_head.bias'):
         assert settings[name] == {'lr_scale': 1.0, 'weight_decay': 0.0}, name
+
+
+@pytest.mark.parametrize('cls_pt', [True, False])
+def test_the_config_chooses_the_v2_model_with_its_branch_settings(cls_pt):
+    """PRETRAIN.CLS_PT builds unilm's cls_pt model from EARLY_LAYERS, HEAD_LAYERS, SHARED_LM_HEAD; without it, v1
+    (EARLY_LAYERS then means nothing, even outside the depth)."""
+    config = pretrain_config(V2_SPEC)
+    config.PRETRAIN.CLS_PT, config.PRETRAIN.EARLY_LAYERS = cls_pt, 3 if cls_pt else 99
+    config.PRETRAIN.HEAD_LAYERS, config.PRETRAIN.SHARED_LM_HEAD = 1, False
+    model = build_beit_pretrain(config)
+    assert isinstance(model, BeitV2ForMaskedImageModeling) == cls_pt
+    if cls_pt:
+        assert model.early_layers == 3 and len(model.cls_pt_layers) == 1 and not model.shared_lm_head
+        assert hasattr(model, 'cls_pt_lm_head')
+        images = paddle.to_tensor(random_batch(2, TINY['IMAGE_SIZE']))
+        masks = paddle.to_tensor(random_masks(2))
+        positions = paddle.to_tensor(np.stack([np.flatnonzero(row) for row in random_masks(2)]))
+        main, branch = model(images, masks, positions)
+        assert main.shape == branch.shape == [12, VOCAB]

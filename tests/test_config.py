@@ -259,6 +259,41 @@ def test_unusable_pretraining_values_name_the_key(opts, message):
         validate_pretraining_config(config)
 
 
+V2_PRETRAIN = str(ROOT / 'configs' / 'beitv2_base_patch16_224_pt1k.yaml')
+
+
+@pytest.mark.parametrize('opts, message', [
+    (['PRETRAIN.EARLY_LAYERS', '13'], 'PRETRAIN.EARLY_LAYERS 13 is outside [1, MODEL.DEPTH 12]: the CLS branch'),
+    (['PRETRAIN.EARLY_LAYERS', '0'], 'PRETRAIN.EARLY_LAYERS must be positive, got 0'),
+    (['MODEL.DEPTH', '8'], 'PRETRAIN.EARLY_LAYERS 9 is outside [1, MODEL.DEPTH 8]'),
+    (['PRETRAIN.HEAD_LAYERS', '0'], 'PRETRAIN.HEAD_LAYERS must be positive, got 0'),
+    (['PRETRAIN.VOCAB_SIZE', '8000'], 'PRETRAIN.VOCAB_SIZE 8000 differs from VQKD.CODEBOOK_SIZE 8192'),
+    (['VQKD.CODEBOOK_SIZE', '1024'], 'PRETRAIN.VOCAB_SIZE 8192 differs from VQKD.CODEBOOK_SIZE 1024'),
+    (['PRETRAIN.SECOND_INPUT_SIZE', '112'], 'PRETRAIN.SECOND_INPUT_SIZE 112 gives the tokenizer 7 tokens per side '
+                                            '(16 px each, VQKD.PATCH_SIZE), but the model has a 14x14 patch grid '
+                                            '(DATA.IMAGE_SIZE 224 / MODEL.PATCH_SIZE 16): use 224'),
+    (['VQKD.PATCH_SIZE', '8'], 'PRETRAIN.SECOND_INPUT_SIZE 224 gives the tokenizer 28 tokens per side (8 px each, '
+                               'VQKD.PATCH_SIZE), but the model has a 14x14 patch grid'),
+    (['PRETRAIN.RANDOM_TOKENIZER', 'False'], 'PRETRAIN.TOKENIZER_WEIGHTS is not set: pre-training predicts the tokens '
+                                             'of the VQ-KD tokenizer (PRETRAIN.TOKENIZER vqkd), convert unilm\'s '
+                                             'vqkd_*.pth with load_vqkd_weights.py'),
+])
+def test_unusable_v2_pretraining_values_name_the_keys(opts, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_pretraining_config(update_config(get_config(), parse(
+            '-cfg', V2_PRETRAIN, '-opts', 'PRETRAIN.RANDOM_TOKENIZER', 'True', *opts)))
+
+
+@pytest.mark.parametrize('opts', [
+    ['PRETRAIN.CLS_PT', 'False', 'PRETRAIN.EARLY_LAYERS', '30'],  # v1's model: no CLS branch to take them
+    ['PRETRAIN.TOKENIZER_HIDDEN', '6'],  # a DALL-E setting, unused with VQ-KD
+    ['PRETRAIN.TOKENIZER', 'dalle', 'PRETRAIN.SECOND_INPUT_SIZE', '112', 'PRETRAIN.VOCAB_SIZE', '4096'],  # v2 + DALL-E
+])
+def test_v2_pretraining_values_that_do_not_apply_are_not_refused(opts):
+    validate_pretraining_config(update_config(get_config(), parse(
+        '-cfg', V2_PRETRAIN, '-opts', 'PRETRAIN.RANDOM_TOKENIZER', 'True', *opts)))
+
+
 def test_fine_tuning_configs_need_no_pretraining_values():
     """The grid check is pre-training's: a 384 px fine-tuning config keeps the 112 px default."""
     config = get_config(str(ROOT / 'configs' / 'beit_base_patch16_384.yaml'))

@@ -650,6 +650,39 @@ def test_pretraining_workers_send_uint8_views_and_the_batch_equals_todays(tiny_j
     np.testing.assert_array_equal(np.concatenate([b[2] for b in prepared]), np.concatenate([b[2] for b in raw]))
 
 
+def test_the_vqkd_tokenizer_view_is_unilms_beit2_view(tiny_jpegs):
+    """unilm beit2's DataAugmentationForBEiT: one crop (scale from min_crop_scale) seen by the tokenizer at
+    second_input_size with second_interpolation, then ToTensor only: [0, 1], not normalised (the patch view is),
+    not map_pixels'd (DALL-E's [0.1, 0.9]). Here: SECOND_INPUT_SIZE 16 (4x4 tokens of VQKD.PATCH_SIZE 4), bicubic."""
+    folder, paths = tiny_jpegs
+    write_list(folder / 'train_list.txt', [f'{path.relative_to(folder)} 0' for path in paths])
+    config = pretraining_config(folder, BATCH_SIZE=3, NUM_WORKERS=0, IMAGENET_MEAN=IMAGENET_MEAN,
+                                IMAGENET_STD=IMAGENET_STD)
+    config.PRETRAIN.TOKENIZER, config.PRETRAIN.SECOND_INPUT_SIZE = 'vqkd', 16
+    config.PRETRAIN.SECOND_INTERPOLATION, config.VQKD.PATCH_SIZE = 'bicubic', 4
+    dataset = datasets.get_pretraining_dataset(config)
+    crop = dataset.transform.shared.transforms[-1]
+    assert (crop.second_size, crop.second_interpolation) == ((16, 16), 'bicubic')
+    dataset.reseed(5)
+    loader = datasets.get_dataloader(config, dataset, 'train')
+    _, prepared = _read_raw_and_prepared(loader)
+    normalize = transforms.T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    unilms = transforms.TwoViewTransform(dataset.transform.shared,
+                                         transforms.T.Compose([_todays_to_chw_float, normalize]),
+                                         _todays_to_chw_float)  # ToTensor alone
+    expected = []
+    for index in _epoch_indices(loader):
+        dataset._seed_draws(index)
+        expected.append(unilms(dataset._first_decodable(index)[0]))
+    for field in (0, 1):
+        views = np.concatenate([batch[field] for batch in prepared])
+        assert views.dtype == np.float32
+        np.testing.assert_array_equal(views, np.stack([pair[field] for pair in expected]))
+    tokenizer_views = np.concatenate([batch[1] for batch in prepared])
+    assert tokenizer_views.shape[1:] == (3, 16, 16)
+    assert 0 <= tokenizer_views.min() < 0.1 < 0.9 < tokenizer_views.max() <= 1  # the whole [0, 1] range
+
+
 def test_pretraining_reads_image_folders_with_any_class_count(tmp_path, tiny_jpegs):
     folder, _ = tiny_jpegs
     (tmp_path / 'train').symlink_to(folder)  # 3 class folders; MODEL.NUM_CLASSES says 5
