@@ -27,6 +27,7 @@ from torch_checkpoint import (
     CHECK_TOLERANCE,
     ConversionError,
     conversion_exit_code,
+    partition_tensors,
     read_checkpoint,
     to_paddle_layout,
     write_converted,
@@ -166,16 +167,7 @@ def split_state_dict(tensors: dict, source: str) -> tuple[dict, dict]:
     if absent:
         raise CLIPWeightsError(f'{source}: not a CLIP ViT of OpenAI\'s clip package (no {", ".join(absent)} among '
                                f'its {len(tensors)} tensors, e.g. {", ".join(list(tensors)[:3])})')
-    kept, dropped, unknown = {}, {}, []
-    for name, value in tensors.items():
-        if name.startswith('visual.'):
-            kept[name] = value
-            continue
-        group = next((description for prefixes, description in DROPPED_GROUPS if name.startswith(prefixes)), None)
-        if group is None:
-            unknown.append(name)
-        else:
-            dropped.setdefault(group, []).append(name)
+    kept, dropped, unknown = partition_tensors(tensors, kept_prefixes=('visual.',), dropped_groups=DROPPED_GROUPS)
     if unknown:
         raise CLIPWeightsError(f'{source}: {len(unknown)} tensors of no part of OpenAI\'s CLIP: {unknown[:3]}')
     return kept, dropped

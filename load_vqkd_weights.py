@@ -20,7 +20,14 @@ import sys
 import numpy as np
 import paddle
 
-from torch_checkpoint import CHECK_TOLERANCE, conversion_exit_code, read_checkpoint, to_paddle_layout, write_converted
+from torch_checkpoint import (
+    CHECK_TOLERANCE,
+    conversion_exit_code,
+    partition_tensors,
+    read_checkpoint,
+    to_paddle_layout,
+    write_converted,
+)
 from vqkd_tokenizer import VQKDTokenizer, VQKDWeightsError, check_state_dict_fits
 
 KEPT_PREFIXES = ('encoder.', 'encode_task_layer.', 'quantize.embedding.weight')
@@ -46,16 +53,7 @@ def split_state_dict(tensors: dict, source: str) -> tuple[dict, dict]:
     if absent:
         raise VQKDWeightsError(f'{source}: not a VQ-KD tokenizer of unilm\'s beit2 (no {", ".join(absent)} among '
                                f'its {len(tensors)} tensors, e.g. {", ".join(list(tensors)[:3])})')
-    kept, dropped, unknown = {}, {}, []
-    for name, value in tensors.items():
-        if name.startswith(KEPT_PREFIXES):
-            kept[name] = value
-            continue
-        group = next((description for prefix, description in DROPPED_GROUPS if name.startswith(prefix)), None)
-        if group is None:
-            unknown.append(name)
-        else:
-            dropped.setdefault(group, []).append(name)
+    kept, dropped, unknown = partition_tensors(tensors, kept_prefixes=KEPT_PREFIXES, dropped_groups=DROPPED_GROUPS)
     if unknown:
         raise VQKDWeightsError(f'{source}: {len(unknown)} tensors of no part of a VQ-KD tokenizer: {unknown[:3]}')
     return kept, dropped

@@ -155,6 +155,24 @@ def read_checkpoint(path: str, trust_pickle: bool = False, module_classes: tuple
     return unwrap_state_dict(read_torch_checkpoint(path, trust_pickle, module_classes), path)
 
 
+def partition_tensors(tensors: dict, *, kept_prefixes: tuple[str, ...],
+                      dropped_groups: tuple[tuple[str | tuple[str, ...], str], ...]) -> tuple[dict, dict, list]:
+    """(tensors to keep, group description -> names dropped, names of no group) of a foreign checkpoint: a name
+    starting with one of ``kept_prefixes`` is kept; otherwise the first group whose prefix (or prefixes) it starts
+    with names why it is dropped. A converter refuses a file with names of no group: another model's."""
+    kept, dropped, unknown = {}, {}, []
+    for name, value in tensors.items():
+        if name.startswith(kept_prefixes):
+            kept[name] = value
+            continue
+        group = next((description for prefixes, description in dropped_groups if name.startswith(prefixes)), None)
+        if group is None:
+            unknown.append(name)
+        else:
+            dropped.setdefault(group, []).append(name)
+    return kept, dropped, unknown
+
+
 def linear_weight_names(model: nn.Layer) -> set:
     return {f'{name}.weight' for name, layer in model.named_sublayers() if isinstance(layer, nn.Linear)}
 

@@ -65,17 +65,23 @@ def teacher_config(config):
         raise ConfigError(f'VQKD.TEACHER_CFG: {err}') from None
 
 
+def check_same_grid(config, teacher_size: int, teacher_patch: int, teacher: str) -> None:
+    """The teacher (described by ``teacher``) sees the tokenizer's images and patch grid (ConfigError otherwise)."""
+    size, grid = config.DATA.IMAGE_SIZE, config.DATA.IMAGE_SIZE // config.VQKD.PATCH_SIZE
+    teacher_grid = teacher_size // teacher_patch
+    if (teacher_size, teacher_grid) != (size, grid):
+        raise ConfigError(named_origin(config, 'DATA.IMAGE_SIZE', 'VQKD.PATCH_SIZE')
+                          + f'{teacher}, a {teacher_grid}x{teacher_grid} grid) must see the tokenizer\'s images and '
+                          f'grid (DATA.IMAGE_SIZE {size}, VQKD.PATCH_SIZE {config.VQKD.PATCH_SIZE}, a {grid}x{grid} '
+                          'grid)')
+
+
 def check_beit_teacher(config) -> None:
     """The teacher config reads, and its input and patch grid are the tokenizer's."""
     teacher = teacher_config(config)
-    size, grid = config.DATA.IMAGE_SIZE, config.DATA.IMAGE_SIZE // config.VQKD.PATCH_SIZE
-    teacher_size, teacher_grid = teacher.DATA.IMAGE_SIZE, teacher.DATA.IMAGE_SIZE // teacher.MODEL.PATCH_SIZE
-    if (teacher_size, teacher_grid) != (size, grid):
-        raise ConfigError(named_origin(config, 'DATA.IMAGE_SIZE', 'VQKD.PATCH_SIZE')
-                          + f'the teacher (VQKD.TEACHER_CFG {config.VQKD.TEACHER_CFG}: DATA.IMAGE_SIZE {teacher_size}, '
-                          f'MODEL.PATCH_SIZE {teacher.MODEL.PATCH_SIZE}, a {teacher_grid}x{teacher_grid} grid) must '
-                          f'see the tokenizer\'s images and grid (DATA.IMAGE_SIZE {size}, VQKD.PATCH_SIZE '
-                          f'{config.VQKD.PATCH_SIZE}, a {grid}x{grid} grid)')
+    check_same_grid(config, teacher.DATA.IMAGE_SIZE, teacher.MODEL.PATCH_SIZE,
+                    f'the teacher (VQKD.TEACHER_CFG {config.VQKD.TEACHER_CFG}: DATA.IMAGE_SIZE '
+                    f'{teacher.DATA.IMAGE_SIZE}, MODEL.PATCH_SIZE {teacher.MODEL.PATCH_SIZE}')
     if teacher.MODEL.TO_STATIC:
         raise ConfigError(f'VQKD.TEACHER_CFG {config.VQKD.TEACHER_CFG}: MODEL.TO_STATIC: the teacher runs in dygraph')
 
@@ -129,14 +135,9 @@ def clip_sizes(config) -> dict:
 def check_clip_teacher(config) -> None:
     """The CLIP file reads, and its input resolution and patch grid are the tokenizer's."""
     sizes = clip_sizes(config)
-    size, grid = config.DATA.IMAGE_SIZE, config.DATA.IMAGE_SIZE // config.VQKD.PATCH_SIZE
-    teacher_size, teacher_grid = sizes['input_resolution'], sizes['input_resolution'] // sizes['patch_size']
-    if (teacher_size, teacher_grid) != (size, grid):
-        raise ConfigError(named_origin(config, 'DATA.IMAGE_SIZE', 'VQKD.PATCH_SIZE')
-                          + f'the CLIP teacher (VQKD.TEACHER_WEIGHTS {config.VQKD.TEACHER_WEIGHTS}: '
-                          f'{teacher_size} px, patch {sizes["patch_size"]}, a {teacher_grid}x{teacher_grid} grid) '
-                          f'must see the tokenizer\'s images and grid (DATA.IMAGE_SIZE {size}, VQKD.PATCH_SIZE '
-                          f'{config.VQKD.PATCH_SIZE}, a {grid}x{grid} grid)')
+    check_same_grid(config, sizes['input_resolution'], sizes['patch_size'],
+                    f'the CLIP teacher (VQKD.TEACHER_WEIGHTS {config.VQKD.TEACHER_WEIGHTS}: '
+                    f'{sizes["input_resolution"]} px, patch {sizes["patch_size"]}')
 
 
 def clip_feature_dim(config) -> int:

@@ -1,5 +1,6 @@
 """What the test files share: the repository root, the tiny config, the real photos, small data files, file
 checks and a run killed in its subprocess. (Fixtures and the environment set-up stay in conftest.py.)"""
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import paddle
+import pytest
 from PIL import Image
 
+import engine
 import safe_pickle
 from config import get_config, merge_opts, validate_config
 from image_files import load_rgb_image
@@ -31,6 +34,30 @@ def tiny_config(*opts, **train):
     merge_opts(config, [*opts, *(item for key, value in train.items() for item in (f'TRAIN.{key}', value))])
     validate_config(config)
     return config
+
+
+class Killed(BaseException):
+    """What a SIGKILL does to an in-process run at that point: nothing after it runs (BaseException: nothing
+    catches it)."""
+
+
+@contextlib.contextmanager
+def killed_after_steps(monkeypatch, count: int):
+    """The run inside the block is killed (Killed) just after its ``count``-th optimizer step, which must happen."""
+    step = engine._optimizer_step
+    calls = []
+
+    def step_then_kill(trainer, applied):
+        step(trainer, applied)
+        calls.append(1)
+        if len(calls) == count:
+            raise Killed
+    monkeypatch.setattr(engine, '_optimizer_step', step_then_kill)
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        monkeypatch.setattr(engine, '_optimizer_step', step)
 
 
 def kill_during(cmd, log: Path, line: str, timeout=120) -> None:

@@ -20,7 +20,7 @@ from beit import build_beit, relative_position_index
 from checkpoint import save_checkpoint
 from config import get_config
 from engine import NonFiniteLossError, World
-from helpers import TINY_CONFIG
+from helpers import TINY_CONFIG, Killed
 from optim import build_lr_scheduler, build_optimizer
 from paddle_internals import LossScaler
 from task_finetune import FINE_TUNING
@@ -245,10 +245,6 @@ def test_retention_keeps_the_newest_k_and_the_best(ema, data, tmp_path, capsys):
     assert saved['epoch'] == best['epoch']
     assert saved['best'] == {'acc1': best[metric], 'epoch': best['epoch'], 'weights': weights}
     assert f'by the val acc1 of the {weights} weights' in capsys.readouterr().out
-
-
-class Killed(BaseException):
-    """What a SIGKILL does to the process at that point: nothing after it runs."""
 
 
 def test_retention_after_a_kill_between_save_and_deletion(data, tmp_path, monkeypatch):

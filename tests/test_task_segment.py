@@ -24,7 +24,7 @@ from beit import CheckpointMismatchError, build_beit
 from beit_seg import build_beit_upernet
 from checkpoint import load_pretrained
 from config import ConfigError, get_config, merge_opts, validate_config
-from helpers import ENV, ROOT, kill_during
+from helpers import ENV, ROOT, kill_during, killed_after_steps
 from seg_inference import rescaled_shape
 from seg_metrics import intersect_and_union
 from seg_transforms import get_seg_val_transforms
@@ -261,24 +261,10 @@ def test_multi_scale_and_flip_evaluation_makes_each_scale_from_the_original(trai
     assert several['num_samples'] == len(VAL_SIZES) and several['iou'] != single['iou']
 
 
-class Killed(BaseException):
-    """A kill in the middle of a run (BaseException: nothing catches it)."""
-
-
 def test_a_run_killed_in_epoch_2_resumes_to_the_uninterrupted_weights(trained, data, tmp_path, monkeypatch):
     killed = tmp_path / 'killed'
-    step = engine._optimizer_step
-    calls = []
-
-    def killed_after_the_first_step_of_epoch_2(trainer, applied):
-        step(trainer, applied)
-        calls.append(1)
-        if len(calls) == 3:  # 2 steps per epoch
-            raise Killed
-    monkeypatch.setattr(engine, '_optimizer_step', killed_after_the_first_step_of_epoch_2)
-    with pytest.raises(Killed):
+    with killed_after_steps(monkeypatch, 3):  # the first step of epoch 2 (2 steps per epoch)
         main_segment.main(args(data, killed))
-    monkeypatch.setattr(engine, '_optimizer_step', step)
     assert not (killed / 'checkpoint-epoch-2.pdparams').exists()
     assert main_segment.main(args(data, killed, '-resume', str(killed / 'checkpoint-epoch-1.pdparams'))) == 0
     full, resumed = (paddle.load(str(folder / 'checkpoint-epoch-2.pdparams')) for folder in (trained, killed))

@@ -12,7 +12,6 @@ import paddle
 import pytest
 
 import cli
-import engine
 import main_tokenizer
 import plot_metrics
 import vqkd_model
@@ -20,7 +19,7 @@ from beit import build_beit
 from clip_teacher import CLIPTeacher
 from config import get_config
 from datasets import get_dataloader
-from helpers import ENV, ROOT, kill_during
+from helpers import ENV, ROOT, kill_during, killed_after_steps
 from task_tokenizer import (
     TOKENIZER_TRAINING,
     build_tokenizer_model,
@@ -160,23 +159,9 @@ def test_the_beit_teacher_gives_the_final_patch_tokens_after_fc_norm_of_normalis
 # ---- resume ------------------------------------------------------------------------------------------------------
 
 
-class Killed(BaseException):
-    """A kill in the middle of a run (BaseException: nothing catches it)."""
-
-
 def killed_and_resumed(data, folder, monkeypatch):
-    step = engine._optimizer_step
-    calls = []
-
-    def killed_after_the_first_step_of_epoch_2(trainer, applied):
-        step(trainer, applied)
-        calls.append(1)
-        if len(calls) == 5:  # 4 steps per epoch
-            raise Killed
-    monkeypatch.setattr(engine, '_optimizer_step', killed_after_the_first_step_of_epoch_2)
-    with pytest.raises(Killed):
+    with killed_after_steps(monkeypatch, 5):  # the first step of epoch 2 (4 steps per epoch)
         main_tokenizer.main(args(data, folder))
-    monkeypatch.setattr(engine, '_optimizer_step', step)
     assert not (folder / 'checkpoint-epoch-2.pdparams').exists()
     assert main_tokenizer.main(args(data, folder, '-resume', str(folder / 'checkpoint-epoch-1.pdparams'))) == 0
     return paddle.load(str(folder / 'checkpoint-epoch-2.pdparams'))
