@@ -102,6 +102,7 @@ def plot_curves(records: list, png_path: str, tasks: list) -> None:
     metric_axes.set(xlabel='epoch', ylabel='%' if percent else 'value',
                     title=', '.join(task.name for task in tasks) or 'no declared curves')
     for axes in (loss_axes, metric_axes):
+        axes.xaxis.get_major_locator().set_params(integer=True)  # epochs: no 2.5
         axes.grid(alpha=0.3)
         if axes.get_lines():
             axes.legend()

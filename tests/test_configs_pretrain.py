@@ -5,7 +5,7 @@ import shlex
 
 import pytest
 
-from config import get_config, lookup, merge_opts, validate_pretraining_config
+from config import ConfigError, get_config, lookup, merge_opts, validate_pretraining_config
 from helpers import ROOT
 
 # unilm beit2 PRETRAINING.md's commands, with run_beitv2_pretraining.py's defaults for what they leave out
@@ -71,8 +71,8 @@ def test_the_comment_gives_unilms_300_epoch_recipe(name):
 
 def test_the_tiny_v2_demo_config_fits_its_model():
     """28 px images, 7 px patches: the tokenizer sees the same 28 px in 7 px patches, a 4x4 grid; its codebook is
-    lm_head's vocabulary; the branch starts after 3 of the 4 blocks; a random, seeded tokenizer until the lead
-    points TOKENIZER_WEIGHTS at a trained one."""
+    lm_head's vocabulary; the branch starts after 3 of the 4 blocks; the tokenizer's weights must be given (the
+    demo trains them)."""
     config = get_config(str(ROOT / 'configs' / 'beitv2_tiny_pretrain_fashion_mnist.yaml'))
     pretrain, vqkd = config.PRETRAIN, config.VQKD
     assert (config.DATA.IMAGE_SIZE, config.MODEL.PATCH_SIZE, config.MODEL.DEPTH) == (28, 7, 4)
@@ -80,5 +80,8 @@ def test_the_tiny_v2_demo_config_fits_its_model():
     assert pretrain.VOCAB_SIZE == vqkd.CODEBOOK_SIZE == 512 and vqkd.CODEBOOK_DIM == 32
     assert (vqkd.EMBED_DIM, vqkd.DEPTH, vqkd.NUM_HEADS) == (64, 2, 2)
     assert (pretrain.CLS_PT, pretrain.EARLY_LAYERS, pretrain.HEAD_LAYERS, pretrain.SHARED_LM_HEAD) == (True, 3, 2, True)
-    assert pretrain.RANDOM_TOKENIZER and pretrain.TOKENIZER_WEIGHTS == ''
+    assert not pretrain.RANDOM_TOKENIZER and pretrain.TOKENIZER_WEIGHTS == ''
+    with pytest.raises(ConfigError, match='PRETRAIN.TOKENIZER_WEIGHTS is not set'):
+        validate_pretraining_config(config)
+    config.PRETRAIN.RANDOM_TOKENIZER = True
     validate_pretraining_config(config)

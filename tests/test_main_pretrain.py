@@ -179,6 +179,7 @@ def test_two_processes_through_the_script(demo_subset, tmp_path):
 # ---- BEiT v2 ----------------------------------------------------------------------------------------------------
 
 V2_CONFIG = str(ROOT / 'configs' / 'beitv2_tiny_pretrain_fashion_mnist.yaml')
+V2_RANDOM_TOKENIZER = ['PRETRAIN.RANDOM_TOKENIZER', 'True']  # the config needs a trained tokenizer's weights
 
 
 @pytest.fixture(scope='module')
@@ -192,7 +193,8 @@ def small_subset(tmp_path_factory):
 
 def v2_command(data, output, *flags, opts=()):
     return [sys.executable, str(ROOT / 'main_pretrain.py'), '-cfg', V2_CONFIG, '-data_path', str(data),
-            '-output', str(output), '-batch_size', '16', *flags, '-opts', *FAST, 'REPORT_FREQ', '1', *opts]
+            '-output', str(output), '-batch_size', '16', *flags, '-opts', *FAST, *V2_RANDOM_TOKENIZER,
+            'REPORT_FREQ', '1', *opts]
 
 
 @pytest.fixture(scope='module')
@@ -269,7 +271,8 @@ def test_bad_v2_input_exits_2_naming_the_key_and_writes_nothing(case, fresh, sma
     output = tmp_path / 'never' if fresh else used_output
     before = {} if fresh else {path.name: path.read_bytes() for path in used_output.iterdir()}
     code = main_pretrain.main(['-cfg', V2_CONFIG, '-data_path', str(small_subset), '-output', str(output),
-                               '-batch_size', '16', '-opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.NUM_EPOCHS', '1', *opts])
+                               '-batch_size', '16', '-opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.NUM_EPOCHS', '1',
+                               *V2_RANDOM_TOKENIZER, *opts])
     assert code == 2
     assert message in capfd.readouterr().err
     if fresh:
