@@ -54,7 +54,7 @@ def test_the_probe_of_a_pretraining_checkpoint_beats_chance_at_its_best_block(pr
     last = val[-1]
     accuracies = {block: last[f'acc1_block{block}'] for block in range(4)}
     assert last['num_samples'] == 1000 and last['best_acc1'] == max(accuracies.values())
-    assert accuracies[last['best_block']] == last['best_acc1'] >= 0.3  # chance 0.1 (10 classes); measured 0.414
+    assert accuracies[last['best_block']] == last['best_acc1'] >= 0.3  # chance 0.1 (10 classes); measured 0.373
     log = (probe_run / 'log.txt').read_text()
     assert 'linear probing: 1 process(es)' in log and f'loaded weights from {pretrained}' in log
     assert f'epoch {EPOCHS} val: loss ' in log and f'best_block {last["best_block"]} acc1_block0 ' in log

@@ -1,6 +1,7 @@
 """The BEiT v2 demo's command (run_v2_demo.sh): against the stand-in python of test_run_scripts, the steps it runs in
 order (teacher, tokenizer, pre-training, probes and fine-tuning from the pre-trained and from random weights), each in
-its own folder of -output DIR with the user's flags last; a one-epoch run of every step really trains."""
+its own folder of -output DIR with the user's flags last (the probes take PROBE_EPOCHS instead); a one-epoch run of
+every step really trains."""
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from test_run_scripts import standin  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.slow  # run_v2_demo.sh in a subprocess
 
-SHORT = ('-opts', 'TRAIN.NUM_EPOCHS', '1', 'LINPROBE.NUM_EPOCHS', '1')
+SHORT = ('-opts', 'TRAIN.NUM_EPOCHS', '1')
 PRETRAINING = 'configs/beitv2_tiny_pretrain_fashion_mnist.yaml'
 CLASSIFICATION = 'configs/beit_tiny_fashion_mnist.yaml'
 
@@ -26,12 +27,12 @@ def test_the_steps_chain_teacher_tokenizer_pretraining_and_both_starts(standin, 
     (out / 'pretrain').mkdir(parents=True)  # the stand-in trains nothing: the checkpoints pre-training would write
     for epoch in (2, 10):
         (out / 'pretrain' / f'checkpoint-epoch-{epoch}.pdparams').touch()
-    result, commands = standin('run_v2_demo.sh', 'cpu', '-output', str(out), *SHORT)
+    result, commands = standin('run_v2_demo.sh', 'cpu', '-output', str(out), *SHORT, PROBE_EPOCHS='3')
     assert result.returncode == 0, result.stderr
     newest = str(out / 'pretrain' / 'checkpoint-epoch-10.pdparams')
 
-    def step(script, config, folder, *flags):
-        return [script, '-ngpus', '2', '-cfg', config, '-output', str(out / folder), *flags, *SHORT]
+    def step(script, config, folder, *flags, user=SHORT):
+        return [script, '-ngpus', '2', '-cfg', config, '-output', str(out / folder), *flags, *user]
 
     assert training_steps(commands) == [
         step('main_multi_gpu.py', CLASSIFICATION, 'teacher'),
@@ -40,11 +41,11 @@ def test_the_steps_chain_teacher_tokenizer_pretraining_and_both_starts(standin, 
         step('main_pretrain.py', PRETRAINING, 'pretrain',
              '-opts', 'PRETRAIN.TOKENIZER_WEIGHTS', str(out / 'tokenizer' / 'checkpoint-best.pdparams')),
         step('main_linprobe.py', PRETRAINING, 'probe-pretrained', '-pretrained', newest,
-             '-opts', 'LINPROBE.NUM_EPOCHS', '20', 'LINPROBE.BASE_LR', '0.4'),
+             '-opts', 'LINPROBE.NUM_EPOCHS', '3', 'LINPROBE.BASE_LR', '0.4', user=()),
         step('main_multi_gpu.py', CLASSIFICATION, 'finetune-pretrained', '-pretrained', newest,
              '-opts', 'TRAIN.NUM_EPOCHS', '10', 'TRAIN.MODEL_EMA', 'False'),
-        step('main_linprobe.py', PRETRAINING, 'probe-random', '-opts', 'LINPROBE.NUM_EPOCHS', '20',
-             'LINPROBE.BASE_LR', '0.4'),
+        step('main_linprobe.py', PRETRAINING, 'probe-random', '-opts', 'LINPROBE.NUM_EPOCHS', '3',
+             'LINPROBE.BASE_LR', '0.4', user=()),
         step('main_multi_gpu.py', CLASSIFICATION, 'finetune-random', '-opts', 'TRAIN.NUM_EPOCHS', '10',
              'TRAIN.MODEL_EMA', 'False')]
     plotted = [c['args'][-1] for c in commands if c['args'][0] == 'plot_metrics.py']
@@ -64,13 +65,13 @@ def test_a_given_teacher_is_used_instead_of_training_one(standin, tmp_path):  # 
 
 def test_a_one_epoch_run_of_every_step_trains_in_its_folder(tmp_path):
     output = tmp_path / 'v2-demo'
-    env = {**os.environ, 'OUTPUT': str(tmp_path / 'default')}
+    env = {**os.environ, 'OUTPUT': str(tmp_path / 'default'), 'PROBE_EPOCHS': '1'}
     result = subprocess.run(['bash', str(ROOT / 'run_v2_demo.sh'), '-output', str(output), *SHORT],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     for folder, split, key in [('teacher', 'val', 'acc1'), ('tokenizer', 'val', 'codes_used'),
-                               ('pretrain', 'train', 'mlm_acc_cls'), ('probe-pretrained', 'val', 'acc1'),
-                               ('probe-random', 'val', 'acc1'), ('finetune-pretrained', 'val', 'acc1'),
+                               ('pretrain', 'train', 'mlm_acc_cls'), ('probe-pretrained', 'val', 'best_acc1'),
+                               ('probe-random', 'val', 'best_acc1'), ('finetune-pretrained', 'val', 'acc1'),
                                ('finetune-random', 'val', 'acc1')]:
         records = [json.loads(line) for line in (output / folder / 'metrics.jsonl').read_text().splitlines()]
         [last] = [record for record in records if record['split'] == split]
