@@ -29,6 +29,7 @@ from torch_checkpoint import (
     conversion_exit_code,
     partition_tensors,
     read_checkpoint,
+    report_dropped,
     to_paddle_layout,
     write_converted,
 )
@@ -227,8 +228,7 @@ def convert_file(src: str, dst: str, check: bool = False, trust_pickle: bool = F
     state_dict = to_paddle_layout(kept, model)
     check_state_dict_fits(state_dict, model, src)
     print(f'CLIP ViT image encoder: {", ".join(f"{key}={value}" for key, value in kwargs.items())}')
-    for group, names in dropped.items():
-        print(f'dropped {group}: {len(names)} tensors ({", ".join(names[:2])}{", ..." if len(names) > 2 else ""})')
+    report_dropped(dropped)
     difference = None
     if check:
         model = CLIPTeacher(**kwargs)

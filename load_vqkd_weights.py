@@ -25,6 +25,7 @@ from torch_checkpoint import (
     conversion_exit_code,
     partition_tensors,
     read_checkpoint,
+    report_dropped,
     to_paddle_layout,
     write_converted,
 )
@@ -120,8 +121,7 @@ def convert_file(src: str, dst: str, check: bool = False, num_heads: int = 12, t
     state_dict = to_paddle_layout(kept, model)
     check_state_dict_fits(state_dict, model, src)
     print(f'VQ-KD tokenizer: {", ".join(f"{key}={value:g}" for key, value in kwargs.items())}')
-    for group, names in dropped.items():
-        print(f'dropped {group}: {len(names)} tensors ({", ".join(names[:2])}{", ..." if len(names) > 2 else ""})')
+    report_dropped(dropped)
     difference = None
     if check:
         model.set_state_dict(state_dict)

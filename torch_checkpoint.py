@@ -173,6 +173,12 @@ def partition_tensors(tensors: dict, *, kept_prefixes: tuple[str, ...],
     return kept, dropped, unknown
 
 
+def report_dropped(dropped: dict) -> None:
+    """Print what partition_tensors dropped, group by group, with the first names of each."""
+    for group, names in dropped.items():
+        print(f'dropped {group}: {len(names)} tensors ({", ".join(names[:2])}{", ..." if len(names) > 2 else ""})')
+
+
 def linear_weight_names(model: nn.Layer) -> set:
     return {f'{name}.weight' for name, layer in model.named_sublayers() if isinstance(layer, nn.Linear)}
 

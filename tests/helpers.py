@@ -1,6 +1,7 @@
 """What the test files share: the repository root, the tiny config, the real photos, small data files, file
 checks and a run killed in its subprocess. (Fixtures and the environment set-up stay in conftest.py.)"""
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,22 @@ def tiny_config(*opts, **train):
     merge_opts(config, [*opts, *(item for key, value in train.items() for item in (f'TRAIN.{key}', value))])
     validate_config(config)
     return config
+
+
+def records(output, split: str = 'train') -> list[dict]:
+    """The metrics.jsonl records of a run folder's ``split``, in order."""
+    lines = (Path(output) / 'metrics.jsonl').read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record['split'] == split]
+
+
+def assert_same_state(resumed: dict, expected: dict, part: str) -> None:
+    """Every tensor of a checkpoint's ``part`` bit-identical, every other entry equal."""
+    assert resumed.keys() == expected.keys(), part
+    for name, value in expected.items():
+        if isinstance(value, paddle.Tensor):
+            np.testing.assert_array_equal(resumed[name].numpy(), value.numpy(), err_msg=f'{part} {name}')
+        else:
+            assert resumed[name] == value, f'{part} {name}'
 
 
 class Killed(BaseException):

@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 import pytest
 
-from helpers import ENV, ROOT, TINY_CONFIG, kill_during
+from helpers import ENV, ROOT, TINY_CONFIG, kill_during, records
 from procs import descendants
 from tiny_data import write_dataset
 
@@ -40,11 +40,6 @@ def run(cmd, timeout=240, **env):
     result = subprocess.run(cmd, cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f'{cmd}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}'
     return result
-
-
-def records(output, split):
-    lines = (Path(output) / 'metrics.jsonl').read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record['split'] == split]
 
 
 @pytest.fixture(scope='module')

@@ -2,7 +2,6 @@
 and MLM accuracy beat the best guess blind to the image, fine-tuning started from its checkpoint, bad input
 refused with nothing written, two processes (with -amp and an EMA) through run_pretrain_multi.sh; BEiT v2 (VQ-KD
 tokenizer, CLS branch): its logs, its handover to fine-tuning, its bad settings, an exact SIGKILL + resume."""
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from config import get_config, merge_opts
 from datasets import get_pretraining_dataset
 from device_batch import tokenizer_input
 from engine import World
-from helpers import ROOT, assert_reads_as_paddle_load, kill_during
+from helpers import ROOT, assert_reads_as_paddle_load, kill_during, records
 from task_finetune import FINE_TUNING
 from task_pretrain import build_tokenizer_for
 from utils import seed_everything, start_logger
@@ -51,11 +50,6 @@ def run(cmd, timeout=300, **env):
     result = subprocess.run(cmd, cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f'{cmd}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}'
     return result
-
-
-def records(output, split='train'):
-    lines = (Path(output) / 'metrics.jsonl').read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record['split'] == split]
 
 
 def pretrain_command(data, output, *flags, opts=()):

@@ -2,7 +2,6 @@
 against seg_metrics, a run through the job (checkpoints, metrics.jsonl, the per-class table, the curves), resume
 after a kill (in-process, and a SIGKILL of two processes) to the same weights, -pretrained from a classification
 file, evaluation identical on 1 and 2 processes, and bad input refused with the file named and nothing written."""
-import json
 import os
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ from beit import CheckpointMismatchError, build_beit
 from beit_seg import build_beit_upernet
 from checkpoint import load_pretrained
 from config import ConfigError, get_config, merge_opts, validate_config
-from helpers import ENV, ROOT, kill_during, killed_after_steps
+from helpers import ENV, ROOT, assert_same_state, kill_during, killed_after_steps, records
 from seg_inference import rescaled_shape
 from seg_metrics import intersect_and_union
 from seg_transforms import get_seg_val_transforms
@@ -51,11 +50,6 @@ def data(tmp_path_factory):
 def args(data, output, *flags, opts=()):
     return ['-cfg', SEG_CONFIG, '-data_path', str(data), '-output', str(output), *flags, *(['-opts', *opts] if opts
                                                                                             else [])]
-
-
-def records(output, split):
-    lines = (output / 'metrics.jsonl').read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record['split'] == split]
 
 
 def seg_config(*opts):
@@ -396,16 +390,6 @@ def sigkilled_runs(request, data, tmp_path_factory):
 def untimed_train_records(folder):
     return [{key: value for key, value in record.items() if key != 'images_per_sec'}
             for record in records(folder, 'train')]
-
-
-def assert_same_state(resumed, expected, part):
-    """Every tensor of a checkpoint's ``part`` bit-identical, every other entry equal."""
-    assert resumed.keys() == expected.keys(), part
-    for name, value in expected.items():
-        if isinstance(value, paddle.Tensor):
-            np.testing.assert_array_equal(resumed[name].numpy(), value.numpy(), err_msg=f'{part} {name}')
-        else:
-            assert resumed[name] == value, f'{part} {name}'
 
 
 @pytest.mark.slow

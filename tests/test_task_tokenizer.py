@@ -3,7 +3,6 @@ checkpoints, metrics with the codebook usage and its curves; its checkpoint is a
 (same ids); the logged usage is the count of the val split's distinct ids; a run killed in epoch 2 resumes to the
 uninterrupted run's every tensor (in-process, and a SIGKILL of 1 and 2 processes), which an unsaved buffer breaks;
 the optimizer leaves the codebook out; the teacher's features; bad settings refused by name with nothing written."""
-import json
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from beit import build_beit
 from clip_teacher import CLIPTeacher
 from config import get_config
 from datasets import get_dataloader
-from helpers import ENV, ROOT, kill_during, killed_after_steps
+from helpers import ENV, ROOT, assert_same_state, kill_during, killed_after_steps, records
 from task_tokenizer import (
     TOKENIZER_TRAINING,
     build_tokenizer_model,
@@ -57,11 +56,6 @@ def args(data, output, *flags, extra=()):
 
 def config_of(data, *extra):
     return cli.parse_config(args(data, data / 'unused', extra=extra), 'test', TOKENIZER_TRAINING)
-
-
-def records(output, split):
-    lines = (output / 'metrics.jsonl').read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record['split'] == split]
 
 
 @pytest.fixture(scope='module')
@@ -195,16 +189,6 @@ def test_a_buffer_left_out_of_the_checkpoint_breaks_the_resume(trained, data, tm
     assert 'quantize.embedding.initted' not in resumed['model']
     expected = {name: value for name, value in full['model'].items() if name in resumed['model']}
     assert 'quantize.embedding.weight' in differing_tensors(resumed['model'], expected)
-
-
-def assert_same_state(resumed, expected, part):
-    """Every tensor of a checkpoint's ``part`` bit-identical, every other entry equal."""
-    assert resumed.keys() == expected.keys(), part
-    for name, value in expected.items():
-        if isinstance(value, paddle.Tensor):
-            np.testing.assert_array_equal(resumed[name].numpy(), value.numpy(), err_msg=f'{part} {name}')
-        else:
-            assert resumed[name] == value, f'{part} {name}'
 
 
 def script_command(data, output, processes, *flags):
