@@ -98,6 +98,14 @@ def test_pretraining_loss_falls_and_mlm_accuracy_beats_the_best_constant_guess(p
     assert {'mask_token', 'lm_head.weight', 'rel_pos_bias.relative_position_bias_table'} <= set(checkpoint['model'])
 
 
+def fine_tuning_log(weights, data, output) -> str:
+    """The log of one epoch of fine-tuning (main_single_gpu.py) from ``weights``."""
+    run([sys.executable, str(ROOT / 'main_single_gpu.py'), '-cfg', FINE_TUNE_CONFIG, '-data_path', str(data),
+         '-output', str(output), '-pretrained', str(weights),
+         '-opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.NUM_EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0'])
+    return (output / 'log.txt').read_text()
+
+
 @pytest.mark.slow
 def test_fine_tuning_starts_from_the_pretraining_checkpoint(pretrain_run, demo_subset, tmp_path):
     weights = pretrain_run / f'checkpoint-epoch-{EPOCHS}.pdparams'
@@ -111,10 +119,7 @@ def test_fine_tuning_starts_from_the_pretraining_checkpoint(pretrain_run, demo_s
         np.testing.assert_array_equal(block.attn.relative_position_bias_table.numpy(), shared)
 
     output = tmp_path / 'fine_tune'
-    run([sys.executable, str(ROOT / 'main_single_gpu.py'), '-cfg', FINE_TUNE_CONFIG, '-data_path', str(demo_subset),
-         '-output', str(output), '-pretrained', str(weights),
-         '-opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.NUM_EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0'])
-    log = (output / 'log.txt').read_text()
+    log = fine_tuning_log(weights, demo_subset, output)
     assert f'loaded weights from {weights}' in log
     assert 'note: copied the shared relative position bias into 4 blocks' in log
     assert 'note: ignored norm.weight, norm.bias (the model pools with fc_norm)' in log
@@ -219,10 +224,7 @@ def test_v2_checkpoint_starts_fine_tuning_through_the_scripts_naming_the_dropped
                                                                                      tmp_path):
     weights = v2_run / 'checkpoint-epoch-2.pdparams'
     output = tmp_path / 'fine_tune'
-    run([sys.executable, str(ROOT / 'main_single_gpu.py'), '-cfg', FINE_TUNE_CONFIG, '-data_path', str(demo_subset),
-         '-output', str(output), '-pretrained', str(weights),
-         '-opts', 'DATA.NUM_WORKERS', '0', 'TRAIN.NUM_EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0'])
-    log = (output / 'log.txt').read_text()
+    log = fine_tuning_log(weights, demo_subset, output)
     assert f'loaded weights from {weights}' in log
     # the CLS branch's 2 blocks of 15 tensors (the shared table is not theirs), with v1's mask token and lm head
     assert ('note: dropped the pre-training-only tensors (the model has no place for them): mask_token (1), '
