@@ -28,8 +28,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 import weights_file
-from beit import CheckpointMismatchError, trunc_normal_
-from vqkd_tokenizer import VQKDEncoder, VQKDTokenizer, nearest_code
+from beit import CheckpointMismatchError
+from vqkd_tokenizer import VQKDEncoder, VQKDTokenizer, nearest_code, task_layer
 
 
 def sum_over_processes(tensor: paddle.Tensor) -> paddle.Tensor:
@@ -143,14 +143,6 @@ class NormEmaQuantizer(nn.Layer):
         return z + (quantized - z).detach(), loss, ids.reshape(z.shape[:-1])
 
 
-def _task_layer(width: int, out_dim: int) -> nn.Sequential:
-    layers = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, out_dim))
-    for layer in (layers[0], layers[2]):
-        trunc_normal_(layer.weight)
-        nn.initializer.Constant(0.0)(layer.bias)
-    return layers
-
-
 class VQKD(VQKDTokenizer):
     """Images [B, 3, H, W] in [0, 1] -> (reconstructed teacher features [B, N, teacher_dim], quantiser loss, token
     ids [B, N]); ``tokens`` and ``features`` are the inference tokenizer's."""
@@ -166,7 +158,7 @@ class VQKD(VQKDTokenizer):
         self.grid = img_size // patch_size
         self.decoder = VQKDEncoder(img_size=self.grid, patch_size=1, in_chans=codebook_dim, embed_dim=embed_dim,
                                    depth=decoder_depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-        self.decode_task_layer = _task_layer(embed_dim, teacher_dim)
+        self.decode_task_layer = task_layer(embed_dim, teacher_dim)
 
     def no_weight_decay(self) -> set:
         """unilm's list (its codebook entry is a buffer here, outside the optimizer anyway)."""

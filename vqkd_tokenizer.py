@@ -65,6 +65,15 @@ def nearest_code(z: paddle.Tensor, codes: paddle.Tensor) -> paddle.Tensor:
     return distances.argmin(axis=-1)
 
 
+def task_layer(width: int, out_dim: int) -> nn.Sequential:
+    """unilm's encode/decode task layer: Linear, Tanh, Linear to ``out_dim``; weights trunc normal .02, biases 0."""
+    layers = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, out_dim))
+    for layer in (layers[0], layers[2]):
+        trunc_normal_(layer.weight)
+        nn.initializer.Constant(0.0)(layer.bias)
+    return layers
+
+
 class VQKDTokenizer(nn.Layer):
     """Images [B, C, H, W] in [0, 1] -> visual token ids [B, (H/p) * (W/p)], patches in row-major order."""
 
@@ -76,11 +85,7 @@ class VQKDTokenizer(nn.Layer):
                              f'{codebook_dim}')
         self.encoder = VQKDEncoder(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                    embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-        self.encode_task_layer = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(),
-                                               nn.Linear(embed_dim, codebook_dim))
-        for layer in (self.encode_task_layer[0], self.encode_task_layer[2]):
-            trunc_normal_(layer.weight)
-            nn.initializer.Constant(0.0)(layer.bias)
+        self.encode_task_layer = task_layer(embed_dim, codebook_dim)
         self.quantize = Codebook(codebook_size, codebook_dim)
         self.codebook_size = codebook_size
 
